@@ -1,0 +1,166 @@
+"""Typed model configs.
+
+Every config is a pydantic model so a bad value fails at load time with the field's name, not deep inside a
+forward pass. Training/data/eval configs live beside these (see `stitch.train.config`) and import from here;
+this module imports nothing else of Stitch, so every other package may depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stitch.errors import StitchConfigError
+
+__all__ = ["StitchConfigError", "LLMConfig", "VisionConfig", "ProjectorConfig", "VLMConfig", "validate"]
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class LLMConfig(_Base):
+    """The Llama family in one shape: Llama 2/3, Qwen2/2.5, Yi, Mistral, SmolLM2 differ only in these switches."""
+
+    family: Literal["llama", "qwen2", "mistral"] = "llama"
+    vocab_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF-style rope scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None for plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    tie_word_embeddings: bool = False
+    hidden_act: Literal["silu"] = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    dropout: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMConfig:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class VisionConfig(_Base):
+    """ViT encoders: InternViT (300M LayerNorm / 6B RMSNorm + QK-norm), SigLIP, CLIP.
+
+    `kind` selects the block layout and embeddings; the switches below reproduce each HF implementation.
+    """
+
+    kind: Literal["internvit", "siglip", "clip"] = "internvit"
+    image_size: int = Field(default=448, gt=0)
+    patch_size: int = Field(default=14, gt=0)
+    num_channels: int = 3
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    norm_type: Literal["layer_norm", "rms_norm"] = "layer_norm"
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    qk_norm: bool = False  # InternViT-6B: RMSNorm over the full q/k width (not per head)
+    layer_scale_init: float | None = 0.1  # InternViT ls1/ls2; None = no layer scale
+    hidden_act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
+    # Which hidden state feeds the projector: -1 = last layer output (after post-norm if any).
+    select_layer: int = -1
+    # Drop the class token before the projector (InternVL/NVLM: yes; LLaVA "default" strategy: yes).
+    drop_cls_token: bool = True
+    dropout: float = 0.0
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.kind in ("internvit", "clip")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_patches + (1 if self.has_cls_token and not self.drop_cls_token else 0)
+
+    @property
+    def image_mean_std(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """Per-encoder pixel normalisation (ImageNet for InternViT, 0.5 for SigLIP, CLIP's own)."""
+        if self.kind == "siglip":
+            return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        if self.kind == "clip":
+            return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ProjectorConfig(_Base):
+    """`mlp`: pixel shuffle + LayerNorm + Linear-GELU-Linear (InternVL/NVLM). `linear` / `mlp2x_gelu`: LLaVA."""
+
+    kind: Literal["mlp", "linear", "mlp2x_gelu"] = "mlp"
+    downsample_ratio: float = 0.5  # pixel shuffle scale; only for kind="mlp"
+    hidden_size: int | None = None  # intermediate width; default = LLM hidden size
+    layer_norm_eps: float = 1e-5
+
+
+class VLMConfig(_Base):
+    """A stitched model: vision encoder + projector + LLM, plus how images appear in the token stream."""
+
+    vision: VisionConfig
+    llm: LLMConfig
+    projector: ProjectorConfig = ProjectorConfig()
+    image_token: str = "<IMG_CONTEXT>"
+    image_token_id: int = 0  # set when the tokenizer is attached (build/import)
+    tile_tags: Literal["none", "nvlm"] = "nvlm"
+    image_wrapper: Literal["nvlm", "internvl", "none"] = "nvlm"
+    max_tiles: int = Field(default=6, ge=1)
+    use_thumbnail: bool = True
+    # HF export target this model was imported from / is shaped for; informational.
+    source_format: Literal["stitch", "internvl", "llava"] = "stitch"
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Embeddings one tile contributes after the projector (256 for a 448px InternViT tile)."""
+        n = self.vision.num_output_tokens
+        if self.projector.kind == "mlp":
+            side = int(round(n**0.5))
+            if side * side != n:
+                raise StitchConfigError(f"pixel shuffle needs a square token grid, got {n} tokens")
+            return int(round(side * self.projector.downsample_ratio)) ** 2
+        return n
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> VLMConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise StitchConfigError(f"{path}: no such file") from e
+        except json.JSONDecodeError as e:
+            raise StitchConfigError(f"{path}: not valid JSON ({e})") from e
+        return validate(cls, data, source=str(path))
+
+
+def validate(cls: type[BaseModel], data: Any, source: str) -> Any:
+    """Validate `data` as `cls`, turning pydantic's error into one that names `source` and the field path."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise StitchConfigError(f"{source}: field '{loc}': {first['msg']}{more}") from e
