@@ -1,0 +1,139 @@
+"""Reading and writing safetensors folders (single file or sharded with an index), and atomic output folders.
+
+Every tensor remembers the file it came from, so an error can name both. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from stitch.errors import CheckpointError
+
+SHARD_BYTES = 4 * 1024**3
+
+
+class TensorSource(Mapping):
+    """Lazy name -> tensor view over the safetensors files of one folder (or one file)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.root = path if path.is_dir() else path.parent
+        if path.is_file():
+            files = [path]
+        elif (path / "model.safetensors.index.json").exists():
+            index_path = path / "model.safetensors.index.json"
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from e
+            files = sorted({path / f for f in weight_map.values()})
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+            hint = f" (found {pickled[0]}: pickled weights are not read; convert to safetensors)" if pickled else ""
+            raise CheckpointError(f"{path}: no .safetensors files{hint}")
+        self._where: dict[str, Path] = {}
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: listed in the index but missing")
+            try:
+                with safe_open(f, framework="pt") as handle:
+                    for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                        self._where[name] = f
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from e
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def origin(self, name: str) -> str:
+        """The file holding `name`, or the folder when the tensor is missing (for error messages)."""
+        return str(self._where.get(name, self.root))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KeyError(name)
+        with safe_open(self._where[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        with safe_open(self._where[name], framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+
+def save_tensors(state: Mapping[str, torch.Tensor], out_dir: Path, prefix: str = "model") -> None:
+    """Write `prefix.safetensors`, or `prefix-0000i-of-0000n.safetensors` + index when over SHARD_BYTES."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / f"{prefix}.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = True):
+    """Yield a temporary sibling folder that becomes `out` only if the block succeeds.
+
+    On any error the temporary folder is removed and `out` is left as it was (absent or untouched), so a
+    failed command leaves nothing behind and a crash never leaves a half-written checkpoint.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise CheckpointError(f"{out}: already exists")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: not found (is this a checkpoint folder?)") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e

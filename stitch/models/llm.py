@@ -1,0 +1,200 @@
+"""The Llama-family decoder: Llama 2/3, Qwen2/2.5, Yi, Mistral and SmolLM2 in one implementation.
+
+They differ only by config switches (QKV bias for Qwen2, RoPE theta/scaling, tied embeddings, GQA ratio), so one
+readable module serves them all. Parameter names mirror HF's Llama (`layers.{i}.self_attn.q_proj`, ...) so the
+HF name table is short and obvious. No parallelism here: `stitch.parallel` shards this module from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from stitch.config import LLMConfig
+from stitch.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, attention
+
+
+@dataclass
+class AttentionContext:
+    """Everything attention needs that is shared by all layers of one forward (computed once per forward)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # bool, True = attend, broadcastable to [B, 1, T, S]
+    is_causal: bool
+    kv_cache: KVCache | None = None
+    cache_position: torch.Tensor | None = None  # [T] absolute slots written in the cache
+
+
+class KVCache:
+    """A preallocated (static) key/value cache: fixed shapes, so decode steps can be compiled/graphed.
+
+    k/v: [layers, B, kv_heads, max_len, head_dim]. Writes go to `cache_position` slots; attention reads the
+    whole buffer and the caller's mask hides unwritten slots.
+    """
+
+    def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
+        self.k[layer].index_copy_(2, cache_position, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, cache_position, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        # [B, T, H*D] -> [B, H, T, D]; head counts come from the weights so a TP-sharded module works unchanged
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, ctx.cos, ctx.sin)
+        if ctx.kv_cache is not None:
+            k, v = ctx.kv_cache.update(self.layer_idx, k, v, ctx.cache_position)
+        out = attention(q, k, v, ctx.mask, ctx.is_causal, self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), ctx))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+def build_attention_mask(
+    batch: int,
+    q_len: int,
+    device: torch.device,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    kv_len: int | None = None,
+    cache_position: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, bool]:
+    """Return (bool mask [B,1,T,S] or None, is_causal).
+
+    - plain batch: (None, True) so SDPA uses its fused causal kernel;
+    - packed (`cu_seqlens`): block-diagonal causal, so attention never crosses samples;
+    - padded (`attention_mask` [B, S]): causal and key padding;
+    - with a KV cache: queries at `cache_position` see keys at slots <= their own (and not padding).
+    """
+    if cu_seqlens is None and attention_mask is None and cache_position is None:
+        return None, True
+    kv_len = kv_len or q_len
+    q_pos = cache_position if cache_position is not None else torch.arange(q_len, device=device)
+    k_pos = torch.arange(kv_len, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, T, S]
+    if cu_seqlens is not None:
+        # sample id per position: positions in [cu[i], cu[i+1]) belong to sample i
+        seg = torch.searchsorted(cu_seqlens[1:].to(device), torch.arange(kv_len, device=device), right=True)
+        mask = mask & (seg[q_pos][:, None] == seg[None, :])[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :kv_len].bool()
+        # A fully padded query row would give NaN in SDPA; let such rows attend to themselves only.
+        mask = mask | (~mask.any(-1, keepdim=True) & (k_pos[None, :] == q_pos[:, None])[None, None])
+    return mask.expand(batch, 1, q_len, kv_len), False
+
+
+class LLM(nn.Module):
+    """Decoder-only LM. `forward` returns final hidden states; `logits()`/loss helpers sit on top."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds [B, T, D] -> final normed hidden states [B, T, D]."""
+        b, t, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        if position_ids is None:
+            base = cache_position if cache_position is not None else torch.arange(t, device=device)
+            position_ids = base[None].expand(b, t)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        kv_len = kv_cache.max_len if kv_cache is not None else None
+        mask, is_causal = build_attention_mask(b, t, device, attention_mask, cu_seqlens, kv_len, cache_position)
+        ctx = AttentionContext(cos, sin, mask, is_causal, kv_cache, cache_position)
+        x = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        return self.norm(x)
+
+
+def token_loss(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor,
+    num_label_tokens: torch.Tensor | int | None = None,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy over labelled positions only, in chunks; returns (loss, n_tokens).
+
+    Logits exist only for positions that carry a label, a chunk at a time, and each chunk is recomputed in
+    backward instead of stored: with 150k-token vocabularies the full logits tensor would be the memory peak.
+    The loss is `sum / num_label_tokens` (token-weighted): pass the global count to make gradient
+    accumulation and data parallelism exact; by default it is this batch's own count (a per-token mean).
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    h = hidden[:, :-1][keep]  # [N, D]
+    y = targets[keep]  # [N]
+    n = y.numel()
+    denom = num_label_tokens if num_label_tokens is not None else n
+    if n == 0:
+        return hidden.sum() * 0.0, torch.tensor(0, device=hidden.device)
+
+    def chunk_sum(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h_chunk, lm_head.weight).float()
+        return F.cross_entropy(logits, y_chunk, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + checkpoint(chunk_sum, hc, yc, use_reentrant=False)
+        else:
+            total = total + chunk_sum(hc, yc)
+    return total / denom, torch.tensor(n, device=hidden.device)

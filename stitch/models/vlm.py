@@ -1,0 +1,98 @@
+"""The stitched model: vision encoder -> projector -> embeddings spliced into the LLM's token stream.
+
+As in HF's InternVL/LLaVA, `input_ids` carry the image-context token once per image-embedding position, and
+`pixel_values` holds every tile of the batch in order of appearance. Tile tags and image wrappers are ordinary
+text tokens placed by the processor, so the model needs no knowledge of them: it only fills image positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stitch.config import VLMConfig
+from stitch.models.llm import LLM, KVCache, token_loss
+from stitch.models.projector import Projector
+from stitch.models.vision import VisionEncoder
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+
+
+class VLM(nn.Module):
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config.vision)
+        self.projector = Projector(config)
+        self.llm = LLM(config.llm)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [tiles, 3, H, W] -> [tiles * tokens_per_tile, D_llm]."""
+        dtype = next(self.projector.parameters()).dtype
+        features = self.vision(pixel_values.to(dtype))  # [tiles, tokens, C]
+        return self.projector(features).flatten(0, 1)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image embeddings written at the image-token positions."""
+        embeds = self.llm.embed_tokens(input_ids)  # [B, T, D]
+        is_image = input_ids == self.image_token_id
+        if pixel_values is None or pixel_values.numel() == 0:
+            return embeds
+        image = self.image_embeddings(pixel_values).to(embeds.dtype)
+        if not torch.compiler.is_compiling() and int(is_image.sum()) != image.shape[0]:
+            raise ValueError(
+                f"{int(is_image.sum())} image-token positions in input_ids but {image.shape[0]} image embeddings "
+                f"({pixel_values.shape[0]} tiles x {self.config.tokens_per_tile} tokens)"
+            )
+        return embeds.masked_scatter(is_image[..., None], image)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        num_label_tokens: torch.Tensor | int | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        return_logits: bool = True,
+        logits_to_keep: int = 0,
+        **_: object,
+    ) -> VLMOutput:
+        """Logits [B, T, V] (or the last `logits_to_keep` positions) and, with `labels`, the token-mean loss.
+
+        Training passes `return_logits=False`: the loss is then computed from hidden states in chunks, only
+        where labels exist, and the full logits tensor is never built.
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        hidden = self.llm(embeds, position_ids, attention_mask, cu_seqlens, kv_cache, cache_position)
+        loss = n_tokens = logits = None
+        if labels is not None:
+            loss, n_tokens = token_loss(hidden, self.llm.lm_head, labels, num_label_tokens)
+        if return_logits:
+            logits = self.llm.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return VLMOutput(logits=logits, loss=loss, num_label_tokens=n_tokens)
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The named parts that stages freeze/train and reports count (prismatic-style)."""
+        return {"vision": self.vision, "projector": self.projector, "llm": self.llm}
+
+    def num_parameters_per_part(self) -> dict[str, int]:
+        counts = {}
+        for name, part in self.parts().items():
+            seen = {id(p): p.numel() for p in part.parameters()}
+            counts[name] = sum(seen.values())
+        return counts
