@@ -13,6 +13,7 @@ for every metric.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -501,15 +502,24 @@ def simple_caption_tokenize(text: str) -> str:
     return " ".join(t for t in text.split() if t not in _PTB_PUNCT and t not in _BRACKETS)
 
 
+def _writable_package_dir() -> bool:
+    """The PTB wrapper writes its temporary file beside its own module, so the folder must be writable."""
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    return os.access(os.path.dirname(os.path.abspath(ptb.__file__)), os.W_OK)
+
+
 def cider(
     predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], tokenizer: str = "auto"
 ) -> tuple[float, dict[str, float], str]:
     """CIDEr-D over a corpus with pycocoevalcap's scorer: (corpus score, per-image scores, tokenizer used).
 
-    Scores are on pycocoevalcap's scale (a perfect match of a 4+ word caption is about 10; papers print
-    100x the corpus mean). IDF comes from the references of the images scored, so a score depends on the
-    whole set: compare models on the same images. `tokenizer`: "ptb" (the official Stanford PTB tokenizer;
-    needs `java`), "simple" (pure Python, close to PTB) or "auto" (PTB when Java is found).
+    Every image of `references` is scored; one without a prediction (or with an empty one) scores 0 but its
+    references still count towards the IDF, as they would in the official evaluation. Scores are on
+    pycocoevalcap's scale (a perfect match of a 4+ word caption scores 10; papers print 100x the corpus
+    mean). IDF comes from the references of the images scored, so a score depends on the whole set: compare
+    models on the same images. `tokenizer`: "ptb" (the official Stanford PTB tokenizer; needs `java`),
+    "simple" (pure Python, close to PTB) or "auto" (PTB when Java is found).
     """
     try:
         from pycocoevalcap.cider.cider import Cider
@@ -517,22 +527,28 @@ def cider(
         raise StitchError(
             "CIDEr needs pycocoevalcap: pip install pycocoevalcap (or pip install 'stitch-vlm[eval]')"
         ) from e
-    ids = [i for i in references if i in predictions]
+    ids = list(references)
     if not ids:
         return 0.0, {}, tokenizer
+    answered = [i for i in ids if (predictions.get(i) or "").strip()]
     if tokenizer == "auto":
-        tokenizer = "ptb" if shutil.which("java") else "simple"
+        tokenizer = "ptb" if shutil.which("java") and _writable_package_dir() else "simple"
     if tokenizer == "ptb":
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         ptb = PTBTokenizer()
-        gts = ptb.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
-        res = ptb.tokenize({i: [{"caption": predictions[i]}] for i in ids})
+        try:
+            gts = ptb.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+            res = ptb.tokenize({i: [{"caption": predictions[i]}] for i in answered}) if answered else {}
+        except OSError as e:  # no java, or pycocoevalcap's folder not writable for its temporary file
+            raise StitchError(f"the PTB tokenizer (java) failed: {e}; use the 'simple' tokenizer") from e
     elif tokenizer == "simple":
         gts = {i: [simple_caption_tokenize(c) for c in references[i]] for i in ids}
-        res = {i: [simple_caption_tokenize(predictions[i])] for i in ids}
+        res = {i: [simple_caption_tokenize(predictions[i])] for i in answered}
     else:
         raise StitchError(f"unknown caption tokenizer {tokenizer!r}: use auto, ptb or simple")
+    # The PTB step is fed only non-empty captions (it drops empty lines, which would misalign the rest).
+    res = {i: res.get(i, [""]) for i in ids}
     score, per_image = Cider().compute_score(gts, res)
     return float(score), {i: float(s) for i, s in zip(ids, per_image)}, tokenizer
 

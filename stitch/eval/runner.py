@@ -1,0 +1,502 @@
+"""`stitch eval` and `stitch score`: run a checkpoint over a benchmark, and score anyone's predictions.
+
+Both commands end in the same function, `score_dataset`, so a Stitch model and any other system are measured
+by identical code. `stitch eval` writes each prediction to a JSONL file as soon as it is generated (append and
+flush), so an interrupted run loses at most one batch and resumes by skipping the ids already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stitch.errors import DataError, StitchError
+from stitch.eval import metrics
+from stitch.eval.tasks import TASKS, Sample, TaskData, get_task, load_task, open_image
+
+# Keys a predictions row may use for its id and its text (other systems write them differently).
+ID_KEYS = ("id", "question_id", "questionId", "pid")
+TEXT_KEYS = ("prediction", "answer", "text", "response")
+
+
+@dataclass
+class Predictions:
+    """Predictions read from a JSONL file, and what was wrong with the file."""
+
+    texts: dict[str, str]
+    malformed_rows: int = 0
+    duplicate_ids: int = 0
+
+
+def read_predictions(path: str | Path, task: str | None = None) -> Predictions:
+    """Read `{"id": ..., "prediction": ...}` rows (the text may also be under "answer", "text" or
+    "response"; a null text counts as empty). Rows that are not such objects are counted, not fatal; a
+    truncated last line (an interrupted run) is one of those. When `task` is given, rows written by
+    `stitch eval` for another task make it an error, so that a resume never mixes benchmarks.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: predictions file not found")
+    out = Predictions({})
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                out.malformed_rows += 1
+                continue
+            if not isinstance(row, dict):
+                out.malformed_rows += 1
+                continue
+            if task is not None and row.get("task") not in (None, task):
+                raise StitchError(
+                    f"{path}:{lineno}: predictions for task {row['task']!r}, not {task!r}; "
+                    "pass another --predictions file"
+                )
+            sid = next((row[k] for k in ID_KEYS if k in row and row[k] is not None), None)
+            key = next((k for k in TEXT_KEYS if k in row), None)
+            if sid is None or key is None or not isinstance(row[key], (str, int, float, type(None))):
+                out.malformed_rows += 1
+                continue
+            text = row[key]
+            sid = str(sid)
+            if sid in out.texts:
+                out.duplicate_ids += 1  # the later row wins
+            out.texts[sid] = "" if text is None else str(text)
+    return out
+
+
+@dataclass
+class Judged:
+    """One sample's score in [0, 1], what the parser read from the prediction, and its status: "ok",
+    "missing" (no prediction), "empty" or "unparsable" (all three score 0)."""
+
+    score: float
+    extracted: Any = None
+    status: str = "ok"
+
+
+def judge(metric: str, sample: Sample, prediction: str) -> Judged:
+    """Score one prediction with the task's metric (everything but CIDEr, which is corpus-level)."""
+    refs = sample.references
+    if metric == "vqa_accuracy":
+        return Judged(metrics.vqa_accuracy(prediction, refs))
+    if metric == "anls":
+        return Judged(metrics.anls(prediction, refs))
+    if metric == "relaxed_accuracy":
+        return Judged(max(metrics.relaxed_accuracy(prediction, r) for r in refs))
+    if metric == "exact_match":
+        return Judged(metrics.exact_match(prediction, refs))
+    if metric == "ocrbench":
+        return Judged(metrics.ocrbench_match(prediction, refs, sample.meta.get("dataset_name", "")))
+    if metric == "multiple_choice" or (metric == "mmmu" and sample.choices):
+        score, letter = metrics.multiple_choice_accuracy(prediction, refs[0], sample.choices or [])
+        return Judged(score, letter, "unparsable" if letter is None else "ok")
+    if metric == "mmmu":
+        candidates = metrics.parse_open_response(prediction)
+        return Judged(float(metrics.open_answer_correct(refs, candidates)), candidates)
+    if metric == "mathvista":
+        m = sample.meta
+        value = metrics.mathvista_extract(
+            prediction, m["question_type"], m["answer_type"], sample.choices, m.get("precision")
+        )
+        if value is None:
+            return Judged(0.0, None, "unparsable")
+        return Judged(float(metrics.mathvista_correct(value, refs[0], m["answer_type"])), value)
+    raise StitchError(f"no scorer for metric {metric!r}")
+
+
+def score_dataset(
+    data: TaskData,
+    predictions: Predictions | dict[str, str],
+    caption_tokenizer: str = "auto",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score `predictions` (id -> text) against every sample of `data`: (summary, per-sample rows).
+
+    A sample without a prediction, with an empty one, or with one the task's parser cannot read scores 0
+    and is counted under its own heading; predictions whose id is not in the data are counted too.
+    """
+    if isinstance(predictions, dict):
+        predictions = Predictions(predictions)
+    task = get_task(data.task)
+    texts = predictions.texts
+    judged: list[Judged] = []
+    for s in data.samples:
+        text = texts.get(s.id)
+        if text is None:
+            judged.append(Judged(0.0, None, "missing"))
+        elif not text.strip():
+            judged.append(Judged(0.0, None, "empty"))
+        elif task.metric == "cider":
+            judged.append(Judged(0.0))  # filled in below, corpus-level
+        else:
+            judged.append(judge(task.metric, s, text))
+
+    extra: dict[str, Any] = {}
+    if task.metric == "cider" and data.samples:
+        refs = {s.id: s.references for s in data.samples}
+        corpus, per_image, used = metrics.cider(texts, refs, caption_tokenizer)
+        for s, j in zip(data.samples, judged):
+            if j.status == "ok":
+                j.score = per_image[s.id]
+        extra["tokenizer"] = used
+        extra["cider"] = corpus
+
+    n = len(data.samples)
+    statuses = Counter(j.status for j in judged)
+    mean = sum(j.score for j in judged) / n if n else 0.0
+    summary: dict[str, Any] = {
+        "task": task.name,
+        "title": task.title,
+        "metric": task.metric,
+        "data": data.source,
+        "samples": n,
+        "mean": mean,
+        **_headline(task.metric, judged, mean),
+        "scored": n - statuses["missing"],
+        "missing_predictions": statuses["missing"],
+        "empty_predictions": statuses["empty"],
+        "unparsable": statuses["unparsable"],
+        "unknown_prediction_ids": len(set(texts) - {s.id for s in data.samples}),
+        "malformed_prediction_rows": predictions.malformed_rows,
+        "duplicate_prediction_ids": predictions.duplicate_ids,
+        "skipped": dict(sorted(data.skipped.items())),
+    }
+    breakdown = _breakdown(task.group, task.metric, data.samples, judged)
+    if task.metric == "ocrbench":
+        extra.update(_ocrbench_lines(data.samples, judged))
+    if breakdown:
+        summary["breakdown"] = breakdown
+    if extra:
+        summary["extra"] = extra
+    rows = [
+        {"id": s.id, "prediction": texts.get(s.id), "extracted": j.extracted, "score": j.score, "status": j.status}
+        for s, j in zip(data.samples, judged)
+    ]
+    return summary, rows
+
+
+def _headline(metric: str, judged: list[Judged], mean: float) -> dict[str, Any]:
+    """The number each benchmark reports: a percentage, OCRBench's points (out of 1000 on the full set), or
+    CIDEr x100."""
+    if metric == "ocrbench":
+        return {"score": float(sum(j.score for j in judged)), "unit": f"points of {len(judged)}"}
+    if metric == "cider":
+        return {"score": 100.0 * mean, "unit": "CIDEr x100"}
+    return {"score": 100.0 * mean, "unit": "%"}
+
+
+def _breakdown(group: str | None, metric: str, samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
+    if group is None:
+        return {}
+    scores: dict[str, list[float]] = defaultdict(list)
+    for s, j in zip(samples, judged):
+        scores[str(s.meta.get(group) or "unknown")].append(j.score)
+    if metric == "ocrbench":
+        return {k: {"score": sum(v), "samples": len(v)} for k, v in sorted(scores.items())}
+    scale = 100.0
+    return {k: {"score": scale * sum(v) / len(v), "samples": len(v)} for k, v in sorted(scores.items())}
+
+
+def _ocrbench_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, float]:
+    """OCRBench's report: the six recognition categories summed as "Text Recognition", then the total."""
+    by_cat: dict[str, float] = defaultdict(float)
+    for s, j in zip(samples, judged):
+        by_cat[s.meta.get("category", "")] += j.score
+    recognition = sum(by_cat[c] for c in metrics.OCRBENCH_TEXT_RECOGNITION)
+    return {"text_recognition": recognition, "final_score": sum(by_cat.values())}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------------------
+
+
+def print_summary(summary: dict[str, Any], file=None) -> None:
+    """A rich table of the headline and the counts, then the breakdown when there is one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout)
+    table = Table(title=f"{summary['title']}: {summary['metric']}")
+    for col in ("score", "samples", "scored", "missing", "empty", "unparsable", "skipped rows"):
+        table.add_column(col, justify="right")
+    skipped = summary["skipped"]
+    skipped_text = str(sum(skipped.values()))
+    if skipped:
+        skipped_text += " (" + ", ".join(f"{k}: {v}" for k, v in skipped.items()) + ")"
+    table.add_row(
+        f"{summary['score']:.2f} {summary['unit']}",
+        str(summary["samples"]),
+        str(summary["scored"]),
+        str(summary["missing_predictions"]),
+        str(summary["empty_predictions"]),
+        str(summary["unparsable"]),
+        skipped_text,
+    )
+    console.print(table)
+    if summary.get("breakdown"):
+        sub = Table(title="breakdown")
+        sub.add_column("group")
+        sub.add_column("score", justify="right")
+        sub.add_column("samples", justify="right")
+        for name, v in summary["breakdown"].items():
+            sub.add_row(name, f"{v['score']:.2f}", str(v["samples"]))
+        console.print(sub)
+    notes = []
+    for key, label in (
+        ("unknown_prediction_ids", "predictions with ids not among the samples scored (ignored)"),
+        ("malformed_prediction_rows", "malformed prediction rows (ignored)"),
+        ("duplicate_prediction_ids", "duplicate prediction ids (last kept)"),
+    ):
+        if summary.get(key):
+            notes.append(f"{summary[key]} {label}")
+    for key, value in summary.get("extra", {}).items():
+        notes.append(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
+    for note in notes:
+        console.print(note)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _finish(data: TaskData, preds: Predictions, args: argparse.Namespace, extra: dict[str, Any]) -> dict:
+    summary, rows = score_dataset(data, preds, caption_tokenizer=args.caption_tokenizer)
+    summary.update(extra)
+    if args.out:
+        _write_json(Path(args.out), summary)
+    if args.details:
+        _write_jsonl(Path(args.details), rows)
+    print_summary(summary)
+    if args.out:
+        print(f"summary: {args.out}")
+    return summary
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help=f"benchmark: {', '.join(TASKS)}")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="local folder (or file) holding the benchmark's released files; see docs/eval.md "
+        "(not needed for easy-vqa, read from the installed package)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N usable samples")
+    parser.add_argument("--details", default=None, help="also write per-sample scores to this JSONL file")
+    parser.add_argument(
+        "--caption-tokenizer",
+        choices=["auto", "ptb", "simple"],
+        default="auto",
+        help="CIDEr tokenisation: the official PTB tokenizer (needs java), a pure-Python one, or auto",
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# stitch score
+# ------------------------------------------------------------------------------------------------------------
+
+
+def score_cmd_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument("--predictions", required=True, help='JSONL rows {"id": ..., "prediction": ...}')
+    parser.add_argument("--out", default=None, help="write the summary JSON here")
+
+
+def score_cmd(args: argparse.Namespace) -> int:
+    """Score predictions made by any system with a benchmark's official metric.
+
+    The predictions file is JSONL, one {"id": ..., "prediction": "..."} per line (the text may also be under
+    "answer", "text" or "response"); ids are those `stitch eval` writes (the benchmark's question id; see
+    docs/eval.md). A sample without a prediction, or with an empty or unparsable one, counts as wrong and is
+    reported. Prints a table; --out writes the summary JSON, --details per-sample scores.
+
+    Example:
+      stitch score --task textvqa --data ~/data/textvqa --predictions other_model.jsonl --out textvqa.json
+    """
+    if args.limit is not None and args.limit < 1:
+        raise StitchError("--limit must be at least 1")
+    data = load_task(args.task, args.data, limit=args.limit)
+    preds = read_predictions(args.predictions)
+    _finish(data, preds, args, {"predictions": str(args.predictions)})
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# stitch eval
+# ------------------------------------------------------------------------------------------------------------
+
+
+def eval_cmd_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ckpt", help="Stitch checkpoint folder (or HF VLM folder)")
+    _add_common(parser)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="per answer (default: the task's, 16 for short answers)"
+    )
+    parser.add_argument("--out", default=None, help="summary JSON (default eval-TASK.json)")
+    parser.add_argument(
+        "--predictions",
+        default=None,
+        help="per-sample predictions JSONL, appended as generated and used to resume "
+        "(default: the --out path with .predictions.jsonl)",
+    )
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weights dtype (auto: bfloat16 on GPU, the checkpoint's own on CPU)",
+    )
+
+
+def _resume(path: Path, task: str) -> set[str]:
+    """Ids already predicted in `path`; a torn last line (the run was killed mid-write) is cut off first so
+    that appending starts on a fresh line."""
+    if not path.is_file():
+        return set()
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        keep = raw.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return set(read_predictions(path, task=task).texts)
+
+
+def _batches(items: list[Sample], size: int) -> Iterable[list[Sample]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def eval_cmd(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a benchmark: generate answers in batches, then score them officially.
+
+    Reads the benchmark from --data (its released JSON or parquet files; docs/eval.md lists the layout per
+    task), prompts with the task's customary prompt, decodes greedily, appends each prediction to a JSONL file
+    as it goes, and scores with the same code as `stitch score`. Run it again with the same --out to resume:
+    ids already in the predictions file are not generated again. Tasks: vqav2, textvqa, docvqa, infovqa,
+    chartqa, ai2d, mmmu, mathvista, ocrbench, coco, realworldqa, easy-vqa.
+
+    Example:
+      stitch eval runs/sft/final --task chartqa --data ~/data/chartqa --batch-size 16 --out chartqa.json
+    """
+    if args.batch_size < 1:
+        raise StitchError("--batch-size must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise StitchError("--limit must be at least 1")
+    task = get_task(args.task)
+    out = Path(args.out or f"eval-{task.name}.json")
+    args.out = str(out)
+    pred_path = Path(args.predictions) if args.predictions else out.with_name(out.stem + ".predictions.jsonl")
+    max_new_tokens = args.max_new_tokens or task.max_new_tokens
+
+    data = load_task(task.name, args.data, limit=args.limit)
+    done = _resume(pred_path, task.name)
+    todo = [s for s in data.samples if s.id not in done]
+    print(
+        f"{task.title}: {len(data.samples)} samples from {data.source}"
+        + (f", {sum(data.skipped.values())} rows skipped" if data.skipped else "")
+        + (f"; resuming, {len(data.samples) - len(todo)} already in {pred_path}" if done else ""),
+        file=sys.stderr,
+    )
+
+    started = time.time()
+    unreadable: set[str] = set()
+    if todo:
+        unreadable = _generate(args, task.name, todo, pred_path, max_new_tokens)
+    if unreadable:
+        data.samples = [s for s in data.samples if s.id not in unreadable]
+        data.skipped["unreadable image"] += len(unreadable)
+
+    preds = read_predictions(pred_path, task=task.name) if pred_path.is_file() else Predictions({})
+    extra = {
+        "checkpoint": str(args.ckpt),
+        "predictions": str(pred_path),
+        "max_new_tokens": max_new_tokens,
+        "batch_size": args.batch_size,
+        "generation_seconds": round(time.time() - started, 2),
+        "generated": len(todo) - len(unreadable),
+    }
+    _finish(data, preds, args, extra)
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    import stitch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = dtypes.get(args.dtype)
+    if dtype is None and str(device).startswith("cuda"):
+        dtype = torch.bfloat16
+    model, processor = stitch.load(args.ckpt, device=device, dtype=dtype)
+    if hasattr(model, "eval"):
+        model.eval()
+    return model, processor
+
+
+def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_tokens: int) -> set[str]:
+    """Generate answers for `todo`, appending one JSONL row per sample; returns the ids whose images could
+    not be decoded (skipped and counted by the caller)."""
+    try:
+        from stitch.infer.generate import generate_batch
+    except ImportError as e:
+        raise StitchError(f"stitch eval needs stitch.infer.generate.generate_batch ({e})") from e
+    model, processor = _load_model(args)
+    unreadable: set[str] = set()
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    last_report = time.time()
+    with open(pred_path, "a", encoding="utf-8") as f:
+        for batch in _batches(todo, args.batch_size):
+            ready: list[Sample] = []
+            images: list[list] = []
+            for s in batch:
+                try:
+                    images.append([open_image(ref) for ref in s.images])
+                    ready.append(s)
+                except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
+                    unreadable.add(s.id)
+                    print(f"skipping sample {s.id}: unreadable image ({e})", file=sys.stderr)
+            if not ready:
+                continue
+            texts = generate_batch(
+                model,
+                processor,
+                [s.conversation for s in ready],
+                images,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+            )
+            if len(texts) != len(ready):
+                raise StitchError(f"generate_batch returned {len(texts)} answers for {len(ready)} prompts")
+            for s, text in zip(ready, texts):
+                row = {"id": s.id, "task": task, "prediction": text, "prompt": s.prompt, "references": s.references}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            written += len(ready)
+            if time.time() - last_report > 10 or written == len(todo):
+                print(f"  {written}/{len(todo)} generated", file=sys.stderr)
+                last_report = time.time()
+    return unreadable
