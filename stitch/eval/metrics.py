@@ -490,6 +490,7 @@ _PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?"
 
 
 _BRACKETS = {"(", ")", "[", "]", "{", "}", '"'}
+_CLITICS = {"'s", "'re", "'ve", "'ll", "'d", "'m", "n't"}
 
 
 def simple_caption_tokenize(text: str) -> str:
@@ -498,8 +499,13 @@ def simple_caption_tokenize(text: str) -> str:
     text = text.lower().replace("\n", " ")
     text = re.sub(r"([.,!?;:()\[\]{}\"`]|--|\.\.\.)", r" \1 ", text)
     text = re.sub(r"(\w)('s|'re|'ve|'ll|'d|'m|n't)\b", r"\1 \2", text)
-    text = re.sub(r"(?<!\w)'|'(?!\w)", " ' ", text)
-    return " ".join(t for t in text.split() if t not in _PTB_PUNCT and t not in _BRACKETS)
+    tokens = []
+    for t in text.split():
+        if t not in _CLITICS:
+            t = t.strip("'")  # quotes around a word are punctuation; the clitics keep theirs
+        if t and t not in _PTB_PUNCT and t not in _BRACKETS:
+            tokens.append(t)
+    return " ".join(tokens)
 
 
 def _writable_package_dir() -> bool:
