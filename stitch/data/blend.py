@@ -1,0 +1,424 @@
+"""Weighted, deterministic, resumable blends: the training data stream of every rank and worker.
+
+API for the trainer:
+
+    stream = build_train_stream(data_cfg, processor, rank, world_size, seed)   # a DataStream
+    for batch in stream: ...                  # batches (padded or packed, see stitch.data.collate)
+    state = stream.state_dict()               # save beside the checkpoint (plain Python data)
+    stream.load_state_dict(state)             # before iterating: continues with exactly the next batch
+    stream.stats                              # SkipStats: per-dataset attempts/used/skips by reason
+
+How the stream is laid out, and why it resumes exactly:
+- *Consumers.* Each rank runs `num_workers` DataLoader workers (or itself when 0); every (rank, worker slot) is
+  a consumer with global id c = rank * W + slot among C = world_size * W. Each consumer produces its own
+  stream; streams never share a sample within an epoch of a dataset (below), so ranks and workers are disjoint.
+- *Which dataset.* A consumer interleaves datasets with a deterministic low-discrepancy schedule: at step t it
+  takes the dataset whose count lags its weight the most (argmax of w_i * (t + 1) - n_i; Megatron's blended
+  dataset does the same). Over any window the counts match the (relative) weights to within one sample.
+- *Which sample.* The k-th draw of consumer c from dataset d is position g = k * C + c of that dataset's
+  stream: epoch g // len(d), and within the epoch a keyed pseudo-random permutation (a Feistel network, O(1)
+  memory) of the dataset's indices, seeded by (seed, dataset, epoch). Consumers take interleaved positions of
+  the same permutation, hence disjoint. A sample that fails (`SampleError`) is counted and the consumer moves
+  on to its next position in the same dataset, so the weights hold for used samples.
+- *State.* A consumer's whole state is its schedule counts, its per-dataset positions and its skip counters.
+  Every batch carries its consumer's state after the batch's last sample; the main process keeps the latest
+  per consumer plus which worker comes next (DataLoader serves workers round-robin). Restoring re-seats
+  workers so that the first one to be served plays the consumer that was next, so the order of batches, not
+  just their contents, continues exactly.
+A prompt template is drawn per sample from (seed, dataset, epoch, index), so resumed runs render identically.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from stitch.data.collate import Sample, collate
+from stitch.data.config import DataConfig, DatasetSpec
+from stitch.data.packing import pack_greedy_stream
+from stitch.data.prompts import PromptLibrary, sample_seed
+from stitch.data.skips import SampleError, SkipStats
+from stitch.data.sources import Source, open_source
+from stitch.errors import DataError
+
+__all__ = [
+    "load_blend",
+    "WeightedSchedule",
+    "FeistelPermutation",
+    "ConsumerStream",
+    "BlendDataset",
+    "DataStream",
+    "build_train_stream",
+]
+
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- blend files
+def load_blend(path: str | Path, split: str = "train") -> list[DatasetSpec]:
+    """The datasets of `split` in a metadataset YAML (seed-system/Energon layout), paths made absolute.
+
+    Layout: `splits: {train: {datasets: [{weight, path, subflavors}, ...]}, val: {...}}` (`__module__` and
+    `__class__` are accepted and ignored; `blend:` is read as an alias of `datasets:`). Weights are relative.
+    An entry whose path is another metadataset YAML is flattened into it, its weights scaled to the entry's.
+    Entries may carry Stitch keys beside the Energon ones: kind, prompt_task, prompt_variant, image_root,
+    split, limit, name.
+    """
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: blend file not found") from e
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("splits"), dict):
+        raise DataError(f"{path}: expected a metadataset with 'splits: {{train: {{datasets: [...]}}}}'")
+    part = doc["splits"].get(split)
+    if not isinstance(part, dict):
+        raise DataError(f"{path}: no split {split!r} (have {', '.join(doc['splits'])})")
+    entries = part.get("datasets", part.get("blend"))
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{path}: splits.{split}.datasets must be a non-empty list")
+    out: list[DatasetSpec] = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: splits.{split}.datasets[{i}]"
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise DataError(f"{where}: each dataset needs a 'path'")
+        entry = dict(entry)
+        try:
+            weight = float(entry.pop("weight", 1.0))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{where}: weight must be a number") from e
+        if weight <= 0:
+            raise DataError(f"{where}: weight must be > 0, got {weight}")
+        entry_path = str(entry["path"])
+        if not entry_path.startswith("easy-vqa") and not Path(entry_path).is_absolute():
+            entry_path = str((path.parent / entry_path).resolve())
+        if entry_path.endswith((".yaml", ".yml")):  # nested metadataset
+            inner = load_blend(entry_path, split)
+            total = sum(d.weight for d in inner)
+            out.extend(d.model_copy(update={"weight": weight * d.weight / total}) for d in inner)
+            continue
+        if entry.get("image_root") and not Path(entry["image_root"]).is_absolute():
+            entry["image_root"] = str((path.parent / entry["image_root"]).resolve())
+        entry.update(path=entry_path, weight=weight)
+        entry["subflavors"] = entry.get("subflavors") or {}
+        try:
+            out.append(DatasetSpec.model_validate(entry))
+        except Exception as e:  # pydantic ValidationError: name the entry
+            raise DataError(f"{where}: {e}".splitlines()[0]) from e
+    return out
+
+
+# --------------------------------------------------------------------------- ordering primitives
+class WeightedSchedule:
+    """Deterministic weighted interleaving: step t picks argmax_i(w_i * (t + 1) - n_i) (ties: lowest i)."""
+
+    def __init__(self, weights: Sequence[float], counts: Sequence[int] | None = None):
+        total = float(sum(weights))
+        if total <= 0 or any(w <= 0 for w in weights):
+            raise ValueError("weights must be positive")
+        self.weights = [w / total for w in weights]
+        self.counts = list(counts) if counts is not None else [0] * len(weights)
+
+    def next(self) -> int:
+        t = sum(self.counts) + 1
+        errors = [w * t - n for w, n in zip(self.weights, self.counts)]
+        best = max(range(len(errors)), key=lambda i: (errors[i], -i))
+        self.counts[best] += 1
+        return best
+
+
+class FeistelPermutation:
+    """A keyed pseudo-random permutation of range(n) in O(1) memory (balanced Feistel net + cycle walking)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, key: int):
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        bits += bits % 2
+        self.half = bits // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = [sample_seed(key, r) for r in range(self.ROUNDS)]
+
+    def _round(self, x: int, k: int) -> int:
+        h = hashlib.blake2b(x.to_bytes(8, "little"), digest_size=8, key=k.to_bytes(8, "little")).digest()
+        return int.from_bytes(h, "little") & self.mask
+
+    def _encrypt(self, x: int) -> int:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ self._round(right, k)
+        return (left << self.half) | right
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        x = self._encrypt(i)
+        while x >= self.n:  # cycle-walk back into range; terminates because encrypt is a bijection
+            x = self._encrypt(x)
+        return x
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# --------------------------------------------------------------------------- one consumer's samples
+class ConsumerStream:
+    """The samples of consumer `consumer` (of `num_consumers`): see the module docstring."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        weights: Sequence[float],
+        processor,
+        data_cfg: DataConfig,
+        seed: int,
+        consumer: int,
+        num_consumers: int,
+        state: dict | None = None,
+    ):
+        self.sources = list(sources)
+        self.names = [s.name for s in self.sources]
+        self.processor = processor
+        self.cfg = data_cfg
+        self.seed = seed
+        self.consumer = consumer
+        self.num_consumers = num_consumers
+        state = state or {}
+        self.schedule = WeightedSchedule(weights, state.get("sched"))
+        self.pos = list(state.get("pos", [0] * len(self.sources)))
+        self.stats = SkipStats.from_state(state.get("stats", {}))
+        self._perms: dict[tuple[int, int], FeistelPermutation] = {}
+
+    def state(self) -> dict:
+        return {"sched": list(self.schedule.counts), "pos": list(self.pos), "stats": self.stats.state_dict()}
+
+    def index_of(self, d: int, k: int) -> tuple[int, int]:
+        """(epoch, record index) of this consumer's k-th draw from dataset d."""
+        n = len(self.sources[d])
+        epoch, offset = divmod(k * self.num_consumers + self.consumer, n)
+        perm = self._perms.get((d, epoch))
+        if perm is None:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            perm = self._perms[(d, epoch)] = FeistelPermutation(n, sample_seed(self.seed, self.names[d], epoch))
+        return epoch, perm[offset]
+
+    def next_sample(self) -> Sample:
+        d = self.schedule.next()
+        source, name = self.sources[d], self.names[d]
+        while True:
+            epoch, index = self.index_of(d, self.pos[d])
+            self.pos[d] += 1
+            key = sample_seed(self.seed, name, epoch, index)
+            try:
+                record = source.get(index, key)
+                sample = self.processor.encode(
+                    record.conversation, record.images, max_length=self.cfg.seq_length,
+                    dataset=name, key=f"{name}#{index}",
+                )
+            except SampleError as e:
+                self.stats.record_skip(name, e)
+                self.stats.check(name, self.cfg.max_skip_fraction, self.cfg.skip_check_after)
+                continue
+            self.stats.record_ok(name)
+            return sample
+
+    def __iter__(self) -> Iterator[tuple[Sample, dict]]:
+        """(sample, state right after it) forever."""
+        while True:
+            sample = self.next_sample()
+            yield sample, self.state()
+
+
+# --------------------------------------------------------------------------- DataLoader dataset
+class BlendDataset(IterableDataset):
+    """Batches of one rank, for `torch.utils.data.DataLoader(batch_size=None)`; each worker is a consumer.
+
+    Yields batch dicts (see `stitch.data.collate`) plus `sample_keys` and a private `_stitch_state` entry that
+    `DataStream` strips and records.
+    """
+
+    def __init__(self, sources, weights, processor, data_cfg: DataConfig, rank: int, world_size: int, seed: int):
+        self.sources, self.weights = list(sources), list(weights)
+        self.processor, self.cfg = processor, data_cfg
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_slots = max(1, data_cfg.num_workers)
+        self.slot_states: dict[int, dict] = {}
+        self.rotation = 0
+
+    def consumer(self, slot: int, state: dict | None = None) -> ConsumerStream:
+        return ConsumerStream(
+            self.sources, self.weights, self.processor, self.cfg, self.seed,
+            consumer=self.rank * self.num_slots + slot, num_consumers=self.world_size * self.num_slots,
+            state=state,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slot = (worker + self.rotation) % self.num_slots
+        stream = self.consumer(slot, copy.deepcopy(self.slot_states.get(slot)))
+        try:
+            yield from self._batches(stream, slot)
+        except DataError as e:  # re-raised cleanly by DataStream (DataLoader would wrap it in a traceback)
+            yield {"_stitch_error": str(e)}
+
+    def _batches(self, stream: ConsumerStream, slot: int) -> Iterator[dict[str, Any]]:
+        pad = self.processor.pad_token_id
+        if self.cfg.pack:
+            groups = pack_greedy_stream(iter(stream), self.cfg.row_tokens)
+        else:
+            groups = _fixed_groups(iter(stream), self.cfg.batch_size)
+        for samples, state in groups:
+            batch = collate(samples, pack=self.cfg.pack, max_tokens=self.cfg.row_tokens, pad_token_id=pad)
+            batch["sample_keys"] = [s.key for s in samples]
+            batch["_stitch_state"] = (slot, state)
+            yield batch
+
+
+def _fixed_groups(stream: Iterator[tuple[Sample, dict]], size: int) -> Iterator[tuple[list[Sample], dict]]:
+    while True:
+        group, state = [], None
+        for _ in range(size):
+            sample, state = next(stream)
+            group.append(sample)
+        yield group, state
+
+
+def _identity(x):
+    return x
+
+
+# --------------------------------------------------------------------------- the trainer's stream
+class DataStream:
+    """An endless, resumable stream of batches for one rank (see the module docstring)."""
+
+    def __init__(
+        self,
+        specs: Sequence[DatasetSpec],
+        processor,
+        data_cfg: DataConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        prompts: PromptLibrary | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        prompts = prompts or PromptLibrary.load(data_cfg.prompts)
+        self.specs = list(specs)
+        self.sources = [open_source(s, prompts) for s in self.specs]
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise DataError(f"two datasets share a name ({names}); set 'name' on one of them")
+        self.cfg = data_cfg
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.dataset = BlendDataset(
+            self.sources, [s.weight for s in self.specs], processor, data_cfg, rank, world_size, seed
+        )
+        self.slot_states: dict[int, dict] = {}
+        self.next_slot = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.dataset.num_slots
+
+    def _fingerprint(self) -> dict:
+        return {
+            "datasets": [[s.name, len(s), spec.weight] for s, spec in zip(self.sources, self.specs)],
+            "world_size": self.world_size,
+            "num_slots": self.num_slots,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            **self._fingerprint(),
+            "slots": copy.deepcopy(self.slot_states),
+            "next_slot": self.next_slot,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self._fingerprint()
+        for k, v in mine.items():
+            if state.get(k) != v:
+                raise DataError(
+                    f"data state does not match this run: {k} was {state.get(k)!r}, now {v!r} "
+                    "(resume with the same datasets, world size, num_workers and seed)"
+                )
+        if state.get("rank") != self.rank:
+            raise DataError(f"data state belongs to rank {state.get('rank')}, this is rank {self.rank}")
+        self.slot_states = {int(k): v for k, v in copy.deepcopy(state["slots"]).items()}
+        self.next_slot = int(state["next_slot"])
+
+    @property
+    def stats(self) -> SkipStats:
+        total = SkipStats()
+        for st in self.slot_states.values():
+            total.merge(SkipStats.from_state(st["stats"]))
+        return total
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.slot_states = copy.deepcopy(self.slot_states)
+        self.dataset.rotation = self.next_slot
+        workers = self.cfg.num_workers
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            if "_stitch_error" in batch:
+                raise DataError(batch["_stitch_error"])
+            slot, state = batch.pop("_stitch_state")
+            self.slot_states[slot] = state
+            self.next_slot = (slot + 1) % self.num_slots
+            yield batch
+
+    def samples(self) -> Iterator[Sample]:
+        """Unbatched samples of this rank in the main process (all slots round-robin; for checks and tests).
+
+        Advances the same state as iterating batches with batch_size 1 would.
+        """
+        streams = {
+            slot: self.dataset.consumer(slot, copy.deepcopy(self.slot_states.get(slot)))
+            for slot in range(self.num_slots)
+        }
+        while True:
+            slot = self.next_slot
+            sample = streams[slot].next_sample()
+            self.slot_states[slot] = streams[slot].state()
+            self.next_slot = (slot + 1) % self.num_slots
+            yield sample
+
+
+def build_train_stream(
+    data_cfg: DataConfig,
+    processor,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    base_dir: str | Path | None = None,
+) -> DataStream:
+    """The training stream of one rank: datasets from `data_cfg` (blend file or inline list), batches as the
+    config says (padded `batch_size` or packed `max_tokens` rows). Relative inline paths resolve against
+    `base_dir` (e.g. the training config's folder)."""
+    specs = data_cfg.resolve_datasets(base_dir)
+    return DataStream(specs, processor, data_cfg, rank=rank, world_size=world_size, seed=seed)
+

@@ -1,0 +1,184 @@
+"""`Processor`: conversation + images -> model inputs, for training and for generation alike.
+
+One object owns everything that must agree between training and inference: the tokenizer and its chat
+template, the image-context token, tiling, tile tags, wrappers and normalisation (all from `VLMConfig`).
+Training data goes through `encode()` (one unbatched `Sample`, errors as `SampleError` so the data stream can
+skip and count them); callers that want a ready batch of one use `processor(conversation, images, ...)`.
+
+Tile budget step-down: when `max_length` is given and the image tokens would overflow it, the tile budget is
+lowered (max_tiles, then 12 -> 8 -> 6 -> 4 -> 2 -> 1 below it) until the sample fits; only if it still does
+not fit at one tile per image is the text cut (never inside an image: images that don't fit are dropped
+with everything after them). A training sample left with no assistant token fails with `fully_masked`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stitch.config import VLMConfig
+from stitch.data.chat import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    ChatEncoder,
+    Encoded,
+    add_image_token,
+    validate_conversation,
+)
+from stitch.data.collate import Sample
+from stitch.data.image import ImageInput, ImageProcessor, load_image, tile_budgets, tile_count, tile_image
+from stitch.data.skips import SampleError
+from stitch.errors import StitchConfigError
+
+__all__ = ["Processor", "add_image_token"]
+
+
+class Processor:
+    """Turns `[{"role", "content"}]` conversations with `<image>` placeholders (+ images) into model inputs."""
+
+    def __init__(
+        self,
+        tokenizer,
+        config: VLMConfig,
+        *,
+        max_image_pixels: int = 64_000_000,
+        budget_steps: Sequence[int] = (12, 8, 6, 4, 2, 1),
+        system_prompt: str | None = None,
+    ):
+        token_id = add_image_token(tokenizer, config)
+        if config.image_token_id and config.image_token_id != token_id:
+            raise StitchConfigError(
+                f"config.image_token_id is {config.image_token_id} but the tokenizer maps "
+                f"{config.image_token!r} to {token_id}"
+            )
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_token_id = token_id
+        self.images = ImageProcessor.from_config(config, max_pixels=max_image_pixels)
+        self.encoder = ChatEncoder(tokenizer, config, token_id)
+        self.budget_steps = tuple(budget_steps)
+        self.system_prompt = system_prompt
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str | Path, **kwargs: Any) -> Processor:
+        """Open the processor of a Stitch checkpoint: `config.json` plus the tokenizer files beside it."""
+        from transformers import AutoTokenizer
+
+        ckpt_dir = Path(ckpt_dir)
+        config = VLMConfig.load(ckpt_dir / "config.json")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir))
+        except (OSError, ValueError) as e:
+            raise StitchConfigError(f"{ckpt_dir}: cannot load the tokenizer files ({e})") from e
+        return cls(tokenizer, config, **kwargs)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write the tokenizer files (with the chat template) and `config.json`."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(out_dir))
+        self.config.save(out_dir / "config.json")
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        return int(pad) if pad is not None else 0
+
+    # ------------------------------------------------------------------ encoding
+    def encode(
+        self,
+        conversation: Sequence[dict],
+        images: Sequence[ImageInput] | None = None,
+        *,
+        add_generation_prompt: bool = False,
+        max_length: int | None = None,
+        dataset: str = "",
+        key: str = "",
+    ) -> Sample:
+        """Render one conversation; raises `SampleError` (with a skip reason) for anything unusable."""
+        images = list(images or [])
+        messages = validate_conversation(conversation, for_generation=add_generation_prompt)
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+            # No placeholder at all: images go first in the first user turn (InternVL's convention).
+            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            prefix = f"{IMAGE_PLACEHOLDER}\n" * len(images)
+            messages[first_user] = {"role": "user", "content": prefix + messages[first_user]["content"]}
+        loaded = [load_image(im, self.images.max_pixels) for im in images]
+        with_labels = not add_generation_prompt
+        budgets = tile_budgets(self.config.max_tiles, self.budget_steps) if max_length else [self.config.max_tiles]
+        for budget in budgets:
+            grids = [self.images.grid(im.size, budget) for im in loaded]
+            layout = [(c * r, self.config.use_thumbnail and c * r > 1) for c, r in grids]
+            enc = self.encoder.encode(messages, layout, add_generation_prompt, with_labels)
+            if max_length is None or len(enc) <= max_length or not loaded:
+                break
+        if max_length is not None and len(enc) > max_length and not add_generation_prompt:
+            kept = enc.truncate(max_length)
+            loaded, grids = loaded[:kept], grids[:kept]
+        if with_labels and not _has_labels(enc):
+            raise SampleError("fully_masked", f"no assistant token within max_length {max_length}")
+        return Sample(
+            input_ids=torch.from_numpy(enc.input_ids),
+            labels=torch.from_numpy(enc.labels) if enc.labels is not None else None,
+            pixel_values=self._pixels(loaded, grids),
+            num_tiles=[tile_count(g, self.config.use_thumbnail) for g in grids],
+            dataset=dataset,
+            key=key,
+        )
+
+    def _pixels(self, images, grids) -> torch.Tensor | None:
+        if not images:
+            return None
+        size, thumb = self.images.image_size, self.config.use_thumbnail
+        tiles = [tile_image(im, g, size, thumb) for im, g in zip(images, grids)]
+        return self.images.normalize(np.concatenate(tiles) if len(tiles) > 1 else tiles[0])
+
+    def __call__(
+        self,
+        conversation: Sequence[dict],
+        images: Sequence[ImageInput] | None = None,
+        add_generation_prompt: bool = False,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
+        """A batch of one: input_ids/attention_mask/position_ids [1, T], labels [1, T] (training only),
+        pixel_values [tiles, 3, H, W] or None, num_tiles per image."""
+        sample = self.encode(
+            conversation, images, add_generation_prompt=add_generation_prompt, max_length=max_length
+        )
+        n = len(sample)
+        batch: dict[str, Any] = {
+            "input_ids": sample.input_ids[None],
+            "attention_mask": torch.ones((1, n), dtype=torch.long),
+            "position_ids": torch.arange(n, dtype=torch.long)[None],
+            "pixel_values": sample.pixel_values,
+            "num_tiles": sample.num_tiles,
+        }
+        if sample.labels is not None:
+            batch["labels"] = sample.labels[None]
+            batch["num_label_tokens"] = torch.tensor(sample.num_label_tokens)
+        return batch
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str | list[str]:
+        """Text of `ids` (1-D: a string; 2-D: one string per row)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], list):
+            return [self.tokenizer.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_text(self, conversation: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The chat-template text of a conversation (placeholders kept as `<image>`), for display."""
+        messages = validate_conversation(conversation, for_generation=add_generation_prompt)
+        return self.encoder.render(messages, add_generation_prompt)
+
+
+def _has_labels(enc: Encoded) -> bool:
+    return enc.labels is not None and bool((enc.labels != IGNORE_INDEX).any())
