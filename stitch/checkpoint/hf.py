@@ -113,9 +113,18 @@ def _check_extras(source: TensorSource, used: set[str], path: Path) -> None:
         raise CheckpointError(f"{source.file_of(extra[0])}: unexpected tensor '{extra[0]}'{more}")
 
 
+def expected_llm_shapes(cfg: LLMConfig, stitch_prefix: str = "") -> dict[str, tuple[int, ...]]:
+    from stitch.models.llm import LLM
+
+    with torch.device("meta"):
+        model = LLM(cfg)
+    return {stitch_prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def llm_state_from_hf(source, cfg: LLMConfig, hf_prefix: str, head: str, where, stitch_prefix: str = ""):
     pairs = llm_pairs(cfg.num_layers, cfg.attention_bias, cfg.tie_word_embeddings, stitch_prefix, hf_prefix, head)
-    return convert(source, pairs, "to_stitch", where=where), {theirs for _, theirs in pairs}
+    shapes = expected_llm_shapes(cfg, stitch_prefix)
+    return convert(source, pairs, "to_stitch", shapes, where=where), {theirs for _, theirs in pairs}
 
 
 def llm_state_to_hf(state, cfg: LLMConfig, hf_prefix: str, head: str, stitch_prefix: str = ""):
@@ -159,7 +168,7 @@ def vlm_config_from_hf(hf: dict[str, Any], source: str) -> VLMConfig:
     vis = vision_config_from_hf(
         {**vision, "vision_feature_layer": layer, "vision_feature_select_strategy": strategy, "vlm": model_type}
     )
-    if "tie_word_embeddings" in hf and "tie_word_embeddings" not in text:
+    if "tie_word_embeddings" in hf:  # the composite model's own setting decides whether its head is tied
         llm.tie_word_embeddings = bool(hf["tie_word_embeddings"])
     if model_type == "internvl":
         projector = ProjectorConfig(kind="mlp", downsample_ratio=hf.get("downsample_ratio", 0.5))
@@ -217,22 +226,48 @@ def vlm_config_to_hf(cfg: VLMConfig, fmt: str) -> dict[str, Any]:
     return hf
 
 
-def _projector_pairs(cfg: VLMConfig) -> list[tuple[str, str]]:
-    return expand(PROJECTOR_TABLES[cfg.projector.kind], 0, "projector.", "model.multi_modal_projector.")
+# Where each part of a whole VLM lives in its safetensors: the Hub layout (what `save_pretrained` writes and what
+# published checkpoints use) and transformers' in-memory module names. Import accepts both; export writes the Hub one.
+VLM_LAYOUTS = {
+    "hub": dict(llm="language_model.model.", head="language_model.lm_head.weight",
+                projector="multi_modal_projector.", vision="vision_tower."),
+    "native": dict(llm="model.language_model.", head="lm_head.weight",
+                   projector="model.multi_modal_projector.", vision="model.vision_tower."),
+}
+
+
+def detect_vlm_layout(names) -> dict[str, str]:
+    names = set(names)
+    for layout in VLM_LAYOUTS.values():
+        if layout["llm"] + "embed_tokens.weight" in names:
+            return layout
+    raise CheckpointError("no language-model embeddings found (expected 'language_model.model.embed_tokens.weight')")
+
+
+def _projector_pairs(cfg: VLMConfig, prefix: str) -> list[tuple[str, str]]:
+    return expand(PROJECTOR_TABLES[cfg.projector.kind], 0, "projector.", prefix)
 
 
 def vlm_state_from_hf(source: TensorSource, cfg: VLMConfig) -> dict[str, torch.Tensor]:
-    from stitch.checkpoint.hf_vision import vision_state_from_hf
+    from stitch.checkpoint.hf_vision import find_vision_prefix, vision_state_from_hf
 
     where = source.origin
-    state, used = llm_state_from_hf(source, cfg.llm, "model.language_model.", "lm_head.weight", where, "llm.")
-    if cfg.llm.tie_word_embeddings and "lm_head.weight" in source:
-        used.add("lm_head.weight")
-    proj_pairs = _projector_pairs(cfg)
+    try:
+        layout = detect_vlm_layout(source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source.root}: {e}") from e
+    state, used = llm_state_from_hf(source, cfg.llm, layout["llm"], layout["head"], where, "llm.")
+    if cfg.llm.tie_word_embeddings and layout["head"] in source:
+        used.add(layout["head"])
+    proj_pairs = _projector_pairs(cfg, layout["projector"])
     state.update(convert(source, proj_pairs, "to_stitch", where=where))
     used |= {theirs for _, theirs in proj_pairs}
-    vision_names = [n for n in source if n.startswith("model.vision_tower.")]
-    vision_state = vision_state_from_hf(_SubView(source, vision_names), cfg.vision, "model.vision_tower.")
+    vision_names = [n for n in source if n.startswith(layout["vision"])]
+    try:
+        prefix = find_vision_prefix(vision_names, cfg.vision)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source.root}: {e}") from e
+    vision_state = vision_state_from_hf(_SubView(source, vision_names), cfg.vision, prefix, strict=True)
     state.update({f"vision.{k}": v for k, v in vision_state.items()})
     used |= set(vision_names)
     _check_extras(source, used, source.root)
@@ -240,12 +275,14 @@ def vlm_state_from_hf(source: TensorSource, cfg: VLMConfig) -> dict[str, torch.T
 
 
 def vlm_state_to_hf(state: dict[str, torch.Tensor], cfg: VLMConfig, fmt: str) -> dict[str, torch.Tensor]:
-    from stitch.checkpoint.hf_vision import vision_state_to_hf
+    from stitch.checkpoint.hf_vision import default_vision_layout, vision_state_to_hf
 
-    out = llm_state_to_hf(state, cfg.llm, "model.language_model.", "lm_head.weight", "llm.")
-    out.update(convert(state, _projector_pairs(cfg), "to_hf"))
+    layout = VLM_LAYOUTS["hub"]
+    out = llm_state_to_hf(state, cfg.llm, layout["llm"], layout["head"], "llm.")
+    out.update(convert(state, _projector_pairs(cfg, layout["projector"]), "to_hf"))
     vision = {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
-    out.update(vision_state_to_hf(vision, cfg.vision, "model.vision_tower."))
+    vision_layout = default_vision_layout(cfg.vision, fmt)
+    out.update(vision_state_to_hf(vision, cfg.vision, layout["vision"], vision_layout))
     return out
 
 
