@@ -169,7 +169,7 @@ def stitch_build(
 
 # ------------------------------------------------------------------------------------------- import / export
 def import_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hf_dir", help="an HF VLM folder (InternVLForConditionalGeneration / LlavaForConditionalGeneration)")
+    parser.add_argument("hf_dir", help="an HF VLM folder (InternVL or LLaVA, transformers format)")
     parser.add_argument("--out", required=True)
 
 

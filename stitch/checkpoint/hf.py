@@ -180,7 +180,8 @@ def vlm_config_from_hf(hf: dict[str, Any], source: str) -> VLMConfig:
         extra = dict(tile_tags="none", image_wrapper="none", source_format="llava", max_tiles=1,
                      use_thumbnail=False)
     return VLMConfig(
-        vision=vis, llm=llm, projector=projector, image_token_id=hf.get("image_token_id", hf.get("image_token_index", 0)),
+        vision=vis, llm=llm, projector=projector,
+        image_token_id=hf.get("image_token_id", hf.get("image_token_index", 0)),
         **extra,
     )
 
