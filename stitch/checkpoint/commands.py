@@ -145,10 +145,11 @@ def stitch_build(
     )
     cfg.image_token_id = ensure_image_token(tok, cfg.image_token)
     if len(tok) > cfg.llm.vocab_size:
+        padded = -(-len(tok) // 64) * 64  # a multiple of 64 keeps the output matmul on fast GPU kernels
         if llm_state is None:
-            cfg.llm.vocab_size = len(tok)
+            cfg.llm.vocab_size = padded
         else:
-            _resize_vocab(llm_state, cfg.llm, len(tok))
+            _resize_vocab(llm_state, cfg.llm, padded)
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(cfg.llm, attr) is None and getattr(tok, attr, None) is not None:
             setattr(cfg.llm, attr, getattr(tok, attr))

@@ -114,6 +114,9 @@ def atomic_dir(out: str | Path, overwrite: bool = True):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should get the usual folder permissions
     try:
         yield tmp
         if out.exists():

@@ -1,0 +1,54 @@
+"""`stitch build` / `stitch.load` / bad input, through the real command line entry point."""
+
+import json
+
+import pytest
+import torch
+
+import stitch
+from stitch.checkpoint.store import build_model
+from stitch.cli import main
+from stitch.models.presets import vlm_preset
+
+
+def test_build_tiny_and_load(tmp_path):
+    out = tmp_path / "ckpt"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "qwen2-tiny", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tile_tags"] == "nvlm" and cfg["llm"]["family"] == "qwen2"
+    model, processor = stitch.load(out)
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids(model.config.image_token)
+    assert model.config.llm.vocab_size % 64 == 0 and model.config.llm.vocab_size >= len(processor.tokenizer)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, 3, model.config.llm.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--vision", "nope-vit", "--llm", "llama-tiny"], "nope-vit"),
+        (["--vision", "internvit-tiny", "--llm", "no-such-llm"], "no-such-llm"),
+    ],
+)
+def test_build_bad_source_fails_cleanly(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["build", *args, "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_load_rejects_non_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(stitch.errors.CheckpointError, match="config.json"):
+        stitch.load(tmp_path)
+
+
+def test_nvlm_d_72b_builds_on_meta_with_counts_per_part():
+    model = build_model(vlm_preset("nvlm-d-72b"), device="meta")
+    counts = model.num_parameters_per_part()
+    assert 5.5e9 < counts["vision"] < 5.6e9  # InternViT-6B-448px-V1-5: 45 layers, 5.54B
+    assert 72e9 < counts["llm"] < 73e9  # Qwen2-72B
+    # LayerNorm(12800) -> Linear(12800, 29568) -> GELU -> Linear(29568, 8192)
+    assert counts["projector"] == 2 * 12800 + 12800 * 29568 + 29568 + 29568 * 8192 + 8192
