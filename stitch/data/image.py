@@ -179,6 +179,8 @@ class ImageProcessor:
         """uint8 [n, s, s, 3] -> float32 [n, 3, s, s], (x/255 - mean) / std folded into one scale and shift."""
         n, h, w, _ = tiles.shape
         out = torch.empty((n, 3, h, w), dtype=torch.float32)
+        if not tiles.flags.writeable:  # a view of PIL's buffer (one tile): torch wants a writable array
+            tiles = tiles.copy()
         out.copy_(torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2))
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
