@@ -67,7 +67,7 @@ def resolve_llm(src: str) -> tuple[LLMConfig, dict | None, Path | None]:
 
 def resolve_vision(src: str) -> tuple[VisionConfig, dict | None]:
     """A preset name or an HF vision-model folder -> (config, Stitch-named state or None)."""
-    from stitch.checkpoint.hf_vision import vision_config_from_hf, vision_state_from_hf
+    from stitch.checkpoint.hf_vision import find_vision_prefix, vision_config_from_hf, vision_state_from_hf
     from stitch.models.vision import VISION_PRESETS
 
     if src in VISION_PRESETS:
@@ -77,11 +77,8 @@ def resolve_vision(src: str) -> tuple[VisionConfig, dict | None]:
         raise CheckpointError(f"{src}: not a vision preset ({', '.join(sorted(VISION_PRESETS))}) or HF folder")
     cfg = vision_config_from_hf(read_json(path / "config.json"))
     source = TensorSource(path)
-    names = list(source)
-    for prefix in ("vision_model.", "model.vision_tower.", "vision_tower.", ""):
-        if any(n.startswith(prefix + "embeddings") for n in names):
-            break
-    tensors = {n: source[n] for n in names}
+    prefix = find_vision_prefix(list(source), cfg)
+    tensors = {n: source[n] for n in source if n.startswith(prefix)}
     return cfg, vision_state_from_hf(tensors, cfg, prefix)
 
 

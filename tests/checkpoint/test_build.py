@@ -52,3 +52,28 @@ def test_nvlm_d_72b_builds_on_meta_with_counts_per_part():
     assert 72e9 < counts["llm"] < 73e9  # Qwen2-72B
     # LayerNorm(12800) -> Linear(12800, 29568) -> GELU -> Linear(29568, 8192)
     assert counts["projector"] == 2 * 12800 + 12800 * 29568 + 29568 + 29568 * 8192 + 8192
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_build_from_hf_vision_folder(tmp_path, kind):
+    import transformers
+
+    from stitch.models.vision import VisionEncoder  # noqa: F401 (the encoder under test)
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                 patch_size=14)
+    if kind == "siglip":
+        hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**small))
+    else:
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**small))
+    hf.save_pretrained(tmp_path / "vit")
+    out = tmp_path / "ckpt"
+    assert main(["build", "--vision", str(tmp_path / "vit"), "--llm", "llama-tiny", "--projector", "mlp2x_gelu",
+                 "--tile-tags", "none", "--out", str(out)]) == 0
+    model, _ = stitch.load(out)
+    hf_state = hf.state_dict()
+    ours = {k: v for k, v in model.state_dict().items() if k.startswith("vision.")}
+    assert ours and all(v.abs().sum() > 0 for v in ours.values())
+    # the patch embedding came from the HF file, not from a fresh init
+    patch = next(v for k, v in hf_state.items() if k.endswith("patch_embedding.weight"))
+    assert any(torch.equal(v, patch) for v in ours.values())
