@@ -24,6 +24,8 @@ from stitch.errors import DataError, StitchError
 
 # An image as a reader leaves it: a file path, encoded bytes (from a parquet cell), or a PIL image.
 ImageRef = Any
+# How a reader reports a row it cannot use: skip("missing image").
+Skip = Callable[[str], None]
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
@@ -85,7 +87,7 @@ class Task:
     name: str
     title: str
     metric: str
-    reader: Callable[[Path, Callable[[str], None]], Iterable[Sample]]
+    reader: Callable[[Path, Skip], Iterable[Sample]]
     group: str | None = None
     needs_data: bool = True
     # Enough for the customary short answers; captions, OCR transcripts and MathVista's values run longer.
@@ -259,7 +261,7 @@ def _answers(value: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _vqa_sample(sid: Any, question: Any, answers: Any, image: ImageRef | None, skip, meta=None) -> Sample | None:
+def _vqa_sample(sid: Any, question: Any, answers: Any, image: ImageRef | None, skip: Skip, meta=None) -> Sample | None:
     q, refs = _text(question), _answers(answers)
     if sid is None or q is None:
         skip("no id or question")
@@ -273,7 +275,7 @@ def _vqa_sample(sid: Any, question: Any, answers: Any, image: ImageRef | None, s
     return Sample(str(sid), [image], conversation(f"{q}\n{SHORT_ANSWER}"), refs, meta=meta or {})
 
 
-def _read_parquet_vqa(root: Path, skip, split: str, id_key: str, group_key: str | None = None):
+def _read_parquet_vqa(root: Path, skip: Skip, split: str, id_key: str, group_key: str | None = None):
     for _, row in iter_parquet(parquet_files(root, split)):
         meta = {group_key: row.get(group_key)} if group_key and row.get(group_key) else {}
         s = _vqa_sample(row.get(id_key), row.get("question"), row.get("answers"),
@@ -282,7 +284,7 @@ def _read_parquet_vqa(root: Path, skip, split: str, id_key: str, group_key: str 
             yield s
 
 
-def read_vqav2(root: Path, skip) -> Iterator[Sample]:
+def read_vqav2(root: Path, skip: Skip) -> Iterator[Sample]:
     """VQAv2 val: the questions and annotations JSON plus the COCO images, or the parquet export."""
     if has_parquet(root):
         yield from _read_parquet_vqa(root, skip, "validation", "question_id", "answer_type")
@@ -319,7 +321,7 @@ def read_vqav2(root: Path, skip) -> Iterator[Sample]:
             yield s
 
 
-def read_textvqa(root: Path, skip) -> Iterator[Sample]:
+def read_textvqa(root: Path, skip: Skip) -> Iterator[Sample]:
     """TextVQA val: TextVQA_0.5.1_val.json plus train_images/ (the val images ship with train), or parquet."""
     if has_parquet(root):
         yield from _read_parquet_vqa(root, skip, "validation", "question_id")
@@ -340,7 +342,7 @@ def read_textvqa(root: Path, skip) -> Iterator[Sample]:
             yield s
 
 
-def _read_doc_json(root: Path, skip, patterns: list[str], what: str, image_dirs: list[str]) -> Iterator[Sample]:
+def _read_doc_json(root: Path, skip: Skip, patterns: list[str], what: str, image_dirs: list[str]) -> Iterator[Sample]:
     path = find_file(root, patterns, what)
     data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
@@ -361,7 +363,7 @@ def _read_doc_json(root: Path, skip, patterns: list[str], what: str, image_dirs:
             yield s
 
 
-def read_docvqa(root: Path, skip) -> Iterator[Sample]:
+def read_docvqa(root: Path, skip: Skip) -> Iterator[Sample]:
     """DocVQA val: val_v1.0.json (a 'data' list; 'image' is relative to the JSON) plus documents/, or parquet."""
     if has_parquet(root):
         yield from _read_parquet_vqa(root, skip, "validation", "questionId")
@@ -370,7 +372,7 @@ def read_docvqa(root: Path, skip) -> Iterator[Sample]:
                               "DocVQA JSON (val_v1.0.json)", ["documents", "images"])  # fmt: skip
 
 
-def read_infovqa(root: Path, skip) -> Iterator[Sample]:
+def read_infovqa(root: Path, skip: Skip) -> Iterator[Sample]:
     """InfographicVQA val: infographicVQA_val_v1.0_withQT.json plus its images folder, or parquet."""
     if has_parquet(root):
         yield from _read_parquet_vqa(root, skip, "validation", "questionId")
@@ -385,7 +387,7 @@ def read_infovqa(root: Path, skip) -> Iterator[Sample]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def read_chartqa(root: Path, skip) -> Iterator[Sample]:
+def read_chartqa(root: Path, skip: Skip) -> Iterator[Sample]:
     """ChartQA test: test/test_human.json and test/test_augmented.json plus test/png/, or parquet
     (column 'type' = human_test / augmented_test)."""
 
@@ -460,7 +462,7 @@ def _letter(answer: Any, n: int) -> str | None:
     return None
 
 
-def _mc_sample(sid: str, question: Any, choices: Any, answer: Any, images: list, skip, style="dot",
+def _mc_sample(sid: str, question: Any, choices: Any, answer: Any, images: list, skip: Skip, style="dot",
                meta=None) -> Sample | None:  # fmt: skip
     q, options = _text(question), _choices(choices)
     if q is None or options is None or len(options) > 26:
@@ -477,7 +479,7 @@ def _mc_sample(sid: str, question: Any, choices: Any, answer: Any, images: list,
     return Sample(sid, images, conversation(prompt, len(images)), [letter], choices=options, meta=meta or {})
 
 
-def read_ai2d(root: Path, skip) -> Iterator[Sample]:
+def read_ai2d(root: Path, skip: Skip) -> Iterator[Sample]:
     """AI2D test: the parquet export (question, options, answer index, image), or the original release
     (questions/*.json, images/, and optionally ai2d_test_ids.csv to keep only the test images)."""
     if has_parquet(root):
@@ -528,7 +530,7 @@ def _mmmu_answer(value: Any) -> list[str]:
     return _answers(value)
 
 
-def read_mmmu(root: Path, skip) -> Iterator[Sample]:
+def read_mmmu(root: Path, skip: Skip) -> Iterator[Sample]:
     """MMMU validation: the parquet export (one folder per subject, files validation-*.parquet)."""
     if not has_parquet(root):
         raise DataError(f"{root}: MMMU is read from its parquet export (no .parquet files found)")
@@ -556,7 +558,7 @@ def read_mmmu(root: Path, skip) -> Iterator[Sample]:
             yield s
 
 
-def _mathvista_sample(row: dict[str, Any], image, skip) -> Sample | None:
+def _mathvista_sample(row: dict[str, Any], image: ImageRef | None, skip: Skip) -> Sample | None:
     sid, answer = _text(row.get("pid")), _text(row.get("answer"))
     question = _text(row.get("query")) or _text(row.get("question"))
     qtype, atype = row.get("question_type"), row.get("answer_type")
@@ -578,7 +580,7 @@ def _mathvista_sample(row: dict[str, Any], image, skip) -> Sample | None:
     return Sample(sid, [image], conversation(question), [answer], choices=choices, meta=meta)
 
 
-def read_mathvista(root: Path, skip) -> Iterator[Sample]:
+def read_mathvista(root: Path, skip: Skip) -> Iterator[Sample]:
     """MathVista testmini: the parquet export (testmini-*.parquet), or annot_testmini.json / testmini.json
     with images/. The prompt is the benchmark's own 'query' field."""
     if has_parquet(root):
@@ -610,7 +612,9 @@ def read_mathvista(root: Path, skip) -> Iterator[Sample]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _ocr_sample(sid: Any, question: Any, answers: Any, category: Any, dataset: Any, image, skip) -> Sample | None:
+def _ocr_sample(
+    sid: Any, question: Any, answers: Any, category: Any, dataset: Any, image: ImageRef | None, skip: Skip
+) -> Sample | None:
     q, refs = _text(question), _answers(answers)
     if q is None or not refs or not _text(category):
         skip("malformed row")
@@ -622,7 +626,7 @@ def _ocr_sample(sid: Any, question: Any, answers: Any, category: Any, dataset: A
     return Sample(str(sid), [image], conversation(q), refs, meta=meta)
 
 
-def read_ocrbench(root: Path, skip) -> Iterator[Sample]:
+def read_ocrbench(root: Path, skip: Skip) -> Iterator[Sample]:
     """OCRBench: OCRBench.json plus OCRBench_Images/, or the parquet export."""
     if has_parquet(root):
         for i, (_, row) in enumerate(iter_parquet(parquet_files(root, "test"))):
@@ -650,7 +654,7 @@ def read_ocrbench(root: Path, skip) -> Iterator[Sample]:
             yield s
 
 
-def _caption_sample(sid: Any, captions: list[str], image, skip) -> Sample | None:
+def _caption_sample(sid: Any, captions: list[str], image: ImageRef | None, skip: Skip) -> Sample | None:
     if not captions:
         skip("no captions")
         return None
@@ -660,7 +664,7 @@ def _caption_sample(sid: Any, captions: list[str], image, skip) -> Sample | None
     return Sample(str(sid), [image], conversation(CAPTION), captions)
 
 
-def read_coco(root: Path, skip) -> Iterator[Sample]:
+def read_coco(root: Path, skip: Skip) -> Iterator[Sample]:
     """COCO captions: the Karpathy test split (dataset_coco.json, or coco_karpathy_test.json) or an official
     captions_*.json, with the image folders beside it; or a parquet export with an 'answer' list column."""
     if has_parquet(root):
@@ -724,7 +728,7 @@ def read_coco(root: Path, skip) -> Iterator[Sample]:
         raise DataError(f"{path}: not a COCO caption file (Karpathy dataset_coco.json or captions_*.json)")
 
 
-def read_realworldqa(root: Path, skip) -> Iterator[Sample]:
+def read_realworldqa(root: Path, skip: Skip) -> Iterator[Sample]:
     """RealWorldQA: the parquet export (image, question with its own instruction, answer)."""
     if not has_parquet(root):
         raise DataError(f"{root}: RealWorldQA is read from its parquet export (no .parquet files found)")
@@ -739,7 +743,7 @@ def read_realworldqa(root: Path, skip) -> Iterator[Sample]:
             yield Sample(str(row.get("id", i)), [image], conversation(q), [a])
 
 
-def read_easy_vqa(root: Path | None, skip) -> Iterator[Sample]:
+def read_easy_vqa(root: Path | None, skip: Skip) -> Iterator[Sample]:
     """easy-vqa test split: from the installed `easy_vqa` package, or from a folder laid out like its data
     (questions.json as [question, answer, image_id] rows and images/<image_id>.png)."""
     if root is None:
