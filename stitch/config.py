@@ -60,7 +60,10 @@ class LLMConfig(_Base):
 class VisionConfig(_Base):
     """ViT encoders: InternViT (300M LayerNorm / 6B RMSNorm + QK-norm), SigLIP, CLIP.
 
-    `kind` selects the block layout and embeddings; the switches below reproduce each HF implementation.
+    `kind` selects the embeddings (class token or not, CLIP's pre-norm); the switches below reproduce each HF
+    implementation. Feature selection follows HF's `hidden_states` tuple, so a VLM's `vision_feature_layer`
+    carries over unchanged: index 0 is the embeddings (after CLIP's pre-norm), index i the output of layer i,
+    negative indices count from the end (-1 = the last layer). Only the layers up to the selected one run.
     """
 
     kind: Literal["internvit", "siglip", "clip"] = "internvit"
@@ -75,21 +78,77 @@ class VisionConfig(_Base):
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     qk_norm: bool = False  # InternViT-6B: RMSNorm over the full q/k width (not per head)
+    # HF's InternVLVisionModel fixes the QK-norm eps at 1e-6; OpenGVLab's InternViT uses its layer_norm_eps.
+    qk_norm_eps: float = 1e-6
     layer_scale_init: float | None = 0.1  # InternViT ls1/ls2; None = no layer scale
     hidden_act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
-    # Which hidden state feeds the projector: -1 = last layer output (after post-norm if any).
+    # Which hidden state feeds the projector: an index into HF's `hidden_states` (see the class docstring).
     select_layer: int = -1
     # Drop the class token before the projector (InternVL/NVLM: yes; LLaVA "default" strategy: yes).
+    # Encoders without a class token (SigLIP) ignore it.
     drop_cls_token: bool = True
-    dropout: float = 0.0
+    # The encoder carries a final LayerNorm `post_norm`: SigLIP's and CLIP's `post_layernorm`, InternVL-HF's
+    # `layernorm` (when `use_mean_pooling=False`). None = the family default (SigLIP, CLIP: yes; InternViT: no).
+    post_norm: bool | None = None
+    # Pass the features through `post_norm` when select_layer == -1, i.e. take HF's `last_hidden_state` rather
+    # than `hidden_states[-1]` (what InternVL does for vision_feature_layer == -1). HF never applies CLIP's
+    # post_layernorm to the sequence (only to the pooled class token), so CLIP imports leave this off.
+    feature_post_norm: bool = False
+    dropout: float = 0.0  # attention-probability dropout while training
+
+    @model_validator(mode="after")
+    def _check(self) -> VisionConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} smaller than patch_size {self.patch_size}")
+        if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
+            raise ValueError(
+                f"select_layer {self.select_layer} out of range for {self.num_layers} layers "
+                f"(valid: {-(self.num_layers + 1)}..{self.num_layers})"
+            )
+        if self.post_norm is None:
+            self.post_norm = self.kind in ("siglip", "clip")
+        if self.feature_post_norm and not self.post_norm:
+            raise ValueError("feature_post_norm needs post_norm")
+        return self
 
     @property
     def has_cls_token(self) -> bool:
         return self.kind in ("internvit", "clip")
 
     @property
+    def has_pre_norm(self) -> bool:
+        """CLIP normalises the embeddings before the first layer (`pre_layrnorm`)."""
+        return self.kind == "clip"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side (the conv drops any remainder, as SigLIP-so400m's 384/14 does)."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_size**2
+
+    @property
+    def num_positions(self) -> int:
+        """Learned position embeddings: one per patch, plus one for the class token."""
+        return self.num_patches + (1 if self.has_cls_token else 0)
+
+    @property
+    def num_layers_used(self) -> int:
+        """How many layers run to produce the selected hidden state (later layers are skipped)."""
+        return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+
+    @property
+    def applies_post_norm(self) -> bool:
+        """Whether the returned features pass through `post_norm`."""
+        return bool(self.post_norm and self.feature_post_norm and self.select_layer == -1)
 
     @property
     def num_output_tokens(self) -> int:
