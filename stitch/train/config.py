@@ -1,0 +1,439 @@
+"""The training config: one typed tree that says what to train, on what, how, and where to write it.
+
+A recipe is a YAML file; `base: other.yaml` (or a list of them) pulls in a base first and the recipe overrides
+it key by key (prismatic-style small named configs). `key=value` pairs from the command line come last and use
+dotted paths (`optim.lr=2e-5`, `data.datasets=[{path: easy-vqa:train}]`); values are YAML, so they arrive
+typed. Every value remembers where it came from, so a bad one fails with the file (or "command line") and the
+field path, before any model is built.
+
+Sections (see each class): `model` (where weights come from), `data` (`stitch.data.config.DataConfig`, owned by
+the data pipeline), `synthetic` (generated data for smoke/perf runs with no dataset on disk), `stage` +
+`unfreeze` (what trains), `optim`, `schedule`, `train` (the loop), `checkpoint`, `log`, `eval`, `parallel`
+(layout keys that `stitch.parallel` reads; the single-process trainer only checks they are 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stitch.data.config import DataConfig
+from stitch.errors import StitchConfigError
+
+__all__ = [
+    "TrainConfig",
+    "ModelSource",
+    "UnfreezeConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "LoopConfig",
+    "CheckpointConfig",
+    "LogConfig",
+    "EvalConfig",
+    "ParallelConfig",
+    "SyntheticConfig",
+    "load_config",
+    "parse_overrides",
+    "PARTS",
+]
+
+PARTS = ("vision", "projector", "llm")
+Part = Literal["vision", "projector", "llm"]
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSource(_Base):
+    """Where the starting weights come from.
+
+    Normally `checkpoint`: a Stitch checkpoint folder (`stitch build` output, a previous stage's `final/`) or an
+    HF VLM folder. `random_init: true` instead builds `preset` (a name from `stitch.models.presets.VLM_PRESETS`)
+    with random weights: for throughput runs and tests, where no weights need to be on disk. A recipe may name
+    both, so `model.random_init=true` on the command line is all a smoke run needs.
+    """
+
+    checkpoint: str | None = None
+    preset: str | None = None
+    random_init: bool = False
+    # Tokenizer for a random_init model (a folder or GGUF); default: the bundled SmolLM2 one if installed.
+    tokenizer: str | None = None
+    # Override the dropout the checkpoint was built with. LLM: residual and attention-probability dropout
+    # (Megatron's hidden/attention dropout, one value); vision: attention-probability dropout.
+    llm_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    vision_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    # Override the checkpoint's image layout for this stage (NVLM pretrains on one 448px tile without tile
+    # tags, then turns tiling and tags on for SFT). Saved into the checkpoints this run writes.
+    max_tiles: int | None = Field(default=None, ge=1)
+    tile_tags: Literal["none", "nvlm"] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSource:
+        if self.random_init and not self.preset:
+            raise ValueError("random_init needs 'preset' (a model preset name such as internvl-2b)")
+        if not self.random_init and not self.checkpoint:
+            raise ValueError("set 'checkpoint' (a Stitch checkpoint folder), or 'preset' with random_init: true")
+        return self
+
+
+class UnfreezeConfig(_Base):
+    """Extra trainable parts beyond the stage's default (the ViT is frozen in both NVLM stages)."""
+
+    vision: bool = False  # train the whole vision encoder
+    vision_last_layers: int = Field(default=0, ge=0)  # train only its last k (used) layers and its post-norm
+    llm: bool | None = None  # None: the stage decides (pretrain: frozen, sft: trains)
+
+
+class OptimConfig(_Base):
+    """AdamW. `lr` is the peak rate of every part unless `part_lr` names one; all decay by the same factor."""
+
+    lr: float = Field(default=1e-4, gt=0)
+    part_lr: dict[Part, float] = Field(default_factory=dict)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)  # None: no clipping (the norm is still logged)
+    fused: bool | None = None  # None: fused kernel where the device has one (CUDA)
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        for part, lr in self.part_lr.items():
+            if lr <= 0:
+                raise ValueError(f"part_lr.{part} must be > 0 (freeze a part with `unfreeze` instead)")
+        return self
+
+
+class ScheduleConfig(_Base):
+    """Linear warmup from 0 to the peak, then cosine or linear decay to `min_lr` at `decay_steps`, then flat.
+
+    Megatron's `--lr-warmup-samples`/`--lr-decay-samples` divided by the global batch give these step counts.
+    """
+
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    decay_steps: int | None = Field(default=None, gt=0)  # default: train.steps
+    min_lr: float = Field(default=0.0, ge=0)  # floor for `optim.lr`; `part_lr` floors scale by the same ratio
+
+
+class LoopConfig(_Base):
+    """The training loop."""
+
+    steps: int = Field(gt=0)  # optimizer steps
+    # Samples per optimizer step over all data-parallel ranks (packed: rows). Micro-batches of
+    # `data.batch_size` accumulate to it: accumulation = global_batch_size / (batch_size * dp).
+    global_batch_size: int = Field(default=1, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    activation_checkpointing: bool = False  # recompute each transformer layer in backward
+    seed: int = 0
+    max_bad_steps: int = Field(default=5, ge=1)  # non-finite loss/grad steps in a row before stopping
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible GPU runs, slower)
+
+
+class CheckpointConfig(_Base):
+    every: int = Field(default=1000, ge=0)  # save every N steps (0: only at the end)
+    keep_last: int = Field(default=2, ge=1)  # step folders kept (older ones are deleted after a save)
+    save_final: bool = True  # write OUT/final (weights + tokenizer, no train_state) at the end
+    resume: bool = True  # resume from OUT/checkpoints/latest when it exists
+    # Test aid: sleep this long after each save so a test can kill the run at a known point.
+    pause_after_save_s: float = Field(default=0.0, ge=0)
+
+
+class LogConfig(_Base):
+    every: int = Field(default=1, ge=1)  # metrics line / progress refresh every N steps
+    progress: bool = True  # rich progress bar (plain lines when stdout is not a terminal)
+    tensorboard: bool = False  # OUT/tensorboard (needs the `tensorboard` package)
+    plot: bool = True  # OUT/loss.png at the end
+    peak_tflops: float | None = Field(default=None, gt=0)  # per device, for MFU; default: from the device name
+
+
+class EvalConfig(_Base):
+    """Periodic validation loss. Data: `data` if given, else the training blend's `val` split."""
+
+    every: int = Field(default=0, ge=0)  # 0: off
+    batches: int = Field(default=8, gt=0)  # micro-batches per evaluation (the same ones every time)
+    data: DataConfig | None = None
+
+
+class ParallelConfig(_Base):
+    """Layout of the run; `stitch.parallel` reads these. The single-process trainer needs them all at 1."""
+
+    dp: int = Field(default=1, ge=1)
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    fsdp: bool = False  # shard parameters/grads/optimizer state over dp (FSDP2)
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int | None = Field(default=None, gt=0)  # default: the accumulation count
+    pp_layers_per_stage: list[int] | None = None  # uneven split of LLM layers (the ViT sits on stage 0)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+class SyntheticConfig(_Base):
+    """Generated samples (random tokens and pixels, a loss on the answer part) instead of `data`.
+
+    For throughput runs and tests where no dataset is on disk. Each sample is a pure function of (seed, index),
+    so the data position is one integer and resume is exact.
+    """
+
+    enabled: bool = False
+    num_samples: int | None = Field(default=None, gt=0)  # cycle over this many distinct samples; None: endless
+    min_tokens: int = Field(default=64, gt=1)  # sample length, image tokens included
+    max_tokens: int = Field(default=256, gt=1)
+    images: int = Field(default=1, ge=0)  # images per sample
+    tiles: int = Field(default=1, gt=0)  # tiles per image
+    answer_fraction: float = Field(default=0.25, gt=0, le=1)  # share of the text that carries labels
+    vocab_limit: int | None = Field(default=None, gt=10)  # draw text ids below this (default: the vocabulary)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticConfig:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) > max_tokens ({self.max_tokens})")
+        return self
+
+
+class TrainConfig(_Base):
+    """A whole training run (see the module docstring)."""
+
+    output_dir: str
+    stage: Literal["pretrain", "sft"]
+    model: ModelSource
+    data: DataConfig = Field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: LoopConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    # Free text shown in the run's header and stored with it.
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not self.synthetic.enabled and self.data.blend is None and not self.data.datasets:
+            raise ValueError("no training data: set data.blend or data.datasets (or synthetic.enabled: true)")
+        micro = self.data.batch_size * self.parallel.dp
+        if self.train.global_batch_size % micro:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"data.batch_size x parallel.dp ({self.data.batch_size} x {self.parallel.dp})"
+            )
+        if self.schedule.decay_steps is not None and self.schedule.decay_steps < self.schedule.warmup_steps:
+            raise ValueError("schedule.decay_steps must be >= schedule.warmup_steps")
+        if self.schedule.min_lr > self.optim.lr:
+            raise ValueError(f"schedule.min_lr ({self.schedule.min_lr}) > optim.lr ({self.optim.lr})")
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        return self.train.global_batch_size // (self.data.batch_size * self.parallel.dp)
+
+    @property
+    def decay_steps(self) -> int:
+        return self.schedule.decay_steps or self.train.steps
+
+    def trains(self, part: str) -> bool:
+        """Whether `part` (vision/projector/llm) has trainable parameters in this run."""
+        if part == "projector":
+            return True
+        if part == "llm":
+            return self.unfreeze.llm if self.unfreeze.llm is not None else self.stage == "sft"
+        return self.unfreeze.vision or self.unfreeze.vision_last_layers > 0
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------- loading
+class _Provenance:
+    """Dotted key path -> where its value was last set (a YAML file or "command line")."""
+
+    def __init__(self) -> None:
+        self.where: dict[str, str] = {}
+
+    def mark(self, data: Any, source: str, prefix: str = "") -> None:
+        if prefix:
+            self.where[prefix] = source
+        if isinstance(data, dict):
+            for k, v in data.items():
+                self.mark(v, source, f"{prefix}.{k}" if prefix else str(k))
+
+    def lookup(self, loc: tuple, default: str) -> str:
+        parts = [str(p) for p in loc]
+        for n in range(len(parts), 0, -1):
+            key = ".".join(parts[:n])
+            if key in self.where:
+                return self.where[key]
+        return default
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge: dicts merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, prov: _Provenance, chain: tuple[Path, ...] = ()) -> dict:
+    """Read `path` with its `base:` files merged underneath it."""
+    path = path.resolve()
+    if path in chain:
+        raise StitchConfigError(f"{path}: 'base' includes itself ({' -> '.join(str(p) for p in chain)})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise StitchConfigError(f"{path}: no such config file") from e
+    except yaml.YAMLError as e:
+        raise StitchConfigError(f"{path}: not valid YAML ({e})") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StitchConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else (bases or []):
+        merged = _merge(merged, _read_yaml(path.parent / base, prov, (*chain, path)))
+    prov.mark(data, str(path))
+    return _merge(merged, data)
+
+
+def _field_annotation(path: list[str]) -> Any:
+    """The annotation of a dotted field path in TrainConfig (None if the path is not a known field)."""
+    cls: Any = TrainConfig
+    ann: Any = None
+    for i, key in enumerate(path):
+        model = _model_class(cls)
+        if model is None:
+            # Inside a dict/list field the rest of the path is data, not schema.
+            return ann if i else None
+        if key not in model.model_fields:
+            raise KeyError(key)
+        ann = model.model_fields[key].annotation
+        cls = ann
+    return ann
+
+
+def _model_class(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(ann):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+def _is_str_field(ann: Any) -> bool:
+    if ann is str:
+        return True
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return args == [str]
+    return False
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["optim.lr=2e-5", "model.random_init=true"]` -> a nested dict. Values are YAML (typed), except for
+    string fields, which keep the text as written (so `output_dir=2024` stays a path)."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise StitchConfigError(f"command line: '{pair}' is not key=value")
+        path = key.split(".")
+        try:
+            ann = _field_annotation(path)
+        except KeyError as e:
+            known = _known_keys()
+            hint = difflib.get_close_matches(key, known, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise StitchConfigError(f"command line: unknown key '{key}'{extra}") from e
+        if _is_str_field(ann) and raw not in ("null", "~"):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError as e:
+                raise StitchConfigError(f"command line: '{key}': value is not valid YAML ({e})") from e
+            if isinstance(value, str) and _is_float_text(value):
+                value = float(value)  # YAML 1.1 reads "1e-4" as a string
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise StitchConfigError(f"command line: '{key}' sets inside a value that is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _known_keys() -> list[str]:
+    keys: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            full = f"{prefix}{name}"
+            keys.append(full)
+            sub = _model_class(f.annotation)
+            if sub is not None:
+                walk(sub, full + ".")
+
+    walk(TrainConfig, "")
+    return keys
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
+    """Read a recipe (with its bases), apply `key=value` overrides, and validate.
+
+    `data` (a dict) may stand in for the file, for programmatic use and tests. Errors name the file that set
+    the offending field (or "command line") and its dotted path.
+    """
+    prov = _Provenance()
+    if path is not None:
+        merged = _read_yaml(Path(path), prov)
+        default_source = str(Path(path))
+    else:
+        merged = dict(data or {})
+        prov.mark(merged, "config")
+        default_source = "config"
+    if overrides:
+        over = parse_overrides(overrides)
+        prov.mark(over, "command line")
+        merged = _merge(merged, over)
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = tuple(first["loc"])
+        field = ".".join(str(p) for p in loc) or "<root>"
+        source = prov.lookup(loc, default_source)
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            parent = _known_keys()
+            hint = difflib.get_close_matches(field, parent, n=1)
+            msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        raise StitchConfigError(f"{source}: field '{field}': {msg}{more}") from e

@@ -1,0 +1,596 @@
+"""`stitch train`: stages, optimiser, schedule, the loop, checkpoints, resume, logging.
+
+Two layers, so `stitch.parallel` can reuse the numerics without the bookkeeping:
+
+- `train_step(model, optimizer, micro_batches, ...)` is one optimizer step over a list of micro-batches: it
+  counts the label tokens of the whole global batch first (summed over data-parallel ranks through the
+  `all_reduce` hook), passes that count to every micro-batch forward so each loss is `sum / N_global`, and the
+  summed gradients are exactly the gradient of the per-token mean over the global batch, however unequal the
+  micro-batches (token-weighted, not batch-averaged). Then clipping, the non-finite check and the update.
+- `Trainer` owns everything around it: building/loading the model, freezing by stage, the data stream,
+  the LR schedule, logging, evaluation, atomic checkpoints, resume and signals.
+
+Determinism: everything is seeded, the data stream and all RNGs are saved with each checkpoint, and RNG
+states are restored right before the first resumed step, so on CPU in fp32 a resumed run is bitwise the run
+that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stitch.config import VLMConfig
+from stitch.errors import StitchConfigError, StitchError
+from stitch.models.vlm import VLM
+from stitch.train.config import TrainConfig, load_config
+from stitch.train.log import MetricsLog, Progress, plot_losses
+from stitch.train.metrics import FlopModel, batch_shape, peak_flops, peak_memory_gb
+from stitch.train.optim import build_optimizer
+from stitch.train.schedule import build_scheduler
+from stitch.train.stages import apply_stage, parameter_table, trainable_vision_layers
+from stitch.train.state import (
+    TrainState,
+    latest_checkpoint,
+    load_train_state,
+    restore_rng_from,
+    save_checkpoint,
+)
+
+__all__ = ["train", "train_arguments", "train_step", "StepResult", "Trainer", "Distributed", "TrainingError",
+           "count_label_tokens", "MODEL_INPUTS"]
+
+# Batch keys the model takes; the rest (num_tiles, sample_keys, the micro-batch's own num_label_tokens) stay out.
+MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "cu_seqlens")
+
+
+class TrainingError(StitchError):
+    """The run cannot continue (e.g. non-finite losses K steps in a row)."""
+
+
+# ------------------------------------------------------------------------------------------- the step
+@dataclass
+class StepResult:
+    loss: float  # per-token mean over the global batch (all micro-batches, all ranks)
+    grad_norm: float  # total L2 norm of the trainable gradients before clipping
+    label_tokens: int  # labels of the global batch
+    skipped: bool  # non-finite loss or gradient: no update was made
+
+
+def count_label_tokens(micro_batches: Sequence[dict]) -> int:
+    """Positions that carry a loss in these micro-batches (labels are unshifted: position 0 never does)."""
+    return sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k in MODEL_INPUTS:
+        v = batch.get(k)
+        if v is not None:
+            out[k] = v.to(device, non_blocking=True)
+    return out
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[dict],
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
+    params: Sequence[torch.Tensor] | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    grad_sync: Callable[[bool], None] | None = None,
+) -> StepResult:
+    """One optimizer step over `micro_batches` (this rank's share of the global batch).
+
+    Hooks for a parallel wrapper (all optional; defaults are single-process):
+    - `all_reduce(t)`: sum `t` over data-parallel ranks in place and return it (the label count and the loss);
+    - `grad_sync(on)`: called before each backward with True only for the last micro-batch (DDP `no_sync` /
+      FSDP2 `set_requires_gradient_sync`), so gradients are reduced once per step;
+    - `params`: the trainable parameters to clip (default: those of `model` with requires_grad).
+    A non-finite loss or gradient norm skips the update (gradients are dropped) and returns skipped=True;
+    the caller counts it. The model is assumed in train mode; gradients are left cleared.
+    """
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    n_local = torch.tensor(float(count_label_tokens(micro_batches)), device=device)
+    n_global = all_reduce(n_local.clone()) if all_reduce is not None else n_local
+    # An all-masked global batch has no loss; dividing by 1 keeps it 0 rather than NaN.
+    denom = torch.clamp(n_global, min=1.0)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    for i, mb in enumerate(micro_batches):
+        inputs = _to_device(mb, device)
+        if grad_sync is not None:
+            grad_sync(i == len(micro_batches) - 1)
+        with autocast:
+            out = model(**inputs, num_label_tokens=denom, return_logits=False)
+        out.loss.backward()
+        loss_sum += out.loss.detach().float()
+    if all_reduce is not None:
+        loss_sum = all_reduce(loss_sum)
+    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=device.type == "cuda" or None)
+    loss, norm = (float(x) for x in torch.stack([loss_sum, grad_norm.float().to(device)]).tolist())
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, norm, int(n_global.item()), skipped=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, norm, int(n_global.item()), skipped=False)
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+@dataclass
+class Distributed:
+    """What a parallel wrapper supplies; the defaults describe one process.
+
+    `parallelize(model, cfg)` returns the model to train (e.g. FSDP2-wrapped); `all_reduce` and `grad_sync`
+    are passed to `train_step`. Only rank 0 (`is_main`) logs and prints. Saving/loading under sharding is
+    the wrapper's to provide by overriding `Trainer.save`/`Trainer.restore` (the single-process versions write
+    full safetensors weights + DCP optimizer state).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    parallelize: Callable[[nn.Module, TrainConfig], nn.Module] | None = None
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    grad_sync: Callable[[bool], None] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class RunSummary:
+    step: int
+    final_dir: Path | None
+    interrupted: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_dropout(model: VLM, llm: float | None, vision: float | None) -> None:
+    """Change dropout after the model is built (modules copy the config's value at construction)."""
+    if llm is not None:
+        model.config.llm.dropout = llm
+        model.llm.config.dropout = llm
+        for m in model.llm.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = llm
+            elif hasattr(m, "dropout") and isinstance(m.dropout, float):
+                m.dropout = llm
+    if vision is not None:
+        model.config.vision.dropout = vision
+        for m in model.vision.modules():
+            if hasattr(m, "dropout") and isinstance(m.dropout, float):
+                m.dropout = vision
+
+
+class Trainer:
+    """A training run from a `TrainConfig` (see the module docstring). `fit()` runs it to the end."""
+
+    def __init__(self, cfg: TrainConfig, dist: Distributed | None = None, console_print: Callable | None = None):
+        self.cfg = cfg
+        self.dist = dist or Distributed()
+        self.out = Path(cfg.output_dir)
+        self.device = self._device()
+        self.precision = self._precision()
+        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self._print = console_print or print
+        self._stop: str | None = None
+        if cfg.parallel.world_size > 1 and self.dist.parallelize is None:
+            raise StitchConfigError(
+                f"parallel: dp={cfg.parallel.dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp} needs the parallel "
+                "launcher (stitch.parallel under torchrun); this process trains on one device, so set them to 1"
+            )
+
+    # ------------------------------------------------------------------ setup
+    def _device(self) -> torch.device:
+        want = self.cfg.train.device
+        if want == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(want)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise StitchConfigError(f"train.device is {want!r} but CUDA is not available")
+        return device
+
+    def _precision(self) -> str:
+        p = self.cfg.train.precision
+        if p == "auto":
+            return "bf16" if self.device.type == "cuda" else "fp32"
+        return p
+
+    def log(self, text: str) -> None:
+        if self.dist.is_main:
+            self._print(text)
+
+    def _tokenizer_for_random_init(self, vlm_cfg: VLMConfig):
+        from stitch.checkpoint.commands import default_tokenizer_source, ensure_image_token, load_tokenizer
+
+        src = self.cfg.model.tokenizer
+        if src is None:
+            try:
+                src = default_tokenizer_source()
+            except StitchError:
+                return None
+        tok = load_tokenizer(src)
+        vlm_cfg.image_token_id = ensure_image_token(tok, vlm_cfg.image_token)
+        if len(tok) > vlm_cfg.llm.vocab_size:
+            vlm_cfg.llm.vocab_size = len(tok)
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(vlm_cfg.llm, attr) is None and getattr(tok, attr, None) is not None:
+                setattr(vlm_cfg.llm, attr, getattr(tok, attr))
+        return tok
+
+    def build_model(self, resume_from: Path | None) -> tuple[VLM, Any]:
+        """(model in fp32 on the device, tokenizer or None) from a checkpoint, or from a preset at random."""
+        from stitch.checkpoint.commands import load_tokenizer
+        from stitch.checkpoint.store import build_model, load_model
+
+        src = self.cfg.model
+        if resume_from is not None or not src.random_init:
+            path = resume_from or Path(src.checkpoint)
+            model = load_model(path, device=self.device, dtype=torch.float32)
+            has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+            return model, load_tokenizer(path) if has_tokenizer else None
+        from stitch.models.presets import vlm_preset
+
+        vlm_cfg = vlm_preset(src.preset)
+        tok = self._tokenizer_for_random_init(vlm_cfg)
+        if tok is None:
+            # No tokenizer at hand: synthetic data only needs an id for the image token.
+            vlm_cfg.image_token_id = vlm_cfg.llm.vocab_size - 1
+        model = build_model(vlm_cfg, device=self.device, dtype=torch.float32)
+        return model, tok
+
+    def build_stream(self, model_cfg: VLMConfig, processor, val: bool = False):
+        """The training (or validation) batch stream of this rank; None for validation when there is none."""
+        from stitch.train.synthetic import SyntheticStream
+
+        cfg = self.cfg
+        explicit_val = val and cfg.eval.data is not None
+        if cfg.synthetic.enabled and not explicit_val:
+            pad = processor.pad_token_id if processor is not None else 0
+            return SyntheticStream(cfg.synthetic, cfg.data, model_cfg, pad, self.dist.rank, cfg.parallel.dp,
+                                   seed_offset=7919 if val else 0)
+        if processor is None:
+            raise StitchConfigError("data: reading datasets needs a tokenizer (the checkpoint has none; "
+                                    "set model.tokenizer or use synthetic.enabled: true)")
+        from stitch.data.blend import build_train_stream
+
+        data = cfg.data
+        if explicit_val:
+            data = cfg.eval.data
+        elif val:
+            if cfg.data.blend is None:
+                return None  # inline datasets have no val split; set eval.data
+            data = cfg.data.model_copy(update={"split": "val"})
+        return build_train_stream(data, processor, rank=self.dist.rank, world_size=cfg.parallel.dp,
+                                  seed=cfg.train.seed)
+
+    def _processor(self, tokenizer, model_cfg: VLMConfig):
+        if tokenizer is None:
+            return None
+        from stitch.data.processor import Processor
+
+        d = self.cfg.data
+        return Processor(tokenizer, model_cfg, max_image_pixels=d.max_image_pixels, budget_steps=d.tile_budgets,
+                         system_prompt=d.system_prompt)
+
+    def setup(self) -> None:
+        """Build everything `fit()` needs (idempotent; call it first to inspect or hook the model)."""
+        if getattr(self, "model", None) is not None:
+            return
+        cfg = self.cfg
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seed_everything(cfg.train.seed)
+        resume_from = latest_checkpoint(self.out) if cfg.checkpoint.resume else None
+        self.resume_from = resume_from
+        model, self.tokenizer = self.build_model(resume_from)
+        if resume_from is None:
+            # A checkpoint's config already holds the run's dropout; a fresh start applies the override.
+            set_dropout(model, cfg.model.llm_dropout, cfg.model.vision_dropout)
+        if cfg.model.max_tiles is not None:
+            model.config.max_tiles = cfg.model.max_tiles
+        if cfg.model.tile_tags is not None:
+            model.config.tile_tags = cfg.model.tile_tags
+        self.counts = apply_stage(model, cfg)
+        if cfg.train.activation_checkpointing:
+            model.llm.gradient_checkpointing = True
+            model.vision.gradient_checkpointing = True
+        model.train()
+        self.model = model
+        self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model.parts(), cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule.kind, cfg.schedule.warmup_steps,
+                                         cfg.decay_steps, cfg.optim.lr, cfg.schedule.min_lr)
+        k = trainable_vision_layers(model, cfg)
+        self.flops = FlopModel(model.config, k, cfg.unfreeze.vision, cfg.trains("llm"))
+        self.peak = peak_flops(self.device, self.precision, cfg.log.peak_tflops)
+        self.state = TrainState()
+        payload = None
+        if resume_from is not None:
+            self.state, payload = load_train_state(resume_from, model, self.optimizer, self.scheduler)
+        self.processor = self._processor(self.tokenizer, model.config)
+        self.stream = self.build_stream(model.config, self.processor)
+        if payload is not None and payload.get("data") is not None:
+            self.stream.load_state_dict(payload["data"])
+        self._resume_payload = payload
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> RunSummary:
+        """Train to `train.steps` (resuming if the output folder holds a checkpoint); returns a summary."""
+        cfg = self.cfg
+        self.setup()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+        start = self.state.step
+        self._header(start)
+        metrics = MetricsLog(self.out, resume_step=start if self.resume_from else None,
+                             tensorboard=cfg.log.tensorboard) if self.dist.is_main else None
+        progress = Progress(cfg.train.steps, start, enabled=cfg.log.progress and self.dist.is_main,
+                            every=cfg.log.every)
+        batches = iter(self.stream)
+        if self.resume_from is not None:
+            # After the data iterator exists (a DataLoader draws a seed from the global RNG when it starts).
+            restore_rng_from(self.resume_from, self._resume_payload)
+        summary = RunSummary(step=start, final_dir=None)
+        last_saved = start if self.resume_from else None
+        handlers = self._install_signals()
+        try:
+            while self.state.step < cfg.train.steps:
+                record = self._one_step(batches)
+                step = self.state.step
+                summary.losses.append(record["loss"])
+                if metrics is not None and (step % cfg.log.every == 0 or step == cfg.train.steps):
+                    metrics.write(record)
+                progress.update(step, record)
+                if cfg.eval.every and step % cfg.eval.every == 0:
+                    self._evaluate(metrics, progress)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+                    self.save()
+                    last_saved = step
+                if self._stop is not None:
+                    break
+            if self._stop is None and cfg.eval.every and self.state.step % cfg.eval.every:
+                self._evaluate(metrics, progress)
+            if last_saved != self.state.step:
+                self.save()
+        finally:
+            self._restore_signals(handlers)
+            progress.close()
+            if metrics is not None:
+                metrics.close()
+        summary.step = self.state.step
+        if self._stop is not None:
+            summary.interrupted = self._stop
+            self.log(f"{self._stop}: saved step {self.state.step} in {self.out / 'checkpoints'}; "
+                     "run the same command again to resume")
+            return summary
+        if self.dist.is_main:
+            if cfg.checkpoint.save_final:
+                summary.final_dir = self.save_final()
+            if cfg.log.plot:
+                plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+        self.log(f"done: {self.state.step} steps, {self.state.bad_steps} skipped (non-finite); "
+                 f"peak memory {peak_memory_gb(self.device):.2f} GB; output in {self.out}")
+        return summary
+
+    def _next_micro_batches(self, batches: Iterator[dict]) -> list[dict]:
+        return [next(batches) for _ in range(self.cfg.accumulation_steps)]
+
+    def _one_step(self, batches: Iterator[dict]) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        micro = self._next_micro_batches(batches)
+        shapes = [batch_shape(mb) for mb in micro]
+        lrs = {g["name"].split(".")[0]: g["lr"] for g in self.optimizer.param_groups}
+        lr = cfg.optim.lr * self.scheduler.lr_lambdas[0](self.state.step)  # the schedule at this step
+        result = train_step(
+            self.module, self.optimizer, micro, device=self.device, autocast_dtype=self.autocast_dtype,
+            max_grad_norm=cfg.optim.max_grad_norm, params=self.params, all_reduce=self.dist.all_reduce,
+            grad_sync=self.dist.grad_sync,
+        )
+        self.scheduler.step()
+        dt = time.perf_counter() - t0
+        st = self.state
+        st.step += 1
+        tokens = sum(s.tokens for s in shapes)
+        st.tokens += tokens
+        st.label_tokens += result.label_tokens
+        if result.skipped:
+            st.bad_steps += 1
+            st.bad_in_a_row += 1
+            self.log(f"step {st.step}: non-finite loss or gradient (loss {result.loss}, grad norm "
+                     f"{result.grad_norm}); update skipped ({st.bad_in_a_row} in a row, {st.bad_steps} in all)")
+            if st.bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"stopping at step {st.step}: {st.bad_in_a_row} steps in a row had a non-finite loss or "
+                    f"gradient (train.max_bad_steps = {cfg.train.max_bad_steps}); lower optim.lr, check the data, "
+                    f"or resume from {latest_checkpoint(self.out) or 'the start'}"
+                )
+        else:
+            st.bad_in_a_row = 0
+        flops = sum(self.flops.flops(s) for s in shapes)
+        world = self.cfg.parallel.dp
+        record: dict[str, Any] = {
+            "step": st.step,
+            "loss": result.loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens": tokens * world,
+            "label_tokens": result.label_tokens,
+            "tokens_per_s": tokens * world / dt,
+            "tflops_per_device": flops / dt / 1e12,
+            "mfu": flops / dt / self.peak if self.peak else None,
+            "step_s": dt,
+            "mem_gb": peak_memory_gb(self.device),
+            "skipped": result.skipped,
+        }
+        if cfg.optim.part_lr:
+            record.update({f"lr_{part}": v for part, v in lrs.items()})
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-weighted mean loss over the first `eval.batches` batches of the validation stream."""
+        stream = self.build_stream(self.model.config, self.processor, val=True)
+        if stream is None:
+            return None
+        self.module.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        try:
+            for i, batch in enumerate(stream):
+                if i >= self.cfg.eval.batches:
+                    break
+                with autocast:
+                    out = self.module(**_to_device(batch, self.device), return_logits=False)
+                n = out.num_label_tokens.double()
+                total += torch.stack([out.loss.double() * n, n])
+        finally:
+            self.module.train()
+        if self.dist.all_reduce is not None:
+            total = self.dist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    def _evaluate(self, metrics: MetricsLog | None, progress: Progress) -> None:
+        # Validation must not move any RNG the training run depends on (resume would then diverge).
+        py, npy = random.getstate(), np.random.get_state()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            val = self.evaluate()
+        random.setstate(py)
+        np.random.set_state(npy)
+        if val is None:
+            return
+        if metrics is not None:
+            metrics.write({"step": self.state.step, "val_loss": val})
+        progress.message(f"step {self.state.step}: val loss {val:.4f}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        cfg = self.cfg
+        path = save_checkpoint(
+            self.out, self.model, self.optimizer, self.scheduler, self.state,
+            data_state=self.stream.state_dict(), train_config=cfg.model_dump(mode="json"),
+            tokenizer=self.tokenizer, keep_last=cfg.checkpoint.keep_last,
+        )
+        if cfg.checkpoint.pause_after_save_s:
+            time.sleep(cfg.checkpoint.pause_after_save_s)
+        return path
+
+    def save_final(self) -> Path:
+        from stitch.checkpoint.store import save
+
+        return save(self.model, self.out / "final", tokenizer=self.tokenizer)
+
+    # ------------------------------------------------------------------ signals and header
+    def _install_signals(self) -> dict:
+        """SIGTERM/SIGINT finish the current step, save, and exit cleanly; a second Ctrl-C aborts at once."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stop is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop = name
+            self.log(f"{name} received: finishing step {self.state.step + 1}, then saving and exiting "
+                     "(Ctrl-C again to abort without saving)")
+
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, on_signal)
+        return old
+
+    @staticmethod
+    def _restore_signals(old: dict) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    def _header(self, start: int) -> None:
+        if not self.dist.is_main:
+            return
+        from rich.console import Console
+
+        cfg = self.cfg
+        console = Console()
+        what = f"resuming from {self.resume_from} (step {start})" if self.resume_from else "starting fresh"
+        console.print(f"[bold]stitch train[/bold]: stage {cfg.stage}, {cfg.train.steps} steps, {what}")
+        if cfg.description:
+            console.print(cfg.description)
+        console.print(parameter_table(self.counts, title=f"parameters ({cfg.stage})"))
+        peak = f"{self.peak / 1e12:.0f} TFLOP/s" if self.peak else "unknown (set log.peak_tflops for MFU)"
+        data = "synthetic" if cfg.synthetic.enabled else (cfg.data.blend or f"{len(cfg.data.datasets)} dataset(s)")
+        console.print(
+            f"device {self.device} ({self.precision}), peak {peak}; global batch {cfg.train.global_batch_size} = "
+            f"{cfg.accumulation_steps} micro-batch(es) x {cfg.data.batch_size} x dp {cfg.parallel.dp}; "
+            f"data {data}; output {self.out}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training recipe (YAML), e.g. configs/tiny-sft.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. optim.lr=2e-5 train.steps=100 model.random_init=true")
+    parser.add_argument("--out", default=None, help="output folder (same as output_dir=...)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train a model: stage (pretrain or sft) and everything else come from the YAML recipe.
+
+    Running it again on the same output folder resumes from the latest checkpoint; SIGTERM or Ctrl-C saves a
+    checkpoint and exits cleanly. Writes OUT/checkpoints/step_N/, OUT/metrics.jsonl, OUT/loss.png, OUT/final/.
+
+    Example:
+      stitch train configs/tiny-sft.yaml output_dir=runs/tiny-sft train.steps=200 optim.lr=1e-3
+      stitch train configs/internvl-2b-sft.yaml model.random_init=true synthetic.enabled=true train.steps=50
+    """
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"output_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    Trainer(cfg).fit()  # an interrupted run has saved its checkpoint: a clean exit either way
+    return 0
