@@ -1,0 +1,447 @@
+"""The generation engine: batched prefill, then static-shape decode steps over a preallocated KV cache.
+
+How a batch runs:
+1. Prompts are left-padded to one length P, so every row's next token lands in the same cache slot and one
+   `cache_position` serves the whole batch. `attention_mask` [B, S] marks padding (0) and `position_ids` count
+   real tokens only, so a padded row computes exactly what it would alone (batched == unbatched).
+2. One prefill forward (images and all) fills cache slots [0, P) and gives the first token; only the last
+   position's logits are computed (`logits_to_keep=1`): [B, P, V] logits would be the memory peak.
+3. Decode steps feed one token per row. Every step has the same shapes (cache [L, B, H, S, D], mask [B, S],
+   tokens/positions [B, 1], cache_position [1]) and is a pure function of those buffers, so it can be
+   `torch.compile`d and captured once as a CUDA graph, then replayed. Batch size and cache length are rounded
+   up to buckets on CUDA so graphs are reused across calls.
+4. The host never waits for the step it just launched: step t+1 is queued before the tokens of step t are
+   read back (pinned memory, an event), so EOS, stop strings and streaming run while the GPU works. Finished
+   rows keep their slot (static shapes) but their tokens are ignored; the batch ends when every row is done.
+
+Seeded sampling does not depend on the batch (see `stitch.infer.sampling`), and a request's greedy output is the
+same whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from stitch.infer.sampling import BatchSampler, SamplingParams
+from stitch.infer.text import TextStream
+from stitch.models.llm import KVCache
+
+__all__ = ["Request", "Event", "Completion", "Engine", "RequestHandle", "eos_token_ids"]
+
+# End-of-turn tokens of common chat templates: they end generation when the template uses them.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class Request:
+    """One prompt, already tokenised: `input_ids` [T] with image tokens expanded, its tiles, its parameters."""
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Completion:
+    """A finished request. `finish_reason`: "stop" (EOS or a stop string) or "length" (max_new_tokens)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    time_to_first_token: float  # seconds from the start of its batch to its first token on the host
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Event:
+    """New output of request `index`: text (empty unless text is tracked) and token ids since the last event.
+    The last event of a request has `completion` set."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    completion: Completion | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.completion is not None
+
+
+def eos_token_ids(model, processor) -> set[int]:
+    """Ids that end a reply: the config's and tokenizer's EOS, plus the end-of-turn token of the chat template
+    (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, ...)."""
+    ids: set[int] = set()
+    cfg_eos = model.config.llm.eos_token_id
+    ids.update(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
+    tok = processor.tokenizer
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    template = getattr(tok, "chat_template", None) or ""
+    vocab = tok.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in template and t in vocab)
+    return ids
+
+
+def _bucket_batch(b: int) -> int:
+    """1, 2, 4, 8, then multiples of 16: few distinct graphs, little padding."""
+    if b <= 8:
+        return 1 << (b - 1).bit_length()
+    return -(-b // 16) * 16
+
+
+def _bucket_len(n: int) -> int:
+    """256, 384, 512, 768, 1024, 1536, ...: powers of two and 1.5x between them."""
+    size = 256
+    while size < n:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
+class _HostCopy:
+    """A device tensor on its way to the host without blocking the stream (pinned buffer + event)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.is_cuda:
+            self.buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.buf.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.buf = t.clone()
+
+    def get(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.buf.tolist()
+
+
+def _decode_forward(model, tokens, positions, cache_position, mask, cache) -> torch.Tensor:
+    """One decode step: tokens [B, 1] at `positions` [B, 1] into cache slot `cache_position` [1] -> logits [B, V]."""
+    llm = model.llm
+    hidden = llm(llm.embed_tokens(tokens), positions, mask, None, cache, cache_position)
+    return llm.lm_head(hidden[:, -1])
+
+
+class _DecodeState:
+    """Static buffers of one (batch, cache length) shape, and the CUDA graph replaying a decode step on them."""
+
+    def __init__(self, engine: Engine, batch: int, length: int):
+        self.engine = engine
+        cfg, device = engine.model.config.llm, engine.device
+        self.cache = KVCache(cfg, batch, length, device=device, dtype=engine.dtype)
+        self.mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def forward(self) -> torch.Tensor:
+        return self.engine._decode_fn(
+            self.engine.model, self.tokens, self.positions, self.cache_position, self.mask, self.cache
+        )
+
+    def capture(self) -> None:
+        """Warm up (compiles, autotunes, allocates) on a side stream, then record one step as a graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self.forward()
+        self.graph = graph
+
+    def step(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
+
+
+class _Row:
+    """Host-side bookkeeping of one request in a running batch."""
+
+    def __init__(self, index: int, request: Request, eos: set[int], tokenizer, track_text: bool, start: float):
+        self.index = index
+        self.params = request.params
+        self.prompt_tokens = int(request.input_ids.numel())
+        self.eos = set() if request.params.ignore_eos else eos
+        self.tokenizer = tokenizer
+        self.text = TextStream(tokenizer, request.params.stop) if (track_text or request.params.stop) else None
+        self.token_ids: list[int] = []
+        self.done = False
+        self.start = start
+        self.ttft: float | None = None
+
+    def push(self, token: int) -> Event | None:
+        """Take this step's token; returns what is new for the caller (None when nothing is)."""
+        if self.done:
+            return None
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.start
+        new_ids: list[int] = []
+        reason = None
+        if token in self.eos:
+            reason = "stop"
+        else:
+            self.token_ids.append(token)
+            new_ids.append(token)
+            if self.text is not None and self.text.add(token):
+                reason = "stop"
+            elif len(self.token_ids) >= self.params.max_new_tokens:
+                reason = "length"
+        if reason is None:
+            piece = self.text.take() if self.text is not None else ""
+            return Event(self.index, piece, new_ids) if (piece or new_ids) else None
+        self.done = True
+        if self.text is not None:
+            self.text.finish()
+            piece, final = self.text.take(final=True), self.text.text
+        else:
+            piece, final = "", self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        completion = Completion(final, self.token_ids, reason, self.prompt_tokens, self.ttft)
+        return Event(self.index, piece, new_ids, completion)
+
+
+class RequestHandle:
+    """A request submitted to `Engine.submit`: iterate for its `Event`s, or wait for `result()`."""
+
+    def __init__(self):
+        self._events: queue.Queue = queue.Queue()
+        self._completion: Completion | None = None
+
+    def _put(self, item) -> None:
+        self._events.put(item)
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._completion is not None:
+            return
+        while True:
+            item = self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.completion is not None:
+                self._completion = item.completion
+                return
+
+    def result(self) -> Completion:
+        for _ in self:
+            pass
+        assert self._completion is not None
+        return self._completion
+
+
+class Engine:
+    """Generates for lists of requests (each with its own `SamplingParams`) in static-shape batches.
+
+    `generate(requests)` returns completions; `stream(requests)` yields `Event`s of all requests interleaved,
+    as they are produced; `submit(request)` queues one request from any thread and returns a `RequestHandle`
+    (a background thread batches whatever is waiting: what a server needs). `prepare()` turns a conversation and
+    images into a `Request` through the processor.
+
+    compile: `torch.compile` the decode step. cuda_graphs: capture decode steps as CUDA graphs (default: on
+    CUDA). max_graphs: how many (batch, length) shapes keep their graph and KV cache between calls.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        max_batch_size: int = 64,
+        compile: bool = False,
+        cuda_graphs: bool | None = None,
+        max_graphs: int = 4,
+        eos_ids: Iterable[int] | None = None,
+        batch_wait_s: float = 0.005,
+    ):
+        self.model = model
+        self.processor = processor
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.max_batch_size = max_batch_size
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a model on a CUDA device")
+        self._decode_fn = torch.compile(_decode_forward, dynamic=False) if compile else _decode_forward
+        self.max_graphs = max_graphs
+        self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
+        self._fingerprint = self._weights_fingerprint()
+        self.eos_ids = set(eos_ids) if eos_ids is not None else eos_token_ids(model, processor)
+        self.pad_id = processor.pad_token_id
+        self.batch_wait_s = batch_wait_s
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._options: tuple = ()  # the options `get_engine` created it with
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, conversation: Sequence[dict], images: Sequence | None = None,
+                params: SamplingParams | None = None) -> Request:
+        """Render `conversation` (with `<image>` placeholders) and its images into a `Request`."""
+        sample = self.processor.encode(list(conversation), list(images or []), add_generation_prompt=True)
+        return Request(sample.input_ids, sample.pixel_values, params or SamplingParams())
+
+    def generate(self, requests: Sequence[Request], max_batch_size: int | None = None) -> list[Completion]:
+        """Run `requests` to completion; completions in request order."""
+        out: list[Completion | None] = [None] * len(requests)
+        for event in self._run(requests, track_text=False, max_batch_size=max_batch_size):
+            if event.completion is not None:
+                out[event.index] = event.completion
+        return out  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[Request], max_batch_size: int | None = None) -> Iterator[Event]:
+        """`Event`s with text pieces for all `requests`, interleaved; a request's pieces join to its text."""
+        yield from self._run(requests, track_text=True, max_batch_size=max_batch_size)
+
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request from any thread; a background thread batches waiting requests together."""
+        handle = RequestHandle()
+        self._queue.put((request, handle))
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._serve_forever, name="stitch-engine", daemon=True)
+                self._worker.start()
+        return handle
+
+    def close(self) -> None:
+        """Stop the background thread (after the batch it is running) and free cached graphs and caches."""
+        if self._worker is not None and self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join()
+        self._worker = None
+        self._states.clear()
+
+    def _serve_forever(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            deadline = time.perf_counter() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            handles = [h for _, h in batch]
+            try:
+                for event in self._run([r for r, _ in batch], track_text=True):
+                    handles[event.index]._put(event)
+            except Exception as e:  # noqa: BLE001 - delivered to every waiting caller
+                for h in handles:
+                    h._put(e)
+
+    # ------------------------------------------------------------------ batching
+    def _run(self, requests: Sequence[Request], track_text: bool, max_batch_size: int | None = None
+             ) -> Iterator[Event]:
+        """Split into batches of at most `max_batch_size`, similar lengths together (less padding)."""
+        size = max_batch_size or self.max_batch_size
+        order = sorted(range(len(requests)), key=lambda i: requests[i].input_ids.numel())
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            yield from self._run_batch([(i, requests[i]) for i in chunk], track_text)
+
+    def _weights_fingerprint(self) -> tuple:
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def _state(self, batch: int, length: int) -> _DecodeState:
+        """Buffers for this shape: fresh ones in eager mode, cached (with their CUDA graph) otherwise."""
+        if not self.cuda_graphs:
+            return _DecodeState(self, batch, length)
+        fingerprint = self._weights_fingerprint()
+        if fingerprint != self._fingerprint:  # weights moved (to(), load_state_dict(assign=True)): graphs stale
+            self._states.clear()
+            self._fingerprint = fingerprint
+        key = (batch, length)
+        if key in self._states:
+            self._states.move_to_end(key)
+            return self._states[key]
+        while len(self._states) >= self.max_graphs:
+            self._states.popitem(last=False)
+        state = _DecodeState(self, batch, length)
+        state.capture()
+        self._states[key] = state
+        return state
+
+    def _run_batch(self, batch: list[tuple[int, Request]], track_text: bool) -> Iterator[Event]:
+        """Prefill + decode one batch; yields events (outside inference mode, so nothing leaks to the caller)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                state, sampler, tok, rows, steps = self._prefill(batch, track_text, start)
+            pending = _HostCopy(tok)
+            for step in range(1, steps + 1):
+                nxt = None
+                with torch.inference_mode():
+                    if step < steps:  # queue the next step before reading this one back
+                        state.tokens.copy_(tok[:, None])
+                        tok = sampler(state.step(), step)
+                        state.positions.add_(1)
+                        state.cache_position.add_(1)
+                        nxt = _HostCopy(tok)
+                tokens = pending.get()
+                events = [e for row, t in zip(rows, tokens) if (e := row.push(t)) is not None]
+                yield from events
+                if all(row.done for row in rows):
+                    break
+                pending = nxt
+        finally:
+            self.model.train(was_training)
+
+    def _prefill(self, batch: list[tuple[int, Request]], track_text: bool, start: float):
+        model, device = self.model, self.device
+        n = len(batch)
+        lengths = [int(r.input_ids.numel()) for _, r in batch]
+        prompt_len = max(lengths)
+        steps = max(r.params.max_new_tokens for _, r in batch)
+        size, length = n, prompt_len + steps
+        if self.cuda_graphs:
+            size, length = _bucket_batch(n), _bucket_len(length)
+        state = self._state(size, length)
+        # Left padding: [pad ... pad, prompt]; rows beyond n (bucket padding) are all padding.
+        ids = torch.full((size, prompt_len), self.pad_id, dtype=torch.long)
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[:, :prompt_len] = 0
+        for row, ((_, req), n_tok) in enumerate(zip(batch, lengths)):
+            ids[row, prompt_len - n_tok :] = req.input_ids.reshape(-1)
+            mask[row, prompt_len - n_tok : prompt_len] = 1
+        state.mask.copy_(mask)
+        position_ids = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
+        tiles = [r.pixel_values for _, r in batch if r.pixel_values is not None and r.pixel_values.numel()]
+        pixel_values = torch.cat(tiles).to(device) if tiles else None
+        out = model(
+            ids.to(device), pixel_values, attention_mask=state.mask, position_ids=position_ids.to(device),
+            kv_cache=state.cache, cache_position=torch.arange(prompt_len, device=device), logits_to_keep=1,
+        )
+        sampler = BatchSampler(
+            [r.params for _, r in batch], size, out.logits.shape[-1], device, [r.input_ids for _, r in batch]
+        )
+        tok = sampler(out.logits[:, -1], 0)
+        state.positions.copy_(torch.tensor(lengths + [0] * (size - n), device=device)[:, None])
+        state.cache_position.fill_(prompt_len)
+        tokenizer = self.processor.tokenizer
+        rows = [_Row(i, r, self.eos_ids, tokenizer, track_text, start) for i, r in batch]
+        return state, sampler, tok, rows, steps

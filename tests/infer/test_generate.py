@@ -1,0 +1,206 @@
+"""Generation on a tiny random VLM: the KV-cache path against full recomputation, batching, sampling, stop
+strings, streaming, the background-thread engine and the `stitch generate` command."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+import stitch
+from stitch.cli import main
+from stitch.infer.engine import Engine, _bucket_batch, _bucket_len
+from stitch.infer.generate import build_conversation, generate, generate_batch
+from stitch.infer.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+
+def image(w: int, h: int, color=(200, 30, 30)) -> Image.Image:
+    img = Image.new("RGB", (w, h), color)
+    for x in range(0, w, 7):  # some structure so tiles differ
+        img.putpixel((x, x % h), (x % 255, 255 - x % 255, 90))
+    return img
+
+
+# Different prompt lengths and image counts (2 images, 1 wide image, text only, 1 small image).
+CASES = [
+    ("What is in these two pictures?", [image(120, 40), image(30, 30, (0, 90, 200))]),
+    ("Describe it.", [image(200, 60)]),
+    ("Tell me a long story about a cat who lived in a small house by the sea, in detail.", []),
+    ("?", [image(20, 50, (10, 200, 10))]),
+]
+
+
+def requests(engine: Engine, params: SamplingParams = GREEDY):
+    return [engine.prepare(build_conversation(p, len(ims)), ims, params) for p, ims in CASES]
+
+
+def full_recompute_greedy(model, request, n: int) -> list[int]:
+    """The reference: run the whole sequence again at every step and take the argmax of the last position."""
+    ids = request.input_ids[None]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(ids, request.pixel_values).logits[0, -1].argmax())
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def test_kv_cache_greedy_equals_full_recomputation(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor)
+    reqs = requests(engine, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    # alone (two images), then a left-padded batch of two (text only + a small image)
+    got = engine.generate(reqs[:1]) + engine.generate(reqs[2:])
+    for req, completion in zip(reqs[:1] + reqs[2:], got):
+        assert completion.token_ids == full_recompute_greedy(model, req, 10)
+        assert len(set(completion.token_ids)) > 3  # a non-trivial output
+
+
+def test_batched_equals_one_by_one(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor)
+    reqs = requests(engine)
+    alone = [engine.generate([r])[0] for r in reqs]
+    together = engine.generate(reqs)
+    in_pairs = engine.generate(reqs, max_batch_size=2)
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.text for c in in_pairs] == [c.text for c in alone]
+    # the public helper: conversations + image lists, same answers as `generate` one by one
+    texts = generate_batch(model, processor, [build_conversation(p, len(ims)) for p, ims in CASES],
+                           [ims for _, ims in CASES], max_new_tokens=8)
+    assert texts == [generate(model, processor, ims, p, max_new_tokens=8) for p, ims in CASES]
+
+
+def test_seeded_sampling_is_batch_invariant_and_params_are_per_request(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor)
+    mixed = [
+        SamplingParams(max_new_tokens=12, ignore_eos=True),
+        SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, ignore_eos=True),
+        SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=40, seed=8, ignore_eos=True),
+        SamplingParams(max_new_tokens=5, temperature=1.2, repetition_penalty=1.5, seed=9, ignore_eos=True),
+    ]
+    reqs = [engine.prepare(build_conversation(p, len(ims)), ims, params) for (p, ims), params in zip(CASES, mixed)]
+    together = engine.generate(reqs)
+    alone = [engine.generate([r])[0] for r in reqs]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [len(c.token_ids) for c in together] == [12, 12, 12, 5]
+    assert [c.finish_reason for c in together] == ["length"] * 4
+
+
+def test_temperature_zero_is_deterministic_and_seeds_reproduce(loaded):
+    model, processor = loaded
+    img = image(90, 60)
+    greedy = [generate(model, processor, img, "Hi", max_new_tokens=10) for _ in range(2)]
+    assert greedy[0] == greedy[1] and greedy[0]
+    # temperature 0 ignores the seed: it is greedy
+    assert generate(model, processor, img, "Hi", max_new_tokens=10, seed=3) == greedy[0]
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    a = generate(model, processor, img, "Hi", seed=1, **kw)
+    b = generate(model, processor, img, "Hi", seed=1, **kw)
+    c = generate(model, processor, img, "Hi", seed=2, **kw)
+    assert a == b
+    assert a != c
+
+
+def test_stop_strings_end_generation(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor)
+    req = requests(engine)[1]
+    full = engine.generate([req])[0]
+    # a stop string from the middle of the greedy output (spanning a token boundary when possible)
+    mid = len(full.text) // 2
+    stop = full.text[mid : mid + 3]
+    assert stop.strip()
+    params = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, stop=("@@never@@", stop), ignore_eos=True)
+    stopped = engine.generate([engine.prepare(build_conversation(CASES[1][0], 1), CASES[1][1], params)])[0]
+    assert stopped.text == full.text[: full.text.find(stop)]
+    assert stopped.finish_reason == "stop"
+    assert len(stopped.token_ids) < len(full.token_ids)
+    # streamed: the pieces join to the same cut text, and no piece shows part of the stop string
+    events = list(engine.stream([engine.prepare(build_conversation(CASES[1][0], 1), CASES[1][1], params)]))
+    assert "".join(e.text for e in events) == stopped.text
+    assert events[-1].completion.text == stopped.text
+    # through the public function
+    text = generate(model, processor, CASES[1][1], CASES[1][0], max_new_tokens=16, stop=[stop])
+    assert stop not in text and full.text.startswith(text)
+
+
+def test_eos_ends_generation(loaded):
+    model, processor = loaded
+    reference = Engine(model, processor).generate(requests(Engine(model, processor))[:1])[0]
+    eos = reference.token_ids[5]
+    first = reference.token_ids.index(eos)
+    engine = Engine(model, processor, eos_ids={eos})
+    got = engine.generate(requests(engine, SamplingParams(max_new_tokens=16))[:1])[0]
+    assert got.token_ids == reference.token_ids[:first]  # EOS itself is not part of the output
+    assert got.finish_reason == "stop"
+    # the checkpoint's own EOS: the ChatML end-of-turn token of the SmolLM2 template
+    assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") in Engine(model, processor).eos_ids
+
+
+def test_streaming_pieces_join_to_the_full_text(loaded):
+    model, processor = loaded
+    imgs = [image(60, 60), image(100, 40)]
+    pieces = list(generate(model, processor, imgs, "Compare <image> with <image>.", max_new_tokens=20, stream=True))
+    assert len(pieces) > 3
+    assert "".join(pieces) == generate(model, processor, imgs, "Compare <image> with <image>.", max_new_tokens=20)
+
+
+def test_engine_submit_from_threads(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor, batch_wait_s=0.05)
+    reqs = requests(engine)
+    expected = [c.text for c in engine.generate(reqs)]
+    handles = [None] * len(reqs)
+
+    def client(i):
+        handles[i] = engine.submit(reqs[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    streamed = "".join(e.text for e in handles[0])
+    assert streamed == expected[0]
+    assert [h.result().text for h in handles] == expected
+    engine.close()
+
+
+def test_bad_sampling_params_are_user_errors():
+    with pytest.raises(stitch.errors.StitchError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(stitch.errors.StitchError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert SamplingParams(stop="x").stop == ("x",)
+
+
+def test_shape_buckets():
+    assert [_bucket_batch(b) for b in (1, 3, 5, 9, 16, 17, 64)] == [1, 4, 8, 16, 16, 32, 64]
+    assert [_bucket_len(n) for n in (1, 256, 257, 400, 1300, 1500)] == [256, 256, 384, 512, 1536, 1536]
+
+
+def test_cli_generate(ckpt, tmp_path, capsys):
+    png = tmp_path / "img.png"
+    image(80, 50).save(png)
+    args = ["generate", str(ckpt), "--image", str(png), "--prompt", "What is it?", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.strip()
+    assert main([*args, "--stream", "--temperature", "0.7", "--seed", "1", "--top-k", "20"]) == 0
+    assert capsys.readouterr().out.strip()
+    # errors are one line on stderr and a non-zero exit
+    assert main(["generate", str(ckpt), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "missing.png" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "Example:" in capsys.readouterr().out
