@@ -1,0 +1,250 @@
+"""Pipeline parallelism: the model cut into stages that reuse its own modules, run by torch's schedules.
+
+A `StageModule` holds references to one stage's share of a built VLM under the model's own attribute names
+(`vision.*`, `projector.*`, `llm.embed_tokens`, `llm.layers.<global index>`, `llm.norm`, `llm.lm_head`), so state
+dicts, optimizer states and DCP checkpoints keep the unsplit model's names whatever the layout. Stage 0 embeds
+(ViT -> projector -> token embeddings with image positions filled); the last stage normalises and computes the
+summed loss itself, so the schedule's loss function only scales it and the output layer never leaves the
+module (FSDP gathers its weight only inside a module's forward).
+
+Only the hidden state travels between stages. Everything else a stage needs per micro-batch (labels, masks,
+position ids, pixel values, packed-sequence boundaries) is handed to each stage before the step as a list, one
+entry per micro-batch, and consumed in order: every torch schedule (GPipe, 1F1B, interleaved 1F1B) runs a
+stage's forwards in micro-batch order, and the last stage checks the index it receives from the schedule.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.utils.checkpoint import checkpoint
+
+from stitch.models.llm import AttentionContext, build_attention_mask, token_loss
+from stitch.models.vlm import VLM
+from stitch.parallel.tensor import vocab_parallel_loss_sum
+
+__all__ = ["StageModule", "PipelineRunner", "microbatch_side"]
+
+SIDE_KEYS = ("pixel_values", "attention_mask", "position_ids", "cu_seqlens", "labels")
+
+
+def microbatch_side(batch: dict[str, Any]) -> dict[str, Any]:
+    """The per-micro-batch inputs other than `input_ids` that stages read."""
+    return {k: batch.get(k) for k in SIDE_KEYS}
+
+
+class StageModule(nn.Module):
+    """One pipeline stage (or the whole model when pp = 1) built from a VLM's own modules.
+
+    forward(x, **side): x is `input_ids` [B, T] on the first stage, the hidden state [B, T, D] elsewhere.
+    Returns the hidden state (not last), the scaled loss sum [1] (last, mode "loss") or logits (last, "logits").
+    `side` comes either as keyword arguments (pp = 1) or from `push_side` (pipeline schedules).
+    """
+
+    def __init__(self, model: VLM, index: int, num_stages: int, layers: range, tp_loss: bool):
+        super().__init__()
+        self.index, self.num_stages = index, num_stages
+        self.is_first, self.is_last = index == 0, index == num_stages - 1
+        self.config = model.config
+        self.tp_loss = tp_loss
+        self._llm_ref = (model.llm,)  # read live flags (gradient checkpointing) without registering it
+        if self.is_first:
+            self.vision = model.vision
+            self.projector = model.projector
+        self.llm = nn.Module()
+        self.llm.layers = nn.ModuleDict({str(i): model.llm.layers[str(i)] for i in layers})
+        if self.is_first:
+            self.llm.embed_tokens = model.llm.embed_tokens
+        if self.is_last:
+            self.llm.norm = model.llm.norm
+            self.llm.lm_head = model.llm.lm_head
+        self.rotary = model.llm.rotary
+        self.comm_dtype = next(model.parameters()).dtype
+        self.mode = "loss"
+        self._side: list[dict[str, Any]] = []
+        self._cursor = 0
+        self.loss_sums: list[torch.Tensor] = []
+        self.consumed: list[int] = []
+
+    # VLM.embed / image_embeddings read these attributes; reuse them so the splice logic lives in one place.
+    image_embeddings = VLM.image_embeddings
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def push_side(self, side: list[dict[str, Any]]) -> None:
+        self._side, self._cursor = side, 0
+        self.loss_sums, self.consumed = [], []
+
+    def _next_side(self) -> dict[str, Any]:
+        if self._cursor >= len(self._side):
+            raise RuntimeError(f"pipeline stage {self.index}: more forwards than micro-batches were given")
+        side = self._side[self._cursor]
+        self.consumed.append(self._cursor)
+        self._cursor += 1
+        return side
+
+    def forward(self, x: torch.Tensor, **side: Any) -> torch.Tensor:
+        if not side:
+            side = self._next_side()
+        if self.is_first:
+            h = VLM.embed(self, x, side.get("pixel_values"))  # [B, T, D]
+        else:
+            h = x
+        b, t, _ = h.shape
+        position_ids = side.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(t, device=h.device)[None].expand(b, t)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        mask, is_causal = build_attention_mask(b, t, h.device, side.get("attention_mask"), side.get("cu_seqlens"))
+        ctx = AttentionContext(cos, sin, mask, is_causal)
+        recompute = self._llm_ref[0].gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.llm.layers.values():
+            h = checkpoint(layer, h, ctx, use_reentrant=False) if recompute else layer(h, ctx)
+        if not self.is_last:
+            return h.to(self.comm_dtype)
+        h = self.llm.norm(h)
+        if self.mode == "logits":
+            logits = self.llm.lm_head(h)
+            return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+        labels = side["labels"]
+        if self.tp_loss:
+            loss_sum, _ = vocab_parallel_loss_sum(h, self.llm.lm_head, labels)
+        else:
+            loss_sum, _ = token_loss(h, self.llm.lm_head, labels, num_label_tokens=1)
+        self.loss_sums.append(loss_sum.detach())
+        return (loss_sum * side["loss_scale"]).reshape(1)
+
+
+def _schedule_class(name: str):
+    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}[name]
+
+
+def _supports(fn: Callable, arg: str) -> bool:
+    return arg in inspect.signature(fn).parameters
+
+
+class PipelineRunner:
+    """Builds torch `PipelineStage`s and a schedule for each micro-batch shape, and runs training steps.
+
+    Shapes are given to `PipelineStage` up front (static mode, no shape-inference forward), which is why a new
+    stage/schedule pair is built (and cached) per distinct (micro-batch rows, sequence length).
+    """
+
+    def __init__(
+        self,
+        stages: list[StageModule],
+        schedule: str,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        hidden_size: int,
+    ):
+        self.stages = stages
+        self.schedule_name = schedule
+        self.group = group
+        self.device = device
+        self.hidden_size = hidden_size
+        self._cache: dict[tuple, Any] = {}
+
+    @property
+    def has_first(self) -> bool:
+        return any(s.is_first for s in self.stages)
+
+    @property
+    def has_last(self) -> bool:
+        return any(s.is_last for s in self.stages)
+
+    def _schedule(self, rows: int, seq: int, n_mb: int):
+        key = (rows, seq, n_mb)
+        if key in self._cache:
+            return self._cache[key]
+        pipe_stages = []
+        for stage in self.stages:
+            # Example tensors give the static shapes; requires_grad marks them as carrying gradients back.
+            hidden = torch.empty(rows, seq, self.hidden_size, dtype=stage.comm_dtype, device=self.device,
+                                 requires_grad=True)
+            inputs = torch.empty(rows, seq, dtype=torch.long, device=self.device) if stage.is_first else hidden
+            loss = torch.empty(1, dtype=torch.float32, device=self.device, requires_grad=True)
+            outputs = loss if stage.is_last else hidden
+            pipe_stages.append(
+                PipelineStage(
+                    stage, stage.index, stage.num_stages, self.device,
+                    input_args=(inputs,), output_args=(outputs,), group=self.group,
+                )
+            )
+        cls = _schedule_class(self.schedule_name)
+        kwargs: dict[str, Any] = {"loss_fn": self._loss_fn}
+        if _supports(cls.__init__, "scale_grads"):
+            kwargs["scale_grads"] = False  # the loss is already token-weighted over the whole batch
+        target = pipe_stages if self.schedule_name == "interleaved_1f1b" else pipe_stages[0]
+        schedule = cls(target, n_mb, **kwargs)
+        self._cache[key] = schedule
+        return schedule
+
+    def _loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The last stage already returns the scaled loss; `target` carries the micro-batch index as a check."""
+        last = next(s for s in self.stages if s.is_last)
+        expected = last.consumed[len(last.loss_sums) - 1] if last.loss_sums else -1
+        if int(target.reshape(-1)[0]) != expected:
+            raise RuntimeError(
+                f"pipeline schedule ran micro-batch {int(target.reshape(-1)[0])} but the last stage consumed side "
+                f"inputs for micro-batch {expected}"
+            )
+        return output.sum()
+
+    def step(self, input_ids: list[torch.Tensor], sides: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Forward and backward over the micro-batches (all [rows, seq]); returns the last stage's loss sums."""
+        n_mb = len(input_ids)
+        rows, seq = input_ids[0].shape
+        schedule = self._schedule(rows, seq, n_mb)
+        for stage in self.stages:
+            stage.push_side(sides)
+        args = (torch.cat(input_ids, 0),) if self.has_first else ()
+        kwargs: dict[str, Any] = {}
+        if self.has_last:
+            kwargs["target"] = torch.arange(n_mb, device=self.device)
+        if _supports(schedule.step, "return_outputs"):
+            kwargs["return_outputs"] = False
+        schedule.step(*args, **kwargs)
+        for stage in self.stages:
+            if stage.consumed != list(range(n_mb)):
+                raise RuntimeError(f"pipeline stage {stage.index} consumed micro-batches {stage.consumed}")
+        last = [s for s in self.stages if s.is_last]
+        return last[0].loss_sums if last else []
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor, side: dict[str, Any]) -> torch.Tensor | None:
+        """Inference through the stages with plain send/recv, one batch; logits on the last stage's ranks."""
+        rows, seq = input_ids.shape
+        h: torch.Tensor | None = None
+        by_index = {s.index: s for s in self.stages}
+        num_stages = self.stages[0].num_stages
+        pp_size = dist.get_world_size(self.group)
+        pp_rank = dist.get_rank(self.group)
+        out = None
+        for index in range(num_stages):
+            owner = index % pp_size
+            if owner != pp_rank:
+                continue
+            stage = by_index[index]
+            if not stage.is_first:  # consecutive stages always sit on different ranks when pp > 1
+                h = torch.empty(rows, seq, self.hidden_size, dtype=stage.comm_dtype, device=self.device)
+                dist.recv(h, group=self.group, group_src=(index - 1) % pp_size)
+            stage.mode = "logits" if stage.is_last else stage.mode
+            try:
+                result = stage(input_ids if stage.is_first else h, **side)
+            finally:
+                stage.mode = "loss"
+            if stage.is_last:
+                out = result
+            else:
+                h = result
+                dist.send(h.contiguous(), group=self.group, group_dst=(index + 1) % pp_size)
+        return out

@@ -1,0 +1,78 @@
+"""Shared by the tests and the torchrun worker: a tiny InternViT-6B-style VLM, batches, the reference run.
+
+The ViT has 5 heads (like InternViT-6B's 25, divisible by no TP degree > 1) with full-width QK-norm, so every
+vision-TP layout exercises head padding. Everything is fp32 and deterministic from fixed seeds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stitch.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from stitch.models.vlm import VLM
+
+IMAGE_TOKEN = 5
+ROWS, SEQ = 4, 24
+STEPS = 3
+
+
+def make_optimizer(params, kind: str = "sgd") -> torch.optim.Optimizer:
+    """SGD for weight comparisons (linear in the gradients, so rounding differences stay ~1e-7; Adam divides
+    by sqrt(v) and turns rounding noise on near-zero gradients into whole-step differences); AdamW where the
+    optimizer state itself is under test (DCP resume)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3)
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def tiny_config(tied: bool = False) -> VLMConfig:
+    vision = VisionConfig(kind="internvit", image_size=56, patch_size=14, hidden_size=40, intermediate_size=64,
+                          num_layers=2, num_heads=5, norm_type="rms_norm", qk_norm=True, qkv_bias=False,
+                          layer_scale_init=0.1)
+    llm = LLMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                    num_kv_heads=2, tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    return VLMConfig(vision=vision, llm=llm, projector=ProjectorConfig(kind="mlp"), image_token_id=IMAGE_TOKEN,
+                     max_tiles=2)
+
+
+def build(cfg: VLMConfig, seed: int = 0) -> VLM:
+    torch.manual_seed(seed)
+    model = VLM(cfg)
+    with torch.no_grad():  # non-trivial norm weights and biases so that every parameter matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+        model.llm.embed_tokens.weight.mul_(0.05)  # N(0, 1) embeddings make tied logits (and losses) huge
+    return model
+
+
+def make_batch(cfg: VLMConfig, step: int) -> dict[str, torch.Tensor]:
+    """4 rows of 24 tokens: row 0 one tile, row 1 two tiles, row 2 one tile, row 3 text only."""
+    g = torch.Generator().manual_seed(1000 + step)
+    tpt = cfg.tokens_per_tile
+    ids = torch.randint(6, cfg.llm.vocab_size, (ROWS, SEQ), generator=g)
+    tiles_per_row = [1, 2, 1, 0]
+    for row, tiles in enumerate(tiles_per_row):
+        ids[row, 2 : 2 + tiles * tpt] = IMAGE_TOKEN
+    labels = ids.clone()
+    labels[ids == IMAGE_TOKEN] = -100
+    labels[:, :4] = -100
+    labels[torch.rand(ROWS, SEQ, generator=g) < 0.2] = -100
+    size = cfg.vision.image_size
+    pixels = torch.randn(sum(tiles_per_row), 3, size, size, generator=g)
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+
+
+def reference_run(cfg: VLMConfig, steps: int = STEPS, optimizer: str = "sgd"):
+    """One process, whole batches: the losses of `steps` optimizer steps and the weights afterwards."""
+    model = build(cfg)
+    opt = make_optimizer(model.parameters(), optimizer)
+    losses = []
+    for step in range(steps):
+        out = model(**make_batch(cfg, step), return_logits=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, state

@@ -1,0 +1,102 @@
+"""Run under torchrun (gloo, CPU) by tests/parallel: train the tiny VLM under several layouts in one launch.
+
+    torchrun --nproc_per_node N -m tests.parallel.dist_worker OUT SCENARIO [SCENARIO ...]
+
+For each layout it writes OUT/<name>.json (losses, from global rank 0) and OUT/<name>.pp<p>.safetensors (the
+full, unpadded weights of stage p, from that stage's dp0/tp0 rank); pytest compares them with a single-process
+reference. Several layouts share one launch because starting torchrun is the slow part.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from stitch.parallel import load_dcp, parallelize, save_dcp, split_batch
+from stitch.parallel.plan import from_live_shape
+from tests.parallel.common import STEPS, build, make_batch, make_optimizer, tiny_config
+
+MB2 = {"pp_microbatches": 2}
+SCENARIOS: dict[str, list[tuple[str, bool, dict]]] = {
+    "two": [
+        ("dp2", False, {"dp": 2, "fsdp": True}),
+        ("dp2_replicate", False, {"dp": 2, "fsdp": False}),
+        ("tp2", False, {"tp": 2}),
+        ("tp2_vit_replicated", False, {"tp": 2, "vision_tp": 1}),
+        ("pp2_gpipe_uneven", False, {"pp": 2, "pp_schedule": "gpipe", **MB2, "pp_layers_per_stage": [1, 3]}),
+        ("pp2_1f1b", False, {"pp": 2, "pp_schedule": "1f1b", **MB2}),
+        ("pp2_interleaved", False, {"pp": 2, "pp_schedule": "interleaved_1f1b", **MB2,
+                                    "pp_layers_per_stage": [0, 2, 1, 1]}),
+        ("pp2_1f1b_tied", True, {"pp": 2, "pp_schedule": "1f1b", **MB2}),
+        ("tp2_tied", True, {"tp": 2}),
+    ],
+    "four": [
+        ("tp2_pp2", False, {"tp": 2, "pp": 2, "pp_schedule": "1f1b", **MB2, "pp_layers_per_stage": [3, 1]}),
+        ("dp2_tp2", False, {"dp": 2, "tp": 2}),
+    ],
+}
+
+
+def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, resume_from: Path | None = None,
+          save_to: Path | None = None, first_step: int = 0, optimizer: str = "sgd") -> None:
+    cfg = tiny_config(tied)
+    pm = parallelize(build(cfg), layout)
+    opt = make_optimizer(pm.parameters(), optimizer)
+    if resume_from is not None:
+        load_dcp(pm, opt, resume_from)
+    losses = []
+    for step in range(first_step, first_step + steps):
+        batch = split_batch(make_batch(cfg, step), pm.dp_size, cfg.tokens_per_tile, cfg.image_token_id)[pm.dp_rank]
+        result = pm.forward_backward(batch)
+        opt.step()
+        opt.zero_grad()
+        losses.append(result.loss.item())
+    if save_to is not None:
+        save_dcp(pm, opt, save_to)
+    state = get_model_state_dict(pm.model, options=StateDictOptions(full_state_dict=True))
+    padded = pm.layout.padded_heads(cfg)
+    state = {k: from_live_shape(k, v, cfg, padded).contiguous() for k, v in state.items()}
+    if pm.dp_rank == 0 and pm.pmesh.tp_rank == 0:
+        save_file(state, str(out / f"{name}.pp{pm.pmesh.pp_rank}.safetensors"))
+    if dist.get_rank() == 0:
+        (out / f"{name}.json").write_text(json.dumps({"losses": losses, "layout": pm.layout.describe()}))
+    dist.barrier()
+
+
+def logits_from_resharded(out: Path) -> None:
+    """Load the `stitch reshard` output prepared by the test and write the last stage's logits."""
+    cfg = tiny_config(False)
+    pm = parallelize(build(cfg, seed=123), {"tp": 2, "pp": 2, "pp_layers_per_stage": [1, 3]})
+    pm.load_weights(out / "resharded")
+    pm.eval()
+    logits = pm.logits(make_batch(cfg, 0))
+    if pm.is_last_stage and pm.pmesh.tp_rank == 0:
+        save_file({"logits": logits.contiguous()}, str(out / "resharded_logits.safetensors"))
+    dist.barrier()
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    torch.use_deterministic_algorithms(True)
+    for scenario in sys.argv[2:]:
+        if scenario == "dcp":
+            ckpt = out / "dcp_dp2"
+            train("dcp_first", False, {"dp": 2}, out, save_to=ckpt, optimizer="adamw")
+            train("dcp_resumed", False, {"tp": 2}, out, resume_from=ckpt, first_step=STEPS,
+                  optimizer="adamw")
+        elif scenario == "logits":
+            logits_from_resharded(out)
+        else:
+            for name, tied, layout in SCENARIOS[scenario]:
+                train(name, tied, layout, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
