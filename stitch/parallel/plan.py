@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stitch.config import VLMConfig
-from stitch.errors import StitchConfigError
+from stitch.errors import CheckpointError, StitchConfigError
 
 __all__ = [
     "Layout",
@@ -180,7 +180,7 @@ def unpad_heads(t: torch.Tensor, dim: int, heads: int, padded: int, name: str = 
     keep = size // padded * heads
     dropped = t.narrow(dim, keep, size - keep)
     if dropped.count_nonzero():
-        raise StitchConfigError(
+        raise CheckpointError(
             f"{name}: the padded vision heads {heads}..{padded - 1} hold non-zero values; dropping them would lose "
             "data (was the padding trained by something other than Stitch?)"
         )
