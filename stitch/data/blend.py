@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -284,6 +285,8 @@ class BlendDataset(IterableDataset):
             batch = collate(samples, pack=self.cfg.pack, max_tokens=self.cfg.row_tokens, pad_token_id=pad)
             batch["sample_keys"] = [s.key for s in samples]
             batch["_stitch_state"] = (slot, state)
+            if get_worker_info() is not None:
+                batch = _to_wire(batch)
             yield batch
 
 
@@ -298,6 +301,28 @@ def _fixed_groups(stream: Iterator[tuple[Sample, dict]], size: int) -> Iterator[
 
 def _identity(x):
     return x
+
+
+# Small tensors cross the worker -> main pipe as numpy arrays (plain pickles); torch would put each in its own
+# shared-memory segment, which costs more than the copy for anything but the pixel values.
+_WIRE_LIMIT = 1 << 20
+
+
+def _to_wire(batch: dict[str, Any]) -> dict[str, Any]:
+    wire = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.numel() < _WIRE_LIMIT:
+            wire[k] = ("__np__", v.numpy())
+        else:
+            wire[k] = v
+    return wire
+
+
+def _from_wire(batch: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: torch.from_numpy(v[1]) if isinstance(v, tuple) and len(v) == 2 and v[0] == "__np__" else v
+        for k, v in batch.items()
+    }
 
 
 # --------------------------------------------------------------------------- the trainer's stream
@@ -384,6 +409,7 @@ class DataStream:
             persistent_workers=False,
         )
         for batch in loader:
+            batch = _from_wire(batch)
             if "_stitch_error" in batch:
                 raise DataError(batch["_stitch_error"])
             slot, state = batch.pop("_stitch_state")

@@ -82,6 +82,11 @@ class Source:
         raise NotImplementedError
 
 
+def _label(name: str, path: str | Path) -> str:
+    """How errors name a dataset: its path, and its name too when it has one of its own."""
+    return str(path) if name == str(path) else f"dataset {name} ({path})"
+
+
 # --------------------------------------------------------------------------- record conversion
 class _Renderer:
     """Shared conversion of raw rows (dicts) into records, with the dataset's prompt settings."""
@@ -191,7 +196,7 @@ class JsonSource(Source):
         self.path = Path(path)
         self.name = spec.display_name
         if not self.path.is_file():
-            raise DataError(f"dataset {self.name}: {self.path}: no such file")
+            raise DataError(f"{_label(self.name, self.path)}: no such file")
         self.renderer = _Renderer(spec, prompts, self.path.parent)
         self._rows: list | None = None
         self._offsets: list[int] = []
@@ -213,7 +218,7 @@ class JsonSource(Source):
                 self._rows = self._rows[: spec.limit]
             self._offsets = self._offsets[: spec.limit]
         if len(self) == 0:
-            raise DataError(f"dataset {self.name}: {self.path} holds no records")
+            raise DataError(f"{_label(self.name, self.path)}: holds no records")
 
     def __len__(self) -> int:
         return len(self._rows) if self._rows is not None else len(self._offsets)
@@ -340,7 +345,7 @@ class WebDatasetSource(Source):
         self.renderer = _Renderer(spec, prompts, None)
         self.limit = min(spec.limit or len(self.index), len(self.index))
         if self.limit == 0:
-            raise DataError(f"dataset {self.name}: {path}: the shards hold no samples")
+            raise DataError(f"{_label(self.name, path)}: the shards hold no samples")
 
     def __len__(self) -> int:
         return self.limit
@@ -408,7 +413,7 @@ class EnergonSource(Source):
         self.renderer = _Renderer(spec, prompts, None)
         self.limit = min(spec.limit or len(self.index), len(self.index))
         if self.limit == 0:
-            raise DataError(f"dataset {self.name}: {self.path}: split {split!r} holds no samples")
+            raise DataError(f"{_label(self.name, self.path)}: split {split!r} holds no samples")
 
     def __len__(self) -> int:
         return self.limit

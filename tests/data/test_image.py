@@ -35,8 +35,8 @@ def ref_closest_ratio(aspect_ratio, target_ratios, width, height, image_size):
         if ratio_diff < best_ratio_diff:
             best_ratio_diff = ratio_diff
             best_ratio = ratio
-        elif ratio_diff == best_ratio_diff:
-            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+        elif ratio_diff == best_ratio_diff:  # noqa: SIM102 - the reference, written as published
+            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:  # noqa: SIM102 (kept literal)
                 best_ratio = ratio
     return best_ratio
 
