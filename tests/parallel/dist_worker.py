@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from stitch.parallel import load_dcp, parallelize, save_dcp, split_batch
 from stitch.parallel.plan import from_live_shape
+from stitch.parallel.step import parallel_train_step, save_weights
 from tests.parallel.common import STEPS, build, make_batch, make_optimizer, tiny_config
 
 MB2 = {"pp_microbatches": 2}
@@ -53,12 +54,17 @@ def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, re
     losses = []
     for step in range(first_step, first_step + steps):
         batch = split_batch(make_batch(cfg, step), pm.dp_size, cfg.tokens_per_tile, cfg.image_token_id)[pm.dp_rank]
-        result = pm.forward_backward(batch)
-        opt.step()
-        opt.zero_grad()
-        losses.append(result.loss.item())
+        if layout.get("pp", 1) > 1 and layout.get("pp_schedule") != "gpipe":  # the trainer's way
+            result = parallel_train_step(pm, opt, split_batch(batch, 2, cfg.tokens_per_tile, cfg.image_token_id))
+            losses.append(result.loss)
+        else:  # the bare API: forward_backward (micro-batches split by the layout) + the caller's optimizer
+            step_out = pm.forward_backward(batch)
+            opt.step()
+            opt.zero_grad()
+            losses.append(step_out.loss.item())
     if save_to is not None:
         save_dcp(pm, opt, save_to)
+    save_weights(pm, out / f"{name}.weights")
     state = get_model_state_dict(pm.model, options=StateDictOptions(full_state_dict=True))
     padded = pm.layout.padded_heads(cfg)
     state = {k: from_live_shape(k, v, cfg, padded).contiguous() for k, v in state.items()}

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stitch.checkpoint.reshard import reshard_checkpoint
+from stitch.checkpoint.reshard import open_weights, reshard_checkpoint
 from stitch.checkpoint.store import save
 from tests.parallel.common import STEPS, build, make_batch, reference_run, tiny_config
 from tests.parallel.dist_worker import SCENARIOS
@@ -85,6 +85,10 @@ def _compare(out: Path, name: str, reference: tuple[list[float], dict[str, torch
     for key, value in ref_state.items():
         diff = (state[key] - value).abs().max().item()
         assert diff <= WEIGHT_TOL, f"{name}: {key} differs by {diff:.2e} after {STEPS} steps"
+    # save_weights wrote a checkpoint (plain, or one folder per stage) that reads back as the same weights.
+    saved = open_weights(out / f"{name}.weights")
+    for key, value in ref_state.items():
+        assert (saved[key] - value).abs().max().item() <= WEIGHT_TOL, f"{name}: saved {key}"
     # The steps really trained: the weights moved far more than the tolerance.
     initial = build(tiny_config("tied" in name)).state_dict()
     moved = max((ref_state[k] - v).abs().max().item() for k, v in initial.items())
