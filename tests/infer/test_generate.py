@@ -204,3 +204,21 @@ def test_cli_generate(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "Example:" in capsys.readouterr().out
+
+
+def test_greedy_equals_transformers_generate(loaded, ckpt, tmp_path):
+    """The same weights exported to HF InternVL: `transformers`' greedy `generate` gives the same tokens."""
+    import transformers
+
+    from stitch.checkpoint.commands import export_to_hf
+
+    model, processor = loaded
+    hf = transformers.InternVLForConditionalGeneration.from_pretrained(export_to_hf(ckpt, "internvl", tmp_path))
+    engine = Engine(model, processor)
+    for req in requests(engine, SamplingParams(max_new_tokens=12, ignore_eos=True))[:3:2]:  # 2 images; text only
+        ids = req.input_ids[None]
+        with torch.no_grad():
+            images = {} if req.pixel_values is None else {"pixel_values": req.pixel_values}
+            ref = hf.generate(input_ids=ids, **images, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              pad_token_id=0)
+        assert engine.generate([req])[0].token_ids == ref[0, ids.shape[1] :].tolist()
