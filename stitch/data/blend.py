@@ -218,7 +218,13 @@ class ConsumerStream:
     def next_sample(self) -> Sample:
         d = self.schedule.next()
         source, name = self.sources[d], self.names[d]
+        failures = 0
         while True:
+            if failures >= max(len(source), self.cfg.skip_check_after):
+                # Whatever max_skip_fraction says: a dataset with nothing usable would otherwise loop forever.
+                reasons = self.stats.skipped.get(name, {})
+                top = ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+                raise DataError(f"dataset {name}: {failures} samples in a row skipped, nothing usable ({top})")
             epoch, index = self.index_of(d, self.pos[d])
             self.pos[d] += 1
             key = sample_seed(self.seed, name, epoch, index)
@@ -229,6 +235,7 @@ class ConsumerStream:
                     dataset=name, key=f"{name}#{index}",
                 )
             except SampleError as e:
+                failures += 1
                 self.stats.record_skip(name, e)
                 self.stats.check(name, self.cfg.max_skip_fraction, self.cfg.skip_check_after)
                 continue
