@@ -10,6 +10,7 @@ reference. Several layouts share one launch because starting torchrun is the slo
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from stitch.parallel.step import parallel_train_step, save_weights
 from tests.parallel.common import STEPS, build, make_batch, make_optimizer, tiny_config
 
 MB2 = {"pp_microbatches": 2}
+# STITCH_TEST_DEVICE=cpu keeps the run on gloo/CPU on a machine that has GPUs (default: CUDA when available).
+DEVICE = torch.device(os.environ["STITCH_TEST_DEVICE"]) if os.environ.get("STITCH_TEST_DEVICE") else None
 SCENARIOS: dict[str, list[tuple[str, bool, dict]]] = {
     "two": [
         ("dp2", False, {"dp": 2, "fsdp": True}),
@@ -47,7 +50,7 @@ SCENARIOS: dict[str, list[tuple[str, bool, dict]]] = {
 def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, resume_from: Path | None = None,
           save_to: Path | None = None, first_step: int = 0, optimizer: str = "sgd") -> None:
     cfg = tiny_config(tied)
-    pm = parallelize(build(cfg), layout)
+    pm = parallelize(build(cfg), layout, device=DEVICE)
     opt = make_optimizer(pm.parameters(), optimizer)
     if resume_from is not None:
         load_dcp(pm, opt, resume_from)
@@ -78,7 +81,7 @@ def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, re
 def logits_from_resharded(out: Path) -> None:
     """Load the `stitch reshard` output prepared by the test and write the last stage's logits."""
     cfg = tiny_config(False)
-    pm = parallelize(build(cfg, seed=123), {"tp": 2, "pp": 2, "pp_layers_per_stage": [1, 3]})
+    pm = parallelize(build(cfg, seed=123), {"tp": 2, "pp": 2, "pp_layers_per_stage": [1, 3]}, device=DEVICE)
     pm.load_weights(out / "resharded")
     pm.eval()
     logits = pm.logits(make_batch(cfg, 0))
