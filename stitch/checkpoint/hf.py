@@ -189,10 +189,13 @@ def vlm_config_from_hf(hf: dict[str, Any], source: str) -> VLMConfig:
 def vlm_config_to_hf(cfg: VLMConfig, fmt: str) -> dict[str, Any]:
     import transformers
 
-    from stitch.checkpoint.hf_vision import vision_config_to_hf
+    from stitch.checkpoint.hf_vision import vision_config_to_hf, vision_select_to_hf
 
+    if fmt not in ("internvl", "llava"):
+        raise CheckpointError(f"unknown export format '{fmt}' (internvl, llava)")
     text = llm_config_to_hf(cfg.llm)
     vision = vision_config_to_hf(cfg.vision, fmt)
+    select = vision_select_to_hf(cfg.vision, fmt)
     if fmt == "internvl":
         if cfg.projector.kind != "mlp":
             raise CheckpointError(f"InternVL export needs the pixel-shuffle 'mlp' projector, not {cfg.projector.kind}")
@@ -204,9 +207,7 @@ def vlm_config_to_hf(cfg: VLMConfig, fmt: str) -> dict[str, Any]:
         hf = transformers.InternVLConfig(
             vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
             image_seq_length=cfg.tokens_per_tile, downsample_ratio=cfg.projector.downsample_ratio,
-            vision_feature_layer=cfg.vision.select_layer,
-            vision_feature_select_strategy="default" if cfg.vision.drop_cls_token else "full",
-            tie_word_embeddings=cfg.llm.tie_word_embeddings,
+            tie_word_embeddings=cfg.llm.tie_word_embeddings, **select,
         ).to_dict()
         hf["architectures"] = ["InternVLForConditionalGeneration"]
     elif fmt == "llava":
@@ -216,14 +217,10 @@ def vlm_config_to_hf(cfg: VLMConfig, fmt: str) -> dict[str, Any]:
             raise CheckpointError("LLaVA export needs projector width = LLM width")
         hf = transformers.LlavaConfig(
             vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
-            image_seq_length=cfg.tokens_per_tile, vision_feature_layer=cfg.vision.select_layer,
-            vision_feature_select_strategy="default" if cfg.vision.drop_cls_token else "full",
-            projector_hidden_act="gelu", multimodal_projector_bias=True,
-            tie_word_embeddings=cfg.llm.tie_word_embeddings,
+            image_seq_length=cfg.tokens_per_tile, projector_hidden_act="gelu", multimodal_projector_bias=True,
+            tie_word_embeddings=cfg.llm.tie_word_embeddings, **select,
         ).to_dict()
         hf["architectures"] = ["LlavaForConditionalGeneration"]
-    else:
-        raise CheckpointError(f"unknown export format '{fmt}' (internvl, llava)")
     return hf
 
 
