@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stitch.config import VisionConfig
+from stitch.models.layers import RMSNorm
 
 __all__ = ["VisionEncoder", "VISION_PRESETS", "vision_param_count"]
 
@@ -37,26 +38,6 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh, "quick_gelu": _quick_gelu}
 
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back before the weight, as InternViT (and HF's port) do.
-
-    `torch.nn.RMSNorm` rounds differently in bf16, which would break bit-level agreement with the reference.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 def _norm(cfg: VisionConfig, dim: int) -> nn.Module:
