@@ -299,16 +299,16 @@ class Layout:
         llm, vis = cfg.llm, cfg.vision
         tp = self.tp
         checks = [
-            (llm.num_heads, "llm.num_heads"),
-            (llm.num_kv_heads, "llm.num_kv_heads (GQA key/value heads are split, not replicated)"),
-            (llm.intermediate_size, "llm.intermediate_size"),
-            (llm.vocab_size, "llm.vocab_size"),
+            (llm.num_heads, "llm.num_heads", ""),
+            (llm.num_kv_heads, "llm.num_kv_heads", " (key/value heads are split across ranks, not replicated)"),
+            (llm.intermediate_size, "llm.intermediate_size", ""),
+            (llm.vocab_size, "llm.vocab_size", " (the embedding and output layer are split by vocabulary)"),
         ]
         if cfg.projector.kind != "linear":
-            checks.append((cfg.projector.hidden_size or llm.hidden_size, "projector.hidden_size"))
-        for value, what in checks:
+            checks.append((cfg.projector.hidden_size or llm.hidden_size, "projector.hidden_size", ""))
+        for value, what, why in checks:
             if value % tp:
-                raise StitchConfigError(f"tensor parallelism {tp} does not divide {what} = {value}")
+                raise StitchConfigError(f"tensor parallelism {tp} does not divide {what} = {value}{why}")
         if tp % self.vision_tp:
             raise StitchConfigError(f"parallel.vision_tp {self.vision_tp} must divide parallel.tp {tp}")
         if vis.intermediate_size % self.vision_tp:

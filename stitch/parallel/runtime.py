@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from stitch.errors import StitchConfigError
+from stitch.models.layers import RotaryEmbedding
 from stitch.models.vlm import VLM
 from stitch.parallel.fsdp import apply_fsdp, mixed_precision
 from stitch.parallel.mesh import ParallelMesh, build_mesh, init_distributed
@@ -323,6 +324,19 @@ class ParallelModel:
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
+def _materialize(model: VLM, stages: list[StageModule], device: torch.device) -> None:
+    """Allocate a meta-built model's local shards (uninitialised) and recompute its non-persistent buffers."""
+    from stitch.checkpoint.store import materialize_buffers
+
+    for stage in stages:  # through the FSDP roots, so FSDP re-points its sharded storage
+        stage.to_empty(device=device)
+    # to_empty left the RoPE tables allocated but garbage: make them meta again so they are recomputed.
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq = torch.empty_like(module.inv_freq, device="meta")
+    materialize_buffers(model, device)
+
+
 def _tied_group(pmesh: ParallelMesh) -> dist.ProcessGroup | None:
     """Groups {first stage, last stage} per (dp, tp) coordinate; every rank creates all of them, in one order."""
     ranks = pmesh.mesh.mesh  # [pp, dp_replicate, dp_shard, tp]
@@ -348,8 +362,10 @@ def parallelize(
     """Apply the layout in `parallel_cfg` (a `Layout`, the training config's `parallel:` section, or a dict) to
     `model` in place and return the rank's `ParallelModel`. Initialises torch.distributed if needed (torchrun).
 
-    Every rank passes the same model (same weights, e.g. same seed or loaded from the same checkpoint; or load
-    afterwards with `ParallelModel.load_weights`). Freeze parameters and set gradient checkpointing before.
+    Every rank passes the same model (same weights, e.g. same seed or loaded from the same checkpoint). A model
+    built on the meta device (`stitch.checkpoint.store.build_model(cfg, device="meta")`) allocates only this
+    rank's shards; fill them with `ParallelModel.load_weights`. Freeze parameters and set gradient checkpointing
+    before.
     `param_dtype`/`reduce_dtype` set FSDP2 mixed precision (e.g. bf16 compute, fp32 reduction).
     """
     device = init_distributed(device)
@@ -357,7 +373,9 @@ def parallelize(
     layout = parallel_cfg if isinstance(parallel_cfg, Layout) else Layout.from_config(parallel_cfg, model.config, world)
     layout.check(model.config, world)
     pmesh = mesh or build_mesh(layout, device)
-    model.to(device)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model.to(device)
     stage_ids = [pmesh.pp_rank + v * layout.pp for v in range(layout.stages_per_rank)]
     _prune(model, layout, stage_ids)
     if 0 in stage_ids:
@@ -367,6 +385,8 @@ def parallelize(
     stages = [StageModule(model, s, layout.num_stages, layout.ranges[s], tp_loss=layout.tp > 1) for s in stage_ids]
     mp = mixed_precision(param_dtype, reduce_dtype) if (param_dtype or reduce_dtype) else None
     apply_fsdp(stages, pmesh, mp)
+    if on_meta:  # allocate only this rank's shards; the caller fills them with `load_weights`
+        _materialize(model, stages, device)
     runner = None
     if layout.pp > 1:
         runner = PipelineRunner(stages, layout.pp_schedule, pmesh.group("pp"), device, model.config.llm.hidden_size)

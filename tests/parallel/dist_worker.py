@@ -19,6 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from stitch.checkpoint.store import build_model
 from stitch.parallel import load_dcp, parallelize, save_dcp, split_batch
 from stitch.parallel.plan import from_live_shape
 from stitch.parallel.step import parallel_train_step, save_weights
@@ -48,9 +49,14 @@ SCENARIOS: dict[str, list[tuple[str, bool, dict]]] = {
 
 
 def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, resume_from: Path | None = None,
-          save_to: Path | None = None, first_step: int = 0, optimizer: str = "sgd") -> None:
+          save_to: Path | None = None, first_step: int = 0, optimizer: str = "sgd", weights: Path | None = None,
+          ) -> None:
     cfg = tiny_config(tied)
-    pm = parallelize(build(cfg), layout, device=DEVICE)
+    if weights is None:
+        pm = parallelize(build(cfg), layout, device=DEVICE)
+    else:  # meta-device build: each rank allocates and reads only its own shards
+        pm = parallelize(build_model(cfg, device="meta"), layout, device=DEVICE)
+        pm.load_weights(weights)
     opt = make_optimizer(pm.parameters(), optimizer)
     if resume_from is not None:
         load_dcp(pm, opt, resume_from)
@@ -79,9 +85,10 @@ def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, re
 
 
 def logits_from_resharded(out: Path) -> None:
-    """Load the `stitch reshard` output prepared by the test and write the last stage's logits."""
+    """Build on the meta device, load the `stitch reshard` output prepared by the test, write the logits."""
     cfg = tiny_config(False)
-    pm = parallelize(build(cfg, seed=123), {"tp": 2, "pp": 2, "pp_layers_per_stage": [1, 3]}, device=DEVICE)
+    model = build_model(cfg, device="meta")  # nothing allocated until each rank's shards exist
+    pm = parallelize(model, {"tp": 2, "pp": 2, "pp_layers_per_stage": [1, 3]}, device=DEVICE)
     pm.load_weights(out / "resharded")
     pm.eval()
     logits = pm.logits(make_batch(cfg, 0))
@@ -96,7 +103,7 @@ def main() -> None:
     for scenario in sys.argv[2:]:
         if scenario == "dcp":
             ckpt = out / "dcp_dp2"
-            train("dcp_first", False, {"dp": 2}, out, save_to=ckpt, optimizer="adamw")
+            train("dcp_first", False, {"dp": 2}, out, save_to=ckpt, optimizer="adamw", weights=out / "initial")
             train("dcp_resumed", False, {"tp": 2}, out, resume_from=ckpt, first_step=STEPS,
                   optimizer="adamw")
         elif scenario == "logits":

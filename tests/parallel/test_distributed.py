@@ -56,6 +56,7 @@ def references() -> dict:
 @pytest.fixture(scope="module")
 def two_procs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two")
+    save(build(tiny_config()), out / "initial")  # the DCP run starts from this (meta-device build + load)
     _torchrun(2, out, "two", "dcp")
     return out
 
