@@ -220,8 +220,12 @@ class PipelineRunner:
         return last[0].loss_sums if last else []
 
     @torch.no_grad()
-    def forward_logits(self, input_ids: torch.Tensor, side: dict[str, Any]) -> torch.Tensor | None:
-        """Inference through the stages with plain send/recv, one batch; logits on the last stage's ranks."""
+    def forward_only(self, input_ids: torch.Tensor, side: dict[str, Any], mode: str) -> torch.Tensor | None:
+        """One batch through the stages with plain send/recv, no schedule (evaluation).
+
+        Returns, on the last stage's ranks, the logits (mode "logits") or the scaled loss sum (mode "loss",
+        `side` then carries labels and loss_scale); None on the other ranks.
+        """
         rows, seq = input_ids.shape
         h: torch.Tensor | None = None
         by_index = {s.index: s for s in self.stages}
@@ -229,15 +233,12 @@ class PipelineRunner:
         pp_size = dist.get_world_size(self.group)
         pp_rank = dist.get_rank(self.group)
         out = None
-        for index in range(num_stages):
-            owner = index % pp_size
-            if owner != pp_rank:
-                continue
+        for index in range(pp_rank, num_stages, pp_size):  # this rank's stages, in order
             stage = by_index[index]
             if not stage.is_first:  # consecutive stages always sit on different ranks when pp > 1
                 h = torch.empty(rows, seq, self.hidden_size, dtype=stage.comm_dtype, device=self.device)
                 dist.recv(h, group=self.group, group_src=(index - 1) % pp_size)
-            stage.mode = "logits" if stage.is_last else stage.mode
+            stage.mode = mode
             try:
                 result = stage(input_ids if stage.is_first else h, **side)
             finally:

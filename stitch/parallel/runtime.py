@@ -290,19 +290,34 @@ class ParallelModel:
         return norm
 
     @torch.no_grad()
-    def logits(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Full logits [B, T, V] of one batch on the last stage's ranks (None on the others); for evaluation."""
+    def _forward_only(self, batch: dict[str, Any], mode: str) -> torch.Tensor | None:
         batch = _to(batch, self.device)
-        side = microbatch_side(batch)
+        side = {**microbatch_side(batch), "loss_scale": 1.0}
         with self._loss_context():
             if self.runner is not None:
-                return self.runner.forward_logits(batch["input_ids"], side)
+                return self.runner.forward_only(batch["input_ids"], side, mode)
             stage = self.stages[0]
-            stage.mode = "logits"
+            stage.mode = mode
             try:
                 return stage(batch["input_ids"], **side)
             finally:
                 stage.mode = "loss"
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Full logits [B, T, V] of one batch on the last stage's ranks (None on the others); for evaluation."""
+        return self._forward_only(batch, "logits")
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, Any]) -> tuple[float, int]:
+        """(summed next-token loss, labelled tokens) of this data rank's batch, known on every rank of it.
+
+        Logits are never gathered (vocabulary-parallel under TP); sum over data ranks and divide for a mean.
+        """
+        loss_sum = self._forward_only(batch, "loss")
+        total = loss_sum.reshape(()).float() if loss_sum is not None else torch.zeros((), device=self.device)
+        if self.layout.pp > 1:
+            dist.all_reduce(total, group=self.pmesh.group("pp"))  # only the last stage contributes
+        return float(total), _label_count(batch)
 
     # ---------------------------------------------------------------------------------------------- weights
     def load_weights(self, source: str | Any) -> None:

@@ -71,6 +71,12 @@ def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, re
             opt.step()
             opt.zero_grad()
             losses.append(step_out.loss.item())
+    # Evaluation after training: the trained model's mean loss on batch 0, summed over data ranks.
+    pm.eval()
+    batch = split_batch(make_batch(cfg, 0), pm.dp_size, cfg.tokens_per_tile, cfg.image_token_id)[pm.dp_rank]
+    ev_sum, ev_n = pm.eval_loss(batch)
+    ev = pm.pmesh.all_reduce_dp(torch.tensor([ev_sum, float(ev_n)], device=pm.device))
+    pm.train()
     if save_to is not None:
         save_dcp(pm, opt, save_to)
     save_weights(pm, out / f"{name}.weights")
@@ -80,7 +86,8 @@ def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, re
     if pm.dp_rank == 0 and pm.pmesh.tp_rank == 0:
         save_file(state, str(out / f"{name}.pp{pm.pmesh.pp_rank}.safetensors"))
     if dist.get_rank() == 0:
-        (out / f"{name}.json").write_text(json.dumps({"losses": losses, "layout": pm.layout.describe()}))
+        record = {"losses": losses, "eval_loss": float(ev[0] / ev[1]), "layout": pm.layout.describe()}
+        (out / f"{name}.json").write_text(json.dumps(record))
     dist.barrier()
 
 

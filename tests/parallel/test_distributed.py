@@ -78,9 +78,19 @@ def _results(out: Path, name: str) -> tuple[list[float], dict[str, torch.Tensor]
     return losses, state
 
 
+def _eval_loss(state: dict[str, torch.Tensor], tied: bool) -> float:
+    model = build(tiny_config(tied)).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(**make_batch(tiny_config(tied), 0), return_logits=False).loss.item()
+
+
 def _compare(out: Path, name: str, reference: tuple[list[float], dict[str, torch.Tensor]]) -> None:
     ref_losses, ref_state = reference
     losses, state = _results(out, name)
+    # ParallelModel.eval_loss (no grad, no schedule) on the trained model.
+    evaluated = json.loads((out / f"{name}.json").read_text())["eval_loss"]
+    assert evaluated == pytest.approx(_eval_loss(ref_state, "tied" in name), abs=LOSS_TOL, rel=0)
     assert len(losses) == STEPS
     assert losses == pytest.approx(ref_losses, abs=LOSS_TOL, rel=0), f"{name}: {losses} vs {ref_losses}"
     assert set(state) == set(ref_state), f"{name}: tensors differ: {set(state) ^ set(ref_state)}"
