@@ -169,6 +169,18 @@ class RunSummary:
     losses: list[float] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _isolated_rng():
+    """Run a block without moving the CPU torch, numpy or python global RNG state."""
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -365,7 +377,6 @@ class Trainer:
                             every=cfg.log.every)
         batches = iter(self.stream)
         if self.resume_from is not None:
-            # After the data iterator exists (a DataLoader draws a seed from the global RNG when it starts).
             restore_rng_from(self.resume_from, self._resume_payload)
         summary = RunSummary(step=start, final_dir=None)
         last_saved = start if self.resume_from else None
@@ -410,7 +421,11 @@ class Trainer:
         return summary
 
     def _next_micro_batches(self, batches: Iterator[dict]) -> list[dict]:
-        return [next(batches) for _ in range(self.cfg.accumulation_steps)]
+        # The data pipeline may draw from the global RNGs (a DataLoader draws its base seed when it starts,
+        # which happens lazily at the first batch); isolating it keeps dropout's random stream a function
+        # of the step alone, so a resumed run sees the same stream as a straight one.
+        with _isolated_rng():
+            return [next(batches) for _ in range(self.cfg.accumulation_steps)]
 
     def _one_step(self, batches: Iterator[dict]) -> dict[str, Any]:
         cfg = self.cfg
@@ -490,12 +505,9 @@ class Trainer:
 
     def _evaluate(self, metrics: MetricsLog | None, progress: Progress) -> None:
         # Validation must not move any RNG the training run depends on (resume would then diverge).
-        py, npy = random.getstate(), np.random.get_state()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with _isolated_rng(), torch.random.fork_rng(devices=devices):
             val = self.evaluate()
-        random.setstate(py)
-        np.random.set_state(npy)
         if val is None:
             return
         if metrics is not None:

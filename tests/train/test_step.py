@@ -1,0 +1,90 @@
+"""The train step's numerics (token-weighted accumulation) and what each stage trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stitch.checkpoint.store import load_model, model_state
+from stitch.data.collate import collate
+from stitch.train.config import SyntheticConfig, load_config
+from stitch.train.synthetic import SyntheticStream
+from stitch.train.trainer import Trainer, train_step
+from tests.train.helpers import tiny_config
+
+
+class _CaptureGrads(torch.optim.Optimizer):
+    """An 'optimizer' that records the gradients it is asked to apply."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+        self.grads: dict[int, torch.Tensor] = {}
+
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    self.grads[id(p)] = p.grad.detach().clone()
+
+
+def test_accumulation_over_unequal_micro_batches_equals_one_big_batch(small_ckpt):
+    model = load_model(small_ckpt).train()
+    for p in model.vision.parameters():
+        p.requires_grad_(False)
+    data = load_config(None, data=tiny_config(small_ckpt, "/tmp/unused")).data
+    syn = SyntheticConfig(enabled=True, min_tokens=8, max_tokens=40, answer_fraction=0.6, vocab_limit=250)
+    stream = SyntheticStream(syn, data, model.config)
+    samples = [stream.sample(i) for i in range(8)]
+    lengths = [len(s) for s in samples]
+    assert len(set(lengths)) > 3  # unequal lengths, so batch-averaging would differ from token-weighting
+    # 4 micro-batches of 2 samples each, of different widths and label counts.
+    micro = [collate(samples[i : i + 2]) for i in range(0, 8, 2)]
+    big = collate(samples)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    opt = _CaptureGrads(params)
+    res = train_step(model, opt, micro, device=torch.device("cpu"), max_grad_norm=None)
+    out = model(**{k: big[k] for k in ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")},
+                return_logits=False)
+    out.loss.backward()
+    assert res.label_tokens == int(out.num_label_tokens)
+    assert abs(res.loss - out.loss.item()) < 1e-6
+    worst = max((opt.grads[id(p)] - p.grad).abs().max().item() for p in params)
+    assert worst < 1e-6, worst
+    # And it is not the batch-averaged mean of micro-batch losses (which would weight short batches up).
+    per_micro = [model(**{k: m[k] for k in ("input_ids", "labels", "attention_mask", "pixel_values")},
+                       return_logits=False).loss.item() for m in micro]
+    assert abs(sum(per_micro) / 4 - out.loss.item()) > 1e-4
+
+
+def _weights(path_or_model) -> dict[str, torch.Tensor]:
+    model = load_model(path_or_model) if not isinstance(path_or_model, torch.nn.Module) else path_or_model
+    return {k: v.clone() for k, v in model_state(model).items()}
+
+
+@pytest.mark.parametrize(
+    "stage, unfreeze, changes",
+    [
+        ("pretrain", {}, {"projector"}),
+        ("sft", {}, {"projector", "llm"}),
+        ("pretrain", {"vision_last_layers": 1}, {"projector", "vision.layers.1"}),
+    ],
+)
+def test_stage_freezing(small_ckpt, tmp_path, stage, unfreeze, changes):
+    before = _weights(small_ckpt)
+    cfg = load_config(None, data=tiny_config(small_ckpt, tmp_path / "run", stage=stage, unfreeze=unfreeze,
+                                             train={"steps": 3}))
+    trainer = Trainer(cfg, console_print=lambda *_: None)
+    trainer.fit()
+    after = _weights(tmp_path / "run" / "final")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    for name in before:
+        trains = any(name.split(".", 1)[0] == c or name.startswith(c + ".") for c in changes)
+        if not trains:
+            assert name not in changed, f"{stage}: {name} changed but should be frozen"
+    for c in changes:
+        assert any(k == c or k.startswith(c + ".") for k in changed), f"{stage}: nothing in {c} changed"
+    counts = trainer.counts
+    assert counts["projector"].frozen == 0
+    assert (counts["llm"].trainable > 0) == (stage == "sft")
+    assert (counts["vision"].trainable > 0) == bool(unfreeze)
