@@ -220,8 +220,9 @@ class ConsumerStream:
         source, name = self.sources[d], self.names[d]
         failures = 0
         while True:
-            if failures >= max(len(source), self.cfg.skip_check_after):
-                # Whatever max_skip_fraction says: a dataset with nothing usable would otherwise loop forever.
+            if failures >= max(1000, 2 * self.cfg.skip_check_after):
+                # Whatever max_skip_fraction says (check mode sets 1.0): a dataset with nothing usable would
+                # otherwise loop forever. A consumer sees a random share of each epoch, so this is a count.
                 reasons = self.stats.skipped.get(name, {})
                 top = ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])[:3])
                 raise DataError(f"dataset {name}: {failures} samples in a row skipped, nothing usable ({top})")
@@ -356,6 +357,12 @@ class DataStream:
             raise DataError(f"two datasets share a name ({names}); set 'name' on one of them")
         self.cfg = data_cfg
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        processor = processor.with_options(
+            max_image_pixels=data_cfg.max_image_pixels,
+            budget_steps=data_cfg.tile_budgets,
+            system_prompt=data_cfg.system_prompt,
+        )
+        self.processor = processor
         self.dataset = BlendDataset(
             self.sources, [s.weight for s in self.specs], processor, data_cfg, rank, world_size, seed
         )

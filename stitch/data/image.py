@@ -8,8 +8,9 @@ resized (bicubic) to (size*cols, size*rows) and cut into tiles row-major; with m
 `use_thumbnail`, the whole image resized to size x size is appended.
 
 Choosing the grid needs only the image size, so `grid_for()` is called first (the tile budget step-down in
-`stitch.data.chat` tries budgets without touching pixels), and pixels are processed once. Cutting is a numpy
-reshape of the resized image and normalisation two in-place tensor ops: no per-pixel or per-tile Python.
+`stitch.data.chat` tries budgets without touching pixels), and pixels are processed once. Cutting is one numpy
+reshape/transpose of the resized image and normalisation two in-place array ops: no per-pixel or per-tile
+Python.
 """
 
 from __future__ import annotations
@@ -131,15 +132,16 @@ def load_image(src: ImageInput, max_pixels: int = 64_000_000) -> Image.Image:
 
 
 def tile_image(image: Image.Image, grid: tuple[int, int], image_size: int, use_thumbnail: bool) -> np.ndarray:
-    """Cut an RGB image into its grid's tiles (+ thumbnail): uint8 array [tiles, size, size, 3], row-major."""
+    """Cut an RGB image into its grid's tiles (+ thumbnail): uint8 [tiles, 3, size, size] (channels first, as
+    the model takes them), tiles row-major as the reference crops them."""
     cols, rows = grid
     s = image_size
     resized = image.resize((s * cols, s * rows), Image.BICUBIC)
     arr = np.asarray(resized)  # [rows*s, cols*s, 3]
-    # [rows, s, cols, s, 3] -> [rows, cols, s, s, 3]: tile (r, c) is index r*cols + c, as the reference crops.
-    tiles = arr.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
+    # [rows, s, cols, s, 3] -> [rows, cols, 3, s, s]: tile (r, c) is index r*cols + c. One uint8 copy.
+    tiles = arr.reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, s, s)
     if use_thumbnail and rows * cols > 1:
-        thumb = np.asarray(image.resize((s, s), Image.BICUBIC))[None]
+        thumb = np.asarray(image.resize((s, s), Image.BICUBIC)).transpose(2, 0, 1)[None]
         tiles = np.concatenate([tiles, thumb], axis=0)
     return tiles
 
@@ -176,28 +178,23 @@ class ImageProcessor:
         return tile_count(self.grid(size, max_tiles), self.use_thumbnail)
 
     def normalize(self, tiles: np.ndarray) -> torch.Tensor:
-        """uint8 [n, s, s, 3] -> float32 [n, 3, s, s] = (x/255 - mean) / std.
+        """uint8 [n, 3, s, s] -> float32 [n, 3, s, s] = (x/255 - mean) / std, as one scale and one shift.
 
-        A uint8 pixel has 256 possible values, so each channel is one table lookup (numpy `take` into the
-        output): one pass over memory, and no torch intra-op threads (which contend with the tokenizer's and
-        the trainer's on small per-sample work).
+        numpy rather than torch: contiguous single-threaded passes, no intra-op thread pool (which stalls
+        when data workers and the trainer share the cores).
         """
-        n, h, w, _ = tiles.shape
-        out = np.empty((n, 3, h, w), dtype=np.float32)
-        lut = self._lut()
-        for c in range(3):
-            np.take(lut[c], tiles[..., c], out=out[:, c])
+        out = tiles.astype(np.float32)
+        out *= self._scale
+        out -= self._shift
         return torch.from_numpy(out)
 
-    def _lut(self) -> np.ndarray:
-        lut = getattr(self, "_lut_cache", None)
-        if lut is None:
-            x = np.arange(256, dtype=np.float64)[None, :] / 255.0
-            mean = np.asarray(self.mean, dtype=np.float64)[:, None]
-            std = np.asarray(self.std, dtype=np.float64)[:, None]
-            lut = ((x - mean) / std).astype(np.float32)  # [3, 256]
-            object.__setattr__(self, "_lut_cache", lut)
-        return lut
+    @property
+    def _scale(self) -> np.ndarray:
+        return (1.0 / (255.0 * np.asarray(self.std, dtype=np.float32)))[None, :, None, None]
+
+    @property
+    def _shift(self) -> np.ndarray:
+        return (np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32))[None, :, None, None]
 
     def __call__(self, image: ImageInput, max_tiles: int | None = None) -> torch.Tensor:
         """Load (if a path/bytes), tile and normalise one image: [tiles, 3, size, size]."""

@@ -13,6 +13,8 @@ with everything after them). A training sample left with no assistant token fail
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,23 @@ class Processor:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(out_dir))
         self.config.save(out_dir / "config.json")
+
+    def with_options(
+        self,
+        *,
+        max_image_pixels: int | None = None,
+        budget_steps: Sequence[int] | None = None,
+        system_prompt: str | None = None,
+    ) -> Processor:
+        """A copy sharing the tokenizer, with data-config options applied (used by the training stream)."""
+        other = copy.copy(self)
+        if max_image_pixels is not None:
+            other.images = dataclasses.replace(self.images, max_pixels=max_image_pixels)
+        if budget_steps is not None:
+            other.budget_steps = tuple(budget_steps)
+        if system_prompt is not None:
+            other.system_prompt = system_prompt
+        return other
 
     @property
     def pad_token_id(self) -> int:

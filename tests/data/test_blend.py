@@ -149,8 +149,8 @@ def _take(stream, n):
 def test_save_restore_mid_stream_is_exact(three_sets, processor, pack):
     """2 ranks x 2 DataLoader workers: state saved after M batches, restored into a fresh stream, gives the same
     next batches (same samples, same order, same tensors) as the uninterrupted stream."""
-    # 1000 samples after the cut: 250 batches of 4, or ~140 packed rows of ~7 samples
-    n_next = 250 if not pack else 140
+    # 1000 samples after the cut: 250 batches of 4, or 150 packed rows of ~7 samples
+    n_next = 250 if not pack else 150
     cfg = DataConfig(blend=str(three_sets), num_workers=2, seq_length=256, pack=pack, max_tokens=512,
                      batch_size=4)
     for rank in range(2):

@@ -124,8 +124,8 @@ def test_tile_row_major_order():
     arr[:, :56] = (255, 0, 0)
     arr[:, 56:] = (0, 0, 255)
     tiles = tile_image(Image.fromarray(arr), (2, 1), 56, use_thumbnail=True)
-    assert tiles.shape == (3, 56, 56, 3)
-    assert (tiles[0, 10, 10] == (255, 0, 0)).all() and (tiles[1, 10, 10] == (0, 0, 255)).all()
+    assert tiles.shape == (3, 3, 56, 56) and tiles.dtype == np.uint8
+    assert (tiles[0, :, 10, 10] == (255, 0, 0)).all() and (tiles[1, :, 10, 10] == (0, 0, 255)).all()
 
 
 def test_normalisation_per_encoder():
