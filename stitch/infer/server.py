@@ -1,0 +1,814 @@
+"""`stitch serve`: an OpenAI-compatible HTTP server (`/v1/chat/completions`, `/v1/models`, `/health`).
+
+Why it looks like this:
+- The wire format is OpenAI's, so the official `openai` client (and everything built on it) works unchanged:
+  messages with `text` and `image_url` parts, `stream` as server-sent events, usage counts, and errors as
+  `{"error": {"message", "type", "param", "code"}}` with the status codes OpenAI uses.
+- Requests arriving together share decode steps: every request goes to the generation engine's queue
+  (`Engine.submit`), whose background thread batches whatever is waiting. Greedy output does not depend on the
+  batch, so a request answers the same alone or among 31 others.
+- A server faces hostile input. Everything is checked *before* it reaches the engine, where one bad row would
+  fail the whole batch: body size (counted while reading, not trusted from headers), JSON shape and types,
+  image count, bytes and pixels (the header is read before anything is decoded, so a decompression bomb never
+  allocates), image formats, prompt length against the context and `max_tokens`. Each gets a 4xx naming the
+  field; nothing a client sends can stop the server or disturb other requests.
+- Parameters the engine cannot honour (`n > 1`, `logprobs`, tools, penalties OpenAI-style) are refused with a
+  400 rather than ignored: an answer computed differently from what was asked is a silent error.
+- Images come as base64 `data:` URLs. The server never fetches remote URLs (no outbound requests on a
+  client's behalf) and reads local files only under a folder named by `--allow-local-images`.
+- It binds to loopback unless told otherwise; `--api-key` (or `STITCH_API_KEY`) requires `Bearer` auth.
+
+FastAPI and uvicorn are the optional extra `serve`; they are imported only when a server is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, UnidentifiedImageError
+
+from stitch.errors import StitchError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from stitch.infer.engine import Completion, Engine, Event, RequestHandle
+    from stitch.infer.engine import Request as EngineRequest
+
+__all__ = ["Limits", "APIError", "ChatJob", "parse_chat_request", "decode_image", "create_app", "serve",
+           "serve_arguments"]
+
+log = logging.getLogger("stitch.serve")
+
+MiB = 1 << 20
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what OpenAI's vision API takes, plus BMP
+IMAGE_PLACEHOLDER = "<image>"  # stitch.data.chat.IMAGE_PLACEHOLDER (not imported: that module pulls in torch)
+# A token is rarely longer than this many characters; text beyond `context * this` is refused before it is
+# tokenised (tokenising megabytes only to say "too long" would be a cheap way to keep the server busy).
+MAX_CHARS_PER_TOKEN = 64
+
+# Request fields accepted besides the ones we use: harmless metadata, or a value meaning "off".
+_IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+_NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "n": lambda v: v is None or (type(v) is int and v == 1),
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "logit_bias": lambda v: v in (None, {}),
+    "tools": lambda v: v in (None, []),
+    "functions": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "none"),
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "modalities": lambda v: v in (None, ["text"]),
+}
+_USED_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                "repetition_penalty", "stop", "seed", "stream", "stream_options"}
+_MESSAGE_FIELDS = {"role", "content", "name"}
+
+
+# ------------------------------------------------------------------------------------------------ limits
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; anything beyond gets a 4xx. Defaults suit a single-GPU server."""
+
+    max_body_bytes: int = 20 * MiB  # the whole JSON body (base64 images included)
+    max_image_bytes: int = 10 * MiB  # one image file, decoded from base64
+    max_image_pixels: int = 25_000_000  # width x height, checked from the header before decoding
+    max_images: int = 8  # images in one request
+    max_tokens: int = 2048  # largest max_tokens; also the default when a request leaves it out
+    max_stop: int = 4  # stop strings (OpenAI's limit)
+    max_stop_chars: int = 256  # length of one stop string
+    max_pending: int = 128  # requests admitted at once (reading, queued or generating); beyond: 503
+
+
+class APIError(Exception):
+    """An error for the client, in OpenAI's shape. `param` names the field at fault (`messages[0].content`)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------------- the request
+@dataclass
+class ChatJob:
+    """A chat request, checked and turned into what the processor takes (images decoded, not yet tokenised)."""
+
+    conversation: list[dict[str, str]]
+    images: list[Image.Image]
+    max_tokens: int | None  # None: as many as fit in the context, up to `Limits.max_tokens`
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields other than max_new_tokens
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _bad(param: str, message: str, code: str | None = None) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code=code)
+
+
+def _number(body: dict, key: str, lo: float, hi: float, *, lo_open: bool = False, default: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _bad(key, f"expected a number, got {_type_name(value)} {value!r}"[:200], "invalid_type")
+    if value < lo or (lo_open and value == lo) or value > hi:
+        lower = "(" if lo_open else "["
+        raise _bad(key, f"{value} is out of range {lower}{lo}, {hi}]", "invalid_value")
+    return float(value)
+
+
+def _integer(body: dict, key: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if type(value) is not int:  # bool is an int subclass: refuse it too
+        raise _bad(key, f"expected an integer, got {_type_name(value)} {value!r}"[:200], "invalid_type")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(key, f"{value} is out of range [{lo}, {hi}]"[:200], "invalid_value")
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; anything else (bad UTF-8, bad JSON, NaN, absurd nesting) is a 400."""
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not UTF-8 ({e.reason} at byte {e.start})",
+                       code="invalid_json") from e
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                       code="invalid_json") from e
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_type_name(data)}", code="invalid_json")
+    return data
+
+
+def parse_chat_request(body: bytes, model_name: str, limits: Limits,
+                       local_images: Path | None = None) -> ChatJob:
+    """Check a `/v1/chat/completions` body and decode its images; raises `APIError` for anything unusable."""
+    data = parse_json(body)
+    unknown = sorted(set(data) - _USED_FIELDS - _IGNORED_FIELDS - set(_NEUTRAL_FIELDS))
+    if unknown:
+        raise _bad(unknown[0], "unrecognized request argument", "unknown_parameter")
+    for key, neutral in _NEUTRAL_FIELDS.items():
+        if key in data and not neutral(data[key]):
+            raise _bad(key, f"{json.dumps(data[key])[:80]} is not supported by this server", "unsupported_parameter")
+
+    model = data.get("model")
+    if model is None:
+        raise _bad("model", "required", "missing_required_parameter")
+    if not isinstance(model, str):
+        raise _bad("model", f"expected a string, got {_type_name(model)}", "invalid_type")
+    if model != model_name:
+        raise APIError(404, f"The model {model[:200]!r} does not exist; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
+
+    conversation, images = _parse_messages(data.get("messages"), limits, local_images)
+
+    if "max_tokens" in data and "max_completion_tokens" in data:
+        raise _bad("max_tokens", "give max_tokens or max_completion_tokens, not both", "invalid_value")
+    key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
+    max_tokens = _integer(data, key, 1, limits.max_tokens)
+
+    sampling: dict[str, Any] = {
+        "temperature": _number(data, "temperature", 0.0, 2.0, default=1.0),  # OpenAI's default is 1
+        "top_p": _number(data, "top_p", 0.0, 1.0, lo_open=True, default=1.0),
+        "repetition_penalty": _number(data, "repetition_penalty", 0.0, 10.0, lo_open=True, default=1.0),
+        "top_k": _integer(data, "top_k", 0, 1 << 20) or 0,
+        "seed": _integer(data, "seed", -(1 << 63), (1 << 64) - 1),
+        "stop": _parse_stop(data.get("stop"), limits),
+    }
+    stream = data.get("stream")
+    if stream is not None and type(stream) is not bool:
+        raise _bad("stream", f"expected a boolean, got {_type_name(stream)}", "invalid_type")
+    include_usage = False
+    options = data.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise _bad("stream_options", "only allowed with stream: true", "invalid_value")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise _bad("stream_options", 'expected {"include_usage": true|false}', "invalid_type")
+        include_usage = options.get("include_usage", False)
+        if type(include_usage) is not bool:
+            raise _bad("stream_options.include_usage", "expected a boolean", "invalid_type")
+    return ChatJob(conversation, images, max_tokens, sampling, bool(stream), include_usage)
+
+
+def _parse_stop(stop: Any, limits: Limits) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "expected a string or an array of strings", "invalid_type")
+    if len(stops) > limits.max_stop:
+        raise _bad("stop", f"at most {limits.max_stop} stop strings, got {len(stops)}", "invalid_value")
+    if any(len(s) > limits.max_stop_chars for s in stops):
+        raise _bad("stop", f"a stop string is longer than {limits.max_stop_chars} characters", "invalid_value")
+    return tuple(stops)
+
+
+def _parse_messages(messages: Any, limits: Limits, local_images: Path | None
+                    ) -> tuple[list[dict[str, str]], list[Image.Image]]:
+    """OpenAI messages -> the processor's `[{"role", "content"}]` with one `<image>` per image part, and the
+    images in order. Parts of one message are joined with newlines (as vLLM does), so `[image, text]` becomes
+    `"<image>\\n" + text`: what `stitch generate --image I --prompt TEXT` builds."""
+    if messages is None:
+        raise _bad("messages", "required", "missing_required_parameter")
+    if not isinstance(messages, list):
+        raise _bad("messages", f"expected an array, got {_type_name(messages)}", "invalid_type")
+    if not messages:
+        raise _bad("messages", "must not be empty", "invalid_value")
+    # Count images first: refuse a request with too many before decoding any of them.
+    n_images = sum(
+        1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url"
+    )
+    if n_images > limits.max_images:
+        raise _bad("messages", f"{n_images} images; at most {limits.max_images} per request", "too_many_images")
+    conversation: list[dict[str, str]] = []
+    images: list[Image.Image] = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _bad(where, f"expected an object, got {_type_name(msg)}", "invalid_type")
+        extra = sorted(set(msg) - _MESSAGE_FIELDS)
+        if extra:
+            raise _bad(f"{where}.{extra[0]}", "not supported by this server", "unsupported_parameter")
+        role = msg.get("role")
+        if role == "developer":  # OpenAI's newer name for the system message
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise _bad(f"{where}.role", f"expected 'system', 'developer', 'user' or 'assistant', got {role!r}"[:200],
+                       "invalid_value")
+        if "name" in msg and not isinstance(msg["name"], str):
+            raise _bad(f"{where}.name", "expected a string", "invalid_type")
+        content = msg.get("content")
+        if isinstance(content, str):
+            pieces = [_check_text(content, f"{where}.content")]
+        elif isinstance(content, list):
+            pieces = []
+            for j, part in enumerate(content):
+                at = f"{where}.content[{j}]"
+                image = _parse_part(part, at, role, limits, local_images)
+                if isinstance(image, Image.Image):
+                    images.append(image)
+                    pieces.append(IMAGE_PLACEHOLDER)
+                else:
+                    pieces.append(image)
+        else:
+            raise _bad(f"{where}.content", f"expected a string or an array of parts, got {_type_name(content)}",
+                       "invalid_type")
+        conversation.append({"role": role, "content": "\n".join(pieces)})
+    return conversation, images
+
+
+def _check_text(text: str, where: str) -> str:
+    if IMAGE_PLACEHOLDER in text:
+        raise _bad(where, f"the text contains {IMAGE_PLACEHOLDER!r}, which this model reads as an image "
+                   "placeholder; send images as image_url parts", "invalid_value")
+    return text
+
+
+def _parse_part(part: Any, where: str, role: str, limits: Limits, local_images: Path | None
+                ) -> str | Image.Image:
+    """One content part: its text, or its decoded image."""
+    if not isinstance(part, dict):
+        raise _bad(where, f"expected an object, got {_type_name(part)}", "invalid_type")
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _bad(f"{where}.text", f"expected a string, got {_type_name(text)}", "invalid_type")
+        return _check_text(text, f"{where}.text")
+    if kind == "image_url":
+        if role != "user":
+            raise _bad(where, f"images are only allowed in user messages, not {role!r}", "invalid_value")
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str):
+            raise _bad(f"{where}.image_url.url", "expected a string (a data: URL)", "invalid_type")
+        if isinstance(spec, dict) and spec.get("detail", "auto") not in ("auto", "low", "high"):
+            raise _bad(f"{where}.image_url.detail", "expected 'auto', 'low' or 'high'", "invalid_value")
+        return decode_image(url, f"{where}.image_url.url", limits, local_images)
+    raise _bad(f"{where}.type", f"unsupported content part type {kind!r}; expected 'text' or 'image_url'"[:200],
+               "invalid_value")
+
+
+# ------------------------------------------------------------------------------------------------- images
+def decode_image(url: str, where: str, limits: Limits, local_images: Path | None = None) -> Image.Image:
+    """A `data:image/...;base64,...` URL (or, when allowed, a local file) as a fully decoded RGB image.
+
+    Sizes are checked at each stage before the next one costs anything: the base64 length before decoding it,
+    the file size before reading it, the pixel count from the header before decompressing."""
+    if url.startswith("data:"):
+        raw = _data_url_bytes(url, where, limits)
+    elif url.startswith(("http://", "https://")):
+        raise _bad(where, "remote image URLs are not fetched by this server; send the image as a base64 data: URL",
+                   "unsupported_image_url")
+    else:
+        raw = _local_file_bytes(url, where, limits, local_images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(raw))
+        except Image.DecompressionBombError as e:
+            raise _bad(where, f"the image has too many pixels ({e})", "image_too_large") from e
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise _bad(where, f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})",
+                       "unsupported_image_format") from e
+        if img.format not in IMAGE_FORMATS:
+            raise _bad(where, f"unsupported image format {img.format}; use one of {', '.join(IMAGE_FORMATS)}",
+                       "unsupported_image_format")
+        width, height = img.size
+        if width * height > limits.max_image_pixels:
+            raise _bad(where, f"the image is {width}x{height} = {width * height} pixels; at most "
+                       f"{limits.max_image_pixels}", "image_too_large")
+        if width < 1 or height < 1:
+            raise _bad(where, f"empty image ({width}x{height})", "invalid_image")
+        try:
+            img.load()
+            return img if img.mode == "RGB" else img.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise _bad(where, f"the image has too many pixels ({e})", "image_too_large") from e
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+            raise _bad(where, f"the {img.format} image is truncated or corrupt ({e})"[:300], "invalid_image") from e
+
+
+def _data_url_bytes(url: str, where: str, limits: Limits) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma:
+        raise _bad(where, "malformed data: URL (no comma)", "invalid_image_url")
+    mime, *params = header[len("data:"):].split(";")
+    if "base64" not in params:
+        raise _bad(where, "only base64 data: URLs are supported (data:image/png;base64,...)", "invalid_image_url")
+    if mime and not mime.lower().startswith("image/"):
+        raise _bad(where, f"media type {mime[:80]!r} is not an image", "unsupported_image_format")
+    if len(payload) > (limits.max_image_bytes + 2) // 3 * 4 + 64:  # base64 is 4/3 the size (+ some whitespace)
+        raise _bad(where, f"the image is larger than {limits.max_image_bytes} bytes", "image_too_large")
+    payload = "".join(payload.split())  # line breaks some encoders insert
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise _bad(where, f"invalid base64 ({e})", "invalid_base64") from e
+    if len(raw) > limits.max_image_bytes:
+        raise _bad(where, f"the image is {len(raw)} bytes; at most {limits.max_image_bytes}", "image_too_large")
+    if not raw:
+        raise _bad(where, "empty image data", "invalid_image")
+    return raw
+
+
+def _local_file_bytes(url: str, where: str, limits: Limits, local_images: Path | None) -> bytes:
+    """A local image, only inside the `--allow-local-images` folder (symlinks resolved before the check)."""
+    if local_images is None:
+        raise _bad(where, "expected a base64 data: URL (local image paths are off; the server enables them "
+                   "with --allow-local-images DIR)", "invalid_image_url")
+    path_text = url[len("file://"):] if url.startswith("file://") else url
+    if "\x00" in path_text:
+        raise _bad(where, "invalid path", "invalid_image_url")
+    root = local_images.resolve()
+    path = (root / path_text).resolve()  # a relative path is taken relative to the allowed folder
+    if not path.is_relative_to(root):
+        raise _bad(where, f"{path_text[:200]!r} is outside the folder local images may come from", "forbidden_path")
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise _bad(where, f"{path_text[:200]!r} is not a file", "invalid_image_url")
+        if size > limits.max_image_bytes:
+            raise _bad(where, f"the image is {size} bytes; at most {limits.max_image_bytes}", "image_too_large")
+        return path.read_bytes()
+    except OSError as e:
+        raise _bad(where, f"cannot read {path_text[:200]!r} ({e.strerror})", "invalid_image_url") from e
+
+
+# ---------------------------------------------------------------------------------------- the service
+class _Pipe:
+    """Carries one request's engine events from a pump thread into the event loop.
+
+    The engine delivers events through a blocking `RequestHandle`; a pump thread drains it (always to the end,
+    so admission is released when the engine is done, even if the client left) and hands each event to the
+    loop with `call_soon_threadsafe`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def pump(self, handle: RequestHandle, done: Callable[[], None]) -> None:
+        try:
+            for event in handle:
+                self._put(event)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+            self._put(e)
+        finally:
+            done()
+
+    def _put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the server is shutting down
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.completion is not None:
+                return
+
+
+class Service:
+    """The model behind the HTTP layer: admission, request preparation and the engine queue."""
+
+    def __init__(self, model, processor, model_name: str, limits: Limits, local_images: Path | None = None,
+                 engine: Engine | None = None):
+        from stitch.infer.generate import get_engine
+
+        self.model_name = model_name
+        self.limits = limits
+        self.local_images = Path(local_images) if local_images is not None else None
+        self.engine = engine if engine is not None else get_engine(model, processor)
+        self.context = int(model.config.llm.max_position_embeddings)
+        self.created = int(time.time())
+        # Tokenizers may reconfigure themselves on a call (truncation/padding state): one prompt at a time.
+        self._prepare_lock = threading.Lock()
+        self._admit_lock = threading.Lock()
+        self.admitted = 0
+        self._pumps = ThreadPoolExecutor(max_workers=limits.max_pending, thread_name_prefix="stitch-serve")
+
+    # ----------------------------------------------------------------- admission
+    def admit(self) -> None:
+        """Count a request in, or refuse it (503) when `max_pending` are already being served."""
+        with self._admit_lock:
+            if self.admitted >= self.limits.max_pending:
+                raise APIError(503, f"the server is busy ({self.admitted} requests in progress); retry shortly",
+                               code="server_busy", type="server_busy", headers={"Retry-After": "1"})
+            self.admitted += 1
+
+    def release(self) -> None:
+        with self._admit_lock:
+            self.admitted -= 1
+
+    # ----------------------------------------------------------------- requests
+    def prepare(self, body: bytes) -> tuple[ChatJob, EngineRequest]:
+        """Parse, decode images, tokenise and check lengths (runs in a worker thread: it is CPU work)."""
+        from stitch.data.skips import SampleError
+        from stitch.infer.sampling import SamplingParams
+
+        job = parse_chat_request(body, self.model_name, self.limits, self.local_images)
+        chars = sum(len(m["content"]) for m in job.conversation)
+        if chars > self.context * MAX_CHARS_PER_TOKEN:
+            raise APIError(400, f"the messages hold {chars} characters, far more than this model's context of "
+                           f"{self.context} tokens", param="messages", code="context_length_exceeded")
+        try:
+            with self._prepare_lock:
+                request = self.engine.prepare(job.conversation, job.images)
+        except SampleError as e:
+            raise APIError(400, f"messages: {e.detail}", param="messages", code=e.reason) from e
+        prompt = int(request.input_ids.numel())
+        room = self.context - prompt
+        if job.max_tokens is None and room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the messages "
+                           f"resulted in {prompt} tokens", param="messages", code="context_length_exceeded")
+        if job.max_tokens is not None and job.max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; you requested "
+                           f"{prompt + job.max_tokens} tokens ({prompt} in the messages, {job.max_tokens} in the "
+                           "completion)", param="messages", code="context_length_exceeded")
+        max_new = job.max_tokens if job.max_tokens is not None else min(self.limits.max_tokens, room)
+        try:
+            request.params = SamplingParams(max_new_tokens=max_new, **job.sampling)
+        except StitchError as e:  # the parser checks ranges first; this is a backstop
+            raise APIError(400, str(e), code="invalid_value") from e
+        return job, request
+
+    def submit(self, request: EngineRequest) -> _Pipe:
+        """Queue `request` in the engine; its events arrive on the returned pipe. Admission is released when the
+        engine finishes it."""
+        pipe = _Pipe(asyncio.get_running_loop())
+        handle = self.engine.submit(request)
+        self._pumps.submit(pipe.pump, handle, self.release)
+        return pipe
+
+    def close(self) -> None:
+        self._pumps.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------- HTTP layer
+def _error_response(err: APIError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes `limit`: Content-Length is checked first, then the bytes as
+    they arrive (a chunked body has no length to trust)."""
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; at most {limit}", code="request_too_large")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect as e:
+        raise APIError(400, "the request body ended early (client disconnected)", code="incomplete_body") from e
+    return b"".join(chunks)
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _usage(c: Completion) -> dict[str, int]:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def create_app(model, processor, *, model_name: str, limits: Limits | None = None, api_key: str | None = None,
+               local_images: str | Path | None = None, engine: Engine | None = None) -> FastAPI:
+    """The ASGI app serving `model`. `app.state.service` holds the engine and admission state."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    service = Service(model, processor, model_name, limits or Limits(), local_images, engine)
+    app = FastAPI(title="Stitch", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    app.router.on_shutdown.append(service.close)
+    expected_auth = f"Bearer {api_key}".encode() if api_key else None
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, err: APIError):
+        return _error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, err: StarletteHTTPException):  # unknown route, wrong method
+        message = {404: "Unknown URL", 405: "Method not allowed"}.get(err.status_code, str(err.detail))
+        return _error_response(APIError(err.status_code, f"{message}: see /v1/chat/completions, /v1/models, /health",
+                                        headers=err.headers))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, err: RequestValidationError):
+        return _error_response(APIError(400, str(err)[:500]))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, err: Exception):
+        log.exception("internal error", exc_info=err)
+        return _error_response(APIError(500, "internal server error", code="internal_error"))
+
+    def authorize(request) -> None:
+        if expected_auth is None:
+            return
+        given = request.headers.get("authorization", "").encode("utf-8", "replace")
+        if not hmac.compare_digest(given, expected_auth):
+            raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key", type="authentication_error")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": service.created, "owned_by": "stitch"}
+
+    # Plain Starlette endpoints (the request is their one argument): the body is read and checked by hand.
+    async def health(request):
+        return JSONResponse({"status": "ok", "model": model_name, "requests_in_progress": service.admitted})
+
+    async def list_models(request):
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def get_model(request):
+        authorize(request)
+        name = request.path_params["name"]
+        if name != model_name:
+            raise APIError(404, f"The model {name[:200]!r} does not exist", param="model", code="model_not_found")
+        return JSONResponse(model_card())
+
+    async def chat_completions(request):
+        authorize(request)
+        service.admit()
+        submitted = False
+        try:
+            body = await _read_body(request, service.limits.max_body_bytes)
+            job, req = await run_in_threadpool(service.prepare, body)
+            pipe = service.submit(req)
+            submitted = True  # from here the pump thread releases admission
+        finally:
+            if not submitted:
+                service.release()
+        cid, created = _completion_id(), int(time.time())
+        if job.stream:
+            return StreamingResponse(_sse(pipe, cid, created, model_name, job.include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        completion = None
+        async for event in pipe.events():
+            completion = event.completion
+        assert completion is not None
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                         "finish_reason": completion.finish_reason, "logprobs": None}],
+            "usage": _usage(completion), "system_fingerprint": None,
+        })
+
+    app.add_route("/health", health, methods=["GET"])
+    app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/models/{name:path}", get_model, methods=["GET"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    return app
+
+
+async def _sse(pipe: _Pipe, cid: str, created: int, model_name: str, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format: the role first, then text deltas, then the finish reason
+    (and usage when asked), then `[DONE]`. An engine failure mid-stream becomes an `error` event."""
+
+    def chunk(delta: dict, finish_reason: str | None = None, usage: dict | None = None) -> str:
+        body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                                "model": model_name, "system_fingerprint": None,
+                                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                             "logprobs": None}]}
+        if usage is not None:
+            body["choices"], body["usage"] = [], usage
+        elif include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for event in pipe.events():
+            if event.text:
+                yield chunk({"content": event.text})
+            if event.completion is not None:
+                yield chunk({}, event.completion.finish_reason)
+                if include_usage:
+                    yield chunk({}, usage=_usage(event.completion))
+    except Exception as e:  # noqa: BLE001 - the status line is already sent: report in-band
+        log.exception("generation failed mid-stream", exc_info=e)
+        yield f"data: {json.dumps(APIError(500, 'internal server error', code='internal_error').body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------------------------------ command line
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Limits()
+    parser.add_argument("checkpoint", help="a Stitch checkpoint folder (or an HF InternVL/LLaVA folder)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: loopback only; 0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=8000, help="default: 8000 (0 = any free port)")
+    parser.add_argument("--api-key", default=os.environ.get("STITCH_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $STITCH_API_KEY, else none)")
+    parser.add_argument("--model-name", default=None,
+                        help="the name clients pass as `model` (default: the checkpoint folder's name)")
+    parser.add_argument("--allow-local-images", default=None, metavar="DIR",
+                        help="also accept image_url paths (or file:// URLs) of files inside DIR (default: off)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: 32)")
+    parser.add_argument("--max-request-mb", type=float, default=d.max_body_bytes / MiB,
+                        help=f"largest request body (default: {d.max_body_bytes // MiB})")
+    parser.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / MiB,
+                        help=f"largest image file (default: {d.max_image_bytes // MiB})")
+    parser.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                        help=f"largest image width x height (default: {d.max_image_pixels})")
+    parser.add_argument("--max-images", type=int, default=d.max_images,
+                        help=f"images per request (default: {d.max_images})")
+    parser.add_argument("--max-tokens-limit", type=int, default=d.max_tokens,
+                        help=f"largest max_tokens a request may ask, and the default (default: {d.max_tokens})")
+    parser.add_argument("--max-pending", type=int, default=d.max_pending,
+                        help=f"requests in progress at once before new ones get 503 (default: {d.max_pending})")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket (bound here, so a taken port is a clear error and port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise StitchError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
+def uvicorn_server(app, log_level: str = "info"):
+    """A uvicorn server for `app`; h11 keeps header limits (16 KiB per request head) the same on every install."""
+    import uvicorn
+
+    config = uvicorn.Config(app, http="h11", log_level=log_level, timeout_keep_alive=5, lifespan="on")
+    return uvicorn.Server(config)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
+
+    Needs the `serve` extra (pip install 'stitch-vlm[serve]'). Images go in image_url parts as base64 data: URLs.
+    Concurrent requests are batched into shared decode steps. See docs/serve.md for limits and errors.
+
+    Example:
+      stitch serve ckpt/sft --port 8000 --api-key secret
+      # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").chat.completions.create(
+      #           model="sft", messages=[{"role": "user", "content": "Hello"}], max_tokens=64)
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise StitchError(f"stitch serve needs FastAPI and uvicorn: pip install 'stitch-vlm[serve]' ({e})") from e
+    import torch
+
+    import stitch
+    from stitch.infer.generate import DTYPES, get_engine
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise StitchError(f"{ckpt}: not a checkpoint folder")
+    local = Path(args.allow_local_images) if args.allow_local_images else None
+    if local is not None and not local.is_dir():
+        raise StitchError(f"--allow-local-images {local}: not a folder")
+    for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-images", args.max_images),
+                        ("--max-tokens-limit", args.max_tokens_limit), ("--max-pending", args.max_pending),
+                        ("--max-image-pixels", args.max_image_pixels), ("--max-request-mb", args.max_request_mb),
+                        ("--max-image-mb", args.max_image_mb)):
+        if value <= 0:
+            raise StitchError(f"{flag} must be positive, got {value}")
+    limits = Limits(max_body_bytes=int(args.max_request_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
+                    max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+                    max_tokens=args.max_tokens_limit, max_pending=args.max_pending)
+    sock = listen_socket(args.host, args.port)  # before loading: a taken port fails fast
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        model, processor = stitch.load(ckpt, device=device, dtype=dtype)
+    except StitchError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise StitchError(f"{ckpt}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+    engine = get_engine(model, processor, max_batch_size=args.max_batch_size, compile=args.compile)
+    name = args.model_name or ckpt.resolve().name
+    app = create_app(model, processor, model_name=name, limits=limits, api_key=args.api_key,
+                     local_images=local, engine=engine)
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"stitch serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    print(f"stitch serve: {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    server = uvicorn_server(app, args.log_level)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+    return 0
