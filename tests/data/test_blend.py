@@ -187,3 +187,22 @@ def test_padded_batches_from_stream(three_sets, processor):
     assert batch["attention_mask"].sum().item() == sum(
         int(m.sum()) for m in batch["attention_mask"])
     assert "cu_seqlens" not in batch
+
+
+def test_data_config_options_reach_the_processor(tmp_path, processor):
+    make_image(tmp_path / "big.png", size=(300, 200))
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"image": "big.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                               {"from": "gpt", "value": "A gradient."}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+    ])
+    cfg = DataConfig(datasets=[{"path": str(data)}], num_workers=0, system_prompt="You check data.",
+                     max_image_pixels=10_000, max_skip_fraction=1.0)
+    stream = build_train_stream(cfg, processor, seed=0)
+    it = stream.samples()
+    drawn = [next(it) for _ in range(3)]
+    text = processor.decode(drawn[0].input_ids, skip_special_tokens=False)
+    assert "You check data." in text and "SmolLM" not in text
+    assert all(s.key.endswith("#1") for s in drawn)  # the 300x200 image is over max_image_pixels: skipped
+    assert stream.stats.skipped[str(data)]["decompression_bomb"] >= 1
+    assert processor.system_prompt is None  # the caller's processor is untouched
