@@ -140,6 +140,7 @@ class LoopConfig(_Base):
 class CheckpointConfig(_Base):
     every: int = Field(default=1000, ge=0)  # save every N steps (0: only at the end)
     keep_last: int = Field(default=2, ge=1)  # step folders kept (older ones are deleted after a save)
+    at_end: bool = True  # also save a step checkpoint when the run ends (off for throughput runs)
     save_final: bool = True  # write OUT/final (weights + tokenizer, no train_state) at the end
     resume: bool = True  # resume from OUT/checkpoints/latest when it exists
     # Test aid: sleep this long after each save so a test can kill the run at a known point.

@@ -167,6 +167,27 @@ class RunSummary:
     final_dir: Path | None
     interrupted: str | None = None
     losses: list[float] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # this session's step records
+
+    def throughput(self) -> dict[str, Any]:
+        """Tokens/s, TFLOP/s and MFU over this session's steps, leaving out the first 10% (at least one step
+        when there are several): they carry allocator growth, kernel autotuning and lazy initialisation."""
+        recs = self.records
+        skip = max(1, len(recs) // 10) if len(recs) > 1 else 0
+        timed = recs[skip:]
+        if not timed:
+            return {}
+        seconds = sum(r["step_s"] for r in timed)
+        tokens = sum(r["tokens"] for r in timed)
+        flops = sum(r["tflops_per_device"] * r["step_s"] for r in timed)
+        mfus = [r["mfu"] * r["step_s"] for r in timed if r.get("mfu") is not None]
+        return {
+            "steps_timed": len(timed),
+            "tokens_per_s": tokens / seconds,
+            "tflops_per_device": flops / seconds,
+            "mfu": sum(mfus) / seconds if mfus else None,
+            "step_s": seconds / len(timed),
+        }
 
 
 @contextlib.contextmanager
@@ -386,6 +407,7 @@ class Trainer:
                 record = self._one_step(batches)
                 step = self.state.step
                 summary.losses.append(record["loss"])
+                summary.records.append(record)
                 if metrics is not None and (step % cfg.log.every == 0 or step == cfg.train.steps):
                     metrics.write(record)
                 progress.update(step, record)
@@ -396,9 +418,10 @@ class Trainer:
                     last_saved = step
                 if self._stop is not None:
                     break
-            if self._stop is None and cfg.eval.every and self.state.step % cfg.eval.every:
+            ran = self.state.step > start
+            if ran and self._stop is None and cfg.eval.every and self.state.step % cfg.eval.every:
                 self._evaluate(metrics, progress)
-            if last_saved != self.state.step:
+            if last_saved != self.state.step and (cfg.checkpoint.at_end or self._stop is not None):
                 self.save()
         finally:
             self._restore_signals(handlers)
@@ -416,7 +439,12 @@ class Trainer:
                 summary.final_dir = self.save_final()
             if cfg.log.plot:
                 plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
-        self.log(f"done: {self.state.step} steps, {self.state.bad_steps} skipped (non-finite); "
+            self._write_summary(summary)
+        speed = summary.throughput()
+        rate = f"{speed['tokens_per_s']:,.0f} tokens/s" if speed else "no steps timed"
+        if speed.get("mfu") is not None:
+            rate += f", MFU {100 * speed['mfu']:.1f}%"
+        self.log(f"done: {self.state.step} steps, {self.state.bad_steps} skipped (non-finite); {rate}; "
                  f"peak memory {peak_memory_gb(self.device):.2f} GB; output in {self.out}")
         return summary
 
@@ -526,6 +554,27 @@ class Trainer:
             time.sleep(cfg.checkpoint.pause_after_save_s)
         return path
 
+    def _write_summary(self, summary: RunSummary) -> None:
+        """OUT/summary.json: what a benchmark table needs from this run."""
+        import json
+
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        data = {
+            "steps": summary.step,
+            "final_loss": summary.losses[-1] if summary.losses else None,
+            "skipped_steps": self.state.bad_steps,
+            **summary.throughput(),
+            "peak_memory_gb": peak_memory_gb(self.device),
+            "device": device,
+            "precision": self.precision,
+            "peak_tflops": self.peak / 1e12 if self.peak else None,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "flop_convention": "model FLOPs (no recompute); trained 6/param/token, frozen-with-grads 4, "
+                               "frozen-first 2; causal LLM attention n(n+1)/2 pairs per sample; LM head at "
+                               "label positions only (stitch.train.metrics)",
+        }
+        (self.out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+
     def save_final(self) -> Path:
         from stitch.checkpoint.store import save
 
@@ -569,7 +618,7 @@ class Trainer:
         if cfg.description:
             console.print(cfg.description)
         console.print(parameter_table(self.counts, title=f"parameters ({cfg.stage})"))
-        peak = f"{self.peak / 1e12:.0f} TFLOP/s" if self.peak else "unknown (set log.peak_tflops for MFU)"
+        peak = f"{self.peak / 1e12:.4g} TFLOP/s" if self.peak else "unknown (set log.peak_tflops for MFU)"
         data = "synthetic" if cfg.synthetic.enabled else (cfg.data.blend or f"{len(cfg.data.datasets)} dataset(s)")
         console.print(
             f"device {self.device} ({self.precision}), peak {peak}; global batch {cfg.train.global_batch_size} = "
@@ -581,10 +630,31 @@ class Trainer:
 # ------------------------------------------------------------------------------------------- CLI
 def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training recipe (YAML), e.g. configs/tiny-sft.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
+    # REMAINDER, so options may come anywhere after the config (argparse would stop at `--out` otherwise).
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
                         help="dotted config overrides, e.g. optim.lr=2e-5 train.steps=100 model.random_init=true")
     parser.add_argument("--out", default=None, help="output folder (same as output_dir=...)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _split_options(args: argparse.Namespace) -> list[str]:
+    """Pull `--out DIR`, `--out=DIR` and `--print-config` out of the override list."""
+    overrides, rest = [], list(args.overrides)
+    while rest:
+        item = rest.pop(0)
+        if item == "--out":
+            if not rest:
+                raise StitchConfigError("command line: --out needs a folder")
+            args.out = rest.pop(0)
+        elif item.startswith("--out="):
+            args.out = item.split("=", 1)[1]
+        elif item == "--print-config":
+            args.print_config = True
+        elif item.startswith("--"):
+            raise StitchConfigError(f"command line: unknown option {item} (overrides are key=value)")
+        else:
+            overrides.append(item)
+    return overrides
 
 
 def train(args: argparse.Namespace) -> int:
@@ -597,7 +667,7 @@ def train(args: argparse.Namespace) -> int:
       stitch train configs/tiny-sft.yaml output_dir=runs/tiny-sft train.steps=200 optim.lr=1e-3
       stitch train configs/internvl-2b-sft.yaml model.random_init=true synthetic.enabled=true train.steps=50
     """
-    overrides = list(args.overrides)
+    overrides = _split_options(args)
     if args.out:
         overrides.append(f"output_dir={args.out}")
     cfg = load_config(args.config, overrides)
