@@ -53,3 +53,19 @@ def test_help_and_errors(tmp_path, capsys):
     assert main(["train", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "'stage'" in err
+
+
+def test_tiny_recipes_chain_pretrain_then_sft(smol_tokenizer_dir, tmp_path):
+    """configs/tiny-pretrain.yaml then configs/tiny-sft.yaml, shortened: stage 1's final/ starts stage 2."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    short = ["train.steps=2", "train.global_batch_size=4", "checkpoint.every=0", "log.progress=false",
+             "log.plot=false", "data.datasets=[{path: 'easy-vqa:train', limit: 16}]"]
+    pre = tmp_path / "pre"
+    assert main(["train", str(configs / "tiny-pretrain.yaml"), f"output_dir={pre}",
+                 f"model.tokenizer={smol_tokenizer_dir}", *short]) == 0
+    sft = tmp_path / "sft"
+    assert main(["train", str(configs / "tiny-sft.yaml"), f"output_dir={sft}",
+                 f"model.checkpoint={pre / 'final'}", *short]) == 0
+    assert (sft / "final" / "model.safetensors").exists()
