@@ -67,6 +67,7 @@ class StageModule(nn.Module):
         self.rotary = model.llm.rotary
         self.comm_dtype = next(model.parameters()).dtype
         self.mode = "loss"
+        self.run_vision_always = False  # set under data parallelism (see _idle_vision)
         self._side: list[dict[str, Any]] = []
         self._cursor = 0
         self.loss_sums: list[torch.Tensor] = []
@@ -95,7 +96,10 @@ class StageModule(nn.Module):
         if not side:
             side = self._next_side()
         if self.is_first:
-            h = VLM.embed(self, x, side.get("pixel_values"))  # [B, T, D]
+            pixel_values = side.get("pixel_values")
+            h = VLM.embed(self, x, pixel_values)  # [B, T, D]
+            if self.run_vision_always and (pixel_values is None or pixel_values.numel() == 0):
+                h = h + self._idle_vision(h)
         else:
             h = x
         b, t, _ = h.shape
@@ -120,7 +124,18 @@ class StageModule(nn.Module):
         else:
             loss_sum, _ = token_loss(h, self.llm.lm_head, labels, num_label_tokens=1)
         self.loss_sums.append(loss_sum.detach())
-        return (loss_sum * side["loss_scale"]).reshape(1)
+        return (loss_sum * side["loss_scale"]).reshape(1).clone()  # not a view: FSDP hooks its outputs
+
+    def _idle_vision(self, h: torch.Tensor) -> torch.Tensor:
+        """0 x (the ViT and projector on one blank tile), for a text-only micro-batch under FSDP.
+
+        Every data-parallel rank must run the same sharded modules (their all-gathers and gradient reductions
+        are collectives); a rank whose micro-batch has no image would otherwise skip the ViT and hang the
+        others. The blank tile contributes exactly zero to the output and to the gradients.
+        """
+        size = self.config.vision.image_size
+        blank = torch.zeros(1, self.config.vision.num_channels, size, size, device=h.device)
+        return self.image_embeddings(blank).sum().to(h.dtype) * 0.0
 
 
 def _schedule_class(name: str):

@@ -398,6 +398,8 @@ def parallelize(
     if layout.tp > 1:
         apply_llm_tp(model, pmesh.tp_mesh())
     stages = [StageModule(model, s, layout.num_stages, layout.ranges[s], tp_loss=layout.tp > 1) for s in stage_ids]
+    for stage in stages:
+        stage.run_vision_always = layout.dp > 1
     mp = mixed_precision(param_dtype, reduce_dtype) if (param_dtype or reduce_dtype) else None
     apply_fsdp(stages, pmesh, mp)
     if on_meta:  # allocate only this rank's shards; the caller fills them with `load_weights`

@@ -25,12 +25,15 @@ def make_optimizer(params, kind: str = "sgd") -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.5)
 
 
-def tiny_config(tied: bool = False) -> VLMConfig:
+def tiny_config(variant: str = "base") -> VLMConfig:
+    """"base"; "tied" (tied embeddings); "mha" (4 KV heads, so the LLM takes TP 4 while the ViT takes 2)."""
+    assert variant in ("base", "tied", "mha"), variant
+    tied = variant == "tied"
     vision = VisionConfig(kind="internvit", image_size=56, patch_size=14, hidden_size=40, intermediate_size=64,
                           num_layers=2, num_heads=5, norm_type="rms_norm", qk_norm=True, qkv_bias=False,
                           layer_scale_init=0.1)
     llm = LLMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-                    num_kv_heads=2, tie_word_embeddings=tied, rms_norm_eps=1e-5)
+                    num_kv_heads=4 if variant == "mha" else 2, tie_word_embeddings=tied, rms_norm_eps=1e-5)
     return VLMConfig(vision=vision, llm=llm, projector=ProjectorConfig(kind="mlp"), image_token_id=IMAGE_TOKEN,
                      max_tiles=2)
 

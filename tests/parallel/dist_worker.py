@@ -28,30 +28,32 @@ from tests.parallel.common import STEPS, build, make_batch, make_optimizer, tiny
 MB2 = {"pp_microbatches": 2}
 # STITCH_TEST_DEVICE=cpu keeps the run on gloo/CPU on a machine that has GPUs (default: CUDA when available).
 DEVICE = torch.device(os.environ["STITCH_TEST_DEVICE"]) if os.environ.get("STITCH_TEST_DEVICE") else None
-SCENARIOS: dict[str, list[tuple[str, bool, dict]]] = {
+SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
     "two": [
-        ("dp2", False, {"dp": 2, "fsdp": True}),
-        ("dp2_replicate", False, {"dp": 2, "fsdp": False}),
-        ("tp2", False, {"tp": 2}),
-        ("tp2_vit_replicated", False, {"tp": 2, "vision_tp": 1}),
-        ("pp2_gpipe_uneven", False, {"pp": 2, "pp_schedule": "gpipe", **MB2, "pp_layers_per_stage": [1, 3]}),
-        ("pp2_1f1b", False, {"pp": 2, "pp_schedule": "1f1b", **MB2}),
-        ("pp2_interleaved", False, {"pp": 2, "pp_schedule": "interleaved_1f1b", **MB2,
+        ("dp2", "base", {"dp": 2, "fsdp": True}),
+        ("dp2_replicate", "base", {"dp": 2, "fsdp": False}),
+        ("tp2", "base", {"tp": 2}),
+        ("tp2_vit_replicated", "base", {"tp": 2, "vision_tp": 1}),
+        ("pp2_gpipe_uneven", "base", {"pp": 2, "pp_schedule": "gpipe", **MB2, "pp_layers_per_stage": [1, 3]}),
+        ("pp2_1f1b", "base", {"pp": 2, "pp_schedule": "1f1b", **MB2}),
+        ("pp2_interleaved", "base", {"pp": 2, "pp_schedule": "interleaved_1f1b", **MB2,
                                     "pp_layers_per_stage": [0, 2, 1, 1]}),
-        ("pp2_1f1b_tied", True, {"pp": 2, "pp_schedule": "1f1b", **MB2}),
-        ("tp2_tied", True, {"tp": 2}),
+        ("pp2_1f1b_tied", "tied", {"pp": 2, "pp_schedule": "1f1b", **MB2}),
+        ("tp2_tied", "tied", {"tp": 2}),
     ],
     "four": [
-        ("tp2_pp2", False, {"tp": 2, "pp": 2, "pp_schedule": "1f1b", **MB2, "pp_layers_per_stage": [3, 1]}),
-        ("dp2_tp2", False, {"dp": 2, "tp": 2}),
+        ("tp2_pp2", "base", {"tp": 2, "pp": 2, "pp_schedule": "1f1b", **MB2, "pp_layers_per_stage": [3, 1]}),
+        ("dp2_tp2", "base", {"dp": 2, "tp": 2}),
+        ("hsdp_2x2", "base", {"dp": 4, "dp_replicate": 2}),
+        ("tp4_vit2", "mha", {"tp": 4, "vision_tp": 2}),  # the ViT on its own (tp_outer, vision_tp) mesh
     ],
 }
 
 
-def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, resume_from: Path | None = None,
+def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, resume_from: Path | None = None,
           save_to: Path | None = None, first_step: int = 0, optimizer: str = "sgd", weights: Path | None = None,
           ) -> None:
-    cfg = tiny_config(tied)
+    cfg = tiny_config(variant)
     if weights is None:
         pm = parallelize(build(cfg), layout, device=DEVICE)
     else:  # meta-device build: each rank allocates and reads only its own shards
@@ -93,7 +95,7 @@ def train(name: str, tied: bool, layout: dict, out: Path, steps: int = STEPS, re
 
 def logits_from_resharded(out: Path) -> None:
     """Build on the meta device, load the `stitch reshard` output prepared by the test, write the logits."""
-    cfg = tiny_config(False)
+    cfg = tiny_config()
     model = build_model(cfg, device="meta")  # nothing allocated until each rank's shards exist
     pm = parallelize(model, {"tp": 2, "pp": 2, "pp_layers_per_stage": [1, 3]}, device=DEVICE)
     pm.load_weights(out / "resharded")
@@ -110,14 +112,14 @@ def main() -> None:
     for scenario in sys.argv[2:]:
         if scenario == "dcp":
             ckpt = out / "dcp_dp2"
-            train("dcp_first", False, {"dp": 2}, out, save_to=ckpt, optimizer="adamw", weights=out / "initial")
-            train("dcp_resumed", False, {"tp": 2}, out, resume_from=ckpt, first_step=STEPS,
+            train("dcp_first", "base", {"dp": 2}, out, save_to=ckpt, optimizer="adamw", weights=out / "initial")
+            train("dcp_resumed", "base", {"tp": 2}, out, resume_from=ckpt, first_step=STEPS,
                   optimizer="adamw")
         elif scenario == "logits":
             logits_from_resharded(out)
         else:
-            for name, tied, layout in SCENARIOS[scenario]:
-                train(name, tied, layout, out)
+            for name, variant, layout in SCENARIOS[scenario]:
+                train(name, variant, layout, out)
     dist.destroy_process_group()
 
 
