@@ -108,6 +108,8 @@ def load_blend(path: str | Path, split: str = "train") -> list[DatasetSpec]:
             continue
         if entry.get("image_root") and not Path(entry["image_root"]).is_absolute():
             entry["image_root"] = str((path.parent / entry["image_root"]).resolve())
+        if "split_part" in entry:  # Energon's name for the split of a prepared dataset
+            entry["split"] = entry.pop("split_part")
         entry.update(path=entry_path, weight=weight)
         entry["subflavors"] = entry.get("subflavors") or {}
         try:

@@ -254,6 +254,10 @@ class ChatEncoder:
         cursor = 0
         for k, msg in enumerate(messages):
             if msg["role"] != "assistant":
+                # Only needed when a template breaks the prefix property: then assistant content is searched
+                # after everything before it, so a reply that also occurs in an earlier turn is not mistaken.
+                pos, length = self._locate(text, msg["content"], cursor)
+                cursor = pos + length if pos >= 0 else cursor
                 continue
             prefix = self.render(messages[:k], add_generation_prompt=True)
             start = len(prefix) if text.startswith(prefix) else cursor

@@ -382,7 +382,6 @@ _ENERGON_TYPES = {  # sample type -> how its fields map onto our records
     "VQAOCRSample": "vqa",
     "MultiChoiceVQASample": "vqa",
     "OCRSample": "ocr",
-    "TextSample": "text",
 }
 
 

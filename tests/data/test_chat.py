@@ -269,3 +269,19 @@ def test_add_image_token_and_round_trip(smol_tok, config, tmp_path):
     torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
     with pytest.raises(StitchConfigError, match="image_token_id"):
         Processor(smol_tok, config.model_copy(update={"image_token_id": 5}))
+
+
+def test_template_without_prefix_property_falls_back_to_ordered_search(smol_tok, config):
+    """A template whose earlier text depends on later turns (here: a turn count in the header) breaks the
+    render-the-prefix rule; assistant content is then searched in order after the turns before it."""
+    counting = (
+        "{{ '<|im_start|>system\nTurns: ' + (messages|length)|string + '<|im_end|>\n' }}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tok = with_template(smol_tok, counting)
+    proc = Processor(tok, config)
+    for conv in CONVS:
+        batch = proc(conv)
+        assert batch["input_ids"][0].tolist() == template_ids(tok, conv)
+        check_labels(tok, batch, conv, "<|im_end|>")
