@@ -225,16 +225,21 @@ class RequestHandle:
     def __init__(self):
         self._events: queue.Queue = queue.Queue()
         self._completion: Completion | None = None
+        self._error: BaseException | None = None
 
     def _put(self, item) -> None:
         self._events.put(item)
 
     def __iter__(self) -> Iterator[Event]:
+        """The request's events as they come (blocking); raises the engine's error if its batch failed."""
+        if self._error is not None:
+            raise self._error
         if self._completion is not None:
             return
         while True:
             item = self._events.get()
             if isinstance(item, BaseException):
+                self._error = item
                 raise item
             yield item
             if item.completion is not None:
