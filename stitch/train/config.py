@@ -164,19 +164,31 @@ class EvalConfig(_Base):
 
 
 class ParallelConfig(_Base):
-    """Layout of the run; `stitch.parallel` reads these. The single-process trainer needs them all at 1."""
+    """Layout of the run; `stitch.parallel` reads these (its `Layout.from_config`). The single-process trainer
+    needs tp = pp = 1 and dp = 1 (or -1)."""
 
-    dp: int = Field(default=1, ge=1)
+    dp: int = Field(default=1, ge=-1)  # data-parallel degree; -1: whatever world size / (tp x pp) leaves
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
-    fsdp: bool = False  # shard parameters/grads/optimizer state over dp (FSDP2)
+    fsdp: bool = True  # shard parameters/grads/optimizer state over dp (FSDP2); False: replicate (DDP-like)
+    dp_replicate: int | None = Field(default=None, ge=1)  # HSDP: replicate groups over the dp shards
+    vision_tp: int | None = Field(default=None, ge=1)  # the ViT's own TP degree (default: tp)
+    vision_padded_heads: int | None = Field(default=None, ge=1)  # pad ViT heads to this (25 -> 32 at TP 8)
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     pp_microbatches: int | None = Field(default=None, gt=0)  # default: the accumulation count
     pp_layers_per_stage: list[int] | None = None  # uneven split of LLM layers (the ViT sits on stage 0)
+    pp_stages_per_rank: int | None = Field(default=None, ge=1)  # virtual stages (interleaved schedules)
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelConfig:
+        if self.dp == 0:
+            raise ValueError("dp must be >= 1, or -1 for 'the rest of the world size'")
+        return self
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        """Processes the layout needs (dp = -1 counts as 1: the launcher decides)."""
+        return max(self.dp, 1) * self.tp * self.pp
 
 
 class SyntheticConfig(_Base):
@@ -226,7 +238,7 @@ class TrainConfig(_Base):
     def _check(self) -> TrainConfig:
         if not self.synthetic.enabled and self.data.blend is None and not self.data.datasets:
             raise ValueError("no training data: set data.blend or data.datasets (or synthetic.enabled: true)")
-        micro = self.data.batch_size * self.parallel.dp
+        micro = self.data.batch_size * max(self.parallel.dp, 1)
         if self.train.global_batch_size % micro:
             raise ValueError(
                 f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
@@ -240,8 +252,18 @@ class TrainConfig(_Base):
 
     @property
     def accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step on each data-parallel rank."""
-        return self.train.global_batch_size // (self.data.batch_size * self.parallel.dp)
+        """Micro-batches per optimizer step on each data-parallel rank (for the configured dp)."""
+        return self.accumulation_for(max(self.parallel.dp, 1))
+
+    def accumulation_for(self, dp: int) -> int:
+        """Micro-batches per step on each rank when `dp` ranks share the global batch (dp = -1 resolved)."""
+        micro = self.data.batch_size * dp
+        if self.train.global_batch_size % micro:
+            raise StitchConfigError(
+                f"train.global_batch_size ({self.train.global_batch_size}) is not a multiple of "
+                f"data.batch_size x dp ({self.data.batch_size} x {dp})"
+            )
+        return self.train.global_batch_size // micro
 
     @property
     def decay_steps(self) -> int:

@@ -142,19 +142,30 @@ def train_step(
 # ------------------------------------------------------------------------------------------- the trainer
 @dataclass
 class Distributed:
-    """What a parallel wrapper supplies; the defaults describe one process.
+    """What a parallel launcher supplies; the defaults describe one process on one device.
 
-    `parallelize(model, cfg)` returns the model to train (e.g. FSDP2-wrapped); `all_reduce` and `grad_sync`
-    are passed to `train_step`. Only rank 0 (`is_main`) logs and prints. Saving/loading under sharding is
-    the wrapper's to provide by overriding `Trainer.save`/`Trainer.restore` (the single-process versions write
-    full safetensors weights + DCP optimizer state).
+    - `rank`: the global rank (rank 0 logs, prints and writes the run's files); `dp_rank`/`dp_size`: this
+      rank's place among data-parallel replicas (the data stream is split by these, the global batch too);
+    - `parallelize(model, cfg)`: the module to train (e.g. `stitch.parallel.parallelize`'s handle); the
+      optimizer is built afterwards from `model.parts()`, so it sees the sharded/pruned parameters;
+    - `all_reduce`, `grad_sync`: passed to `train_step` (see there);
+    - `step_fn(module, optimizer, micro_batches, max_grad_norm=, autocast_dtype=)`: replaces `train_step`
+      when the layout must drive the micro-batches itself (a pipeline schedule); it returns an object with
+      `StepResult`'s fields (`stitch.parallel.step.parallel_train_step` fits);
+    - `eval_fn(module, batch) -> (mean loss, label tokens)`, both over all ranks, for validation under such
+      a layout (collective: every rank calls it).
+    Saving and loading under sharding: override `Trainer.save` / `Trainer.build_model` (the single-process
+    versions write full safetensors weights + DCP optimizer state, which DCP can reshard).
     """
 
     rank: int = 0
-    world_size: int = 1
-    parallelize: Callable[[nn.Module, TrainConfig], nn.Module] | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    parallelize: Callable[[nn.Module, TrainConfig], Any] | None = None
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     grad_sync: Callable[[bool], None] | None = None
+    step_fn: Callable[..., Any] | None = None
+    eval_fn: Callable[[Any, dict], tuple[float, int]] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -237,6 +248,7 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self._print = console_print or print
         self._stop: str | None = None
+        self.accumulation = cfg.accumulation_for(self.dist.dp_size)
         if cfg.parallel.world_size > 1 and self.dist.parallelize is None:
             raise StitchConfigError(
                 f"parallel: dp={cfg.parallel.dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp} needs the parallel "
@@ -310,7 +322,7 @@ class Trainer:
         explicit_val = val and cfg.eval.data is not None
         if cfg.synthetic.enabled and not explicit_val:
             pad = processor.pad_token_id if processor is not None else 0
-            return SyntheticStream(cfg.synthetic, cfg.data, model_cfg, pad, self.dist.rank, cfg.parallel.dp,
+            return SyntheticStream(cfg.synthetic, cfg.data, model_cfg, pad, self.dist.dp_rank, self.dist.dp_size,
                                    seed_offset=7919 if val else 0)
         if processor is None:
             raise StitchConfigError("data: reading datasets needs a tokenizer (the checkpoint has none; "
@@ -324,7 +336,7 @@ class Trainer:
             if cfg.data.blend is None:
                 return None  # inline datasets have no val split; set eval.data
             data = cfg.data.model_copy(update={"split": "val"})
-        return build_train_stream(data, processor, rank=self.dist.rank, world_size=cfg.parallel.dp,
+        return build_train_stream(data, processor, rank=self.dist.dp_rank, world_size=self.dist.dp_size,
                                   seed=cfg.train.seed)
 
     def _processor(self, tokenizer, model_cfg: VLMConfig):
@@ -453,7 +465,7 @@ class Trainer:
         # which happens lazily at the first batch); isolating it keeps dropout's random stream a function
         # of the step alone, so a resumed run sees the same stream as a straight one.
         with _isolated_rng():
-            return [next(batches) for _ in range(self.cfg.accumulation_steps)]
+            return [next(batches) for _ in range(self.accumulation)]
 
     def _one_step(self, batches: Iterator[dict]) -> dict[str, Any]:
         cfg = self.cfg
@@ -462,11 +474,15 @@ class Trainer:
         shapes = [batch_shape(mb) for mb in micro]
         lrs = {g["name"].split(".")[0]: g["lr"] for g in self.optimizer.param_groups}
         lr = cfg.optim.lr * self.scheduler.lr_lambdas[0](self.state.step)  # the schedule at this step
-        result = train_step(
-            self.module, self.optimizer, micro, device=self.device, autocast_dtype=self.autocast_dtype,
-            max_grad_norm=cfg.optim.max_grad_norm, params=self.params, all_reduce=self.dist.all_reduce,
-            grad_sync=self.dist.grad_sync,
-        )
+        if self.dist.step_fn is not None:
+            result = self.dist.step_fn(self.module, self.optimizer, micro, max_grad_norm=cfg.optim.max_grad_norm,
+                                       autocast_dtype=self.autocast_dtype)
+        else:
+            result = train_step(
+                self.module, self.optimizer, micro, device=self.device, autocast_dtype=self.autocast_dtype,
+                max_grad_norm=cfg.optim.max_grad_norm, params=self.params, all_reduce=self.dist.all_reduce,
+                grad_sync=self.dist.grad_sync,
+            )
         self.scheduler.step()
         dt = time.perf_counter() - t0
         st = self.state
@@ -488,7 +504,7 @@ class Trainer:
         else:
             st.bad_in_a_row = 0
         flops = sum(self.flops.flops(s) for s in shapes)
-        world = self.cfg.parallel.dp
+        world = self.dist.dp_size
         record: dict[str, Any] = {
             "step": st.step,
             "loss": result.loss,
@@ -522,12 +538,16 @@ class Trainer:
                 if i >= self.cfg.eval.batches:
                     break
                 with autocast:
+                    if self.dist.eval_fn is not None:
+                        loss, n = self.dist.eval_fn(self.module, batch)
+                        total += torch.tensor([loss * n, n], device=self.device, dtype=torch.float64)
+                        continue
                     out = self.module(**_to_device(batch, self.device), return_logits=False)
                 n = out.num_label_tokens.double()
                 total += torch.stack([out.loss.double() * n, n])
         finally:
             self.module.train()
-        if self.dist.all_reduce is not None:
+        if self.dist.all_reduce is not None and self.dist.eval_fn is None:  # eval_fn's values are global
             total = self.dist.all_reduce(total)
         return float(total[0] / total[1]) if total[1] > 0 else None
 
@@ -622,7 +642,7 @@ class Trainer:
         data = "synthetic" if cfg.synthetic.enabled else (cfg.data.blend or f"{len(cfg.data.datasets)} dataset(s)")
         console.print(
             f"device {self.device} ({self.precision}), peak {peak}; global batch {cfg.train.global_batch_size} = "
-            f"{cfg.accumulation_steps} micro-batch(es) x {cfg.data.batch_size} x dp {cfg.parallel.dp}; "
+            f"{self.accumulation} micro-batch(es) x {cfg.data.batch_size} x dp {self.dist.dp_size}; "
             f"data {data}; output {self.out}"
         )
 
