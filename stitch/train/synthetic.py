@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from stitch.config import VLMConfig
 from stitch.data.collate import IGNORE_INDEX, Sample, collate
@@ -67,8 +68,11 @@ class SyntheticStream:
         pixels = None
         tiles = cfg.images * cfg.tiles
         if tiles:
+            # Noise drawn at 1/8 resolution and scaled up: as good as full-size noise for a synthetic run,
+            # and 64x cheaper to draw, so the data side never slows a GPU throughput measurement.
             size = mc.vision.image_size
-            pixels = torch.randn((tiles, mc.vision.num_channels, size, size), generator=g)
+            small = torch.randn((tiles, mc.vision.num_channels, -(-size // 8), -(-size // 8)), generator=g)
+            pixels = F.interpolate(small, size=(size, size), mode="nearest")
         return Sample(input_ids=ids, labels=labels, pixel_values=pixels, num_tiles=[cfg.tiles] * cfg.images,
                       dataset="synthetic", key=f"synthetic#{index}")
 

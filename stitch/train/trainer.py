@@ -259,10 +259,13 @@ class Trainer:
     def _device(self) -> torch.device:
         want = self.cfg.train.device
         if want == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            want = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(want)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise StitchConfigError(f"train.device is {want!r} but CUDA is not available")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise StitchConfigError(f"train.device is {want!r} but CUDA is not available")
+            if device.index is None:  # an explicit index: set_device and the memory counters need one
+                device = torch.device("cuda", torch.cuda.current_device())
         return device
 
     def _precision(self) -> str:
