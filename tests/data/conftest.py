@@ -3,8 +3,8 @@ tiny VLM configs, and small images written with PIL."""
 
 from __future__ import annotations
 
+import fcntl
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -30,8 +30,7 @@ def smollm2_gguf() -> Path | None:
 def smol_dir(tmp_path_factory) -> Path:
     """The SmolLM2 tokenizer saved once per test session (GGUF parsing is slow; loading the saved files is not).
 
-    Shared by xdist workers through the session's common temp root; written to a private folder and renamed,
-    so a worker never sees a half-written copy.
+    Shared by xdist workers through the session's common temp root, under a file lock.
     """
     gguf = smollm2_gguf()
     if gguf is None:
@@ -40,16 +39,17 @@ def smol_dir(tmp_path_factory) -> Path:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
     target = root / "smollm2-tokenizer"
-    if not (target / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+    # One worker parses the GGUF while the others wait on the lock (parsing is CPU-bound; two at once on a
+    # 2-core machine only slow everything else down).
+    with open(root / "smollm2-tokenizer.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tmp = root / f"smollm2-tokenizer.{os.getpid()}"
-        tok.save_pretrained(str(tmp))
-        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tmp = root / f"smollm2-tokenizer.{os.getpid()}"
+            tok.save_pretrained(str(tmp))
             tmp.rename(target)
-        except OSError:  # another worker won the race
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
