@@ -269,7 +269,8 @@ class ParallelModel:
             g = p.grad
             if isinstance(g, DTensor):
                 mesh = g.device_mesh
-                dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+                # Sum squares over every sharded mesh dim (Shard, or FSDP+TP's _StridedShard: "not replicated").
+                dims = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
                 key, local = (id(mesh), dims), g.to_local()
                 sums.setdefault(key, [mesh, dims, []])[2].append(local)
             else:

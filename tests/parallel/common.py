@@ -14,6 +14,7 @@ from stitch.models.vlm import VLM
 IMAGE_TOKEN = 5
 ROWS, SEQ = 4, 24
 STEPS = 3
+MAX_GRAD_NORM = 2.0  # below most steps' norm (2.3 to 4.8), so clipping is exercised too
 
 
 def make_optimizer(params, kind: str = "sgd") -> torch.optim.Optimizer:
@@ -67,15 +68,17 @@ def make_batch(cfg: VLMConfig, step: int) -> dict[str, torch.Tensor]:
 
 
 def reference_run(cfg: VLMConfig, steps: int = STEPS, optimizer: str = "sgd"):
-    """One process, whole batches: the losses of `steps` optimizer steps and the weights afterwards."""
+    """One process, whole batches: losses, weights afterwards and (pre-clipping) gradient norms of `steps`
+    clipped optimizer steps."""
     model = build(cfg)
     opt = make_optimizer(model.parameters(), optimizer)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         out = model(**make_batch(cfg, step), return_logits=False)
         out.loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM).item())
         opt.step()
         opt.zero_grad()
         losses.append(out.loss.item())
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return losses, state
+    return losses, state, norms

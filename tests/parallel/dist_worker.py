@@ -23,7 +23,7 @@ from stitch.checkpoint.store import build_model
 from stitch.parallel import load_dcp, parallelize, save_dcp, split_batch
 from stitch.parallel.plan import from_live_shape
 from stitch.parallel.step import parallel_train_step, save_weights
-from tests.parallel.common import STEPS, build, make_batch, make_optimizer, tiny_config
+from tests.parallel.common import MAX_GRAD_NORM, STEPS, build, make_batch, make_optimizer, tiny_config
 
 MB2 = {"pp_microbatches": 2}
 # STITCH_TEST_DEVICE=cpu keeps the run on gloo/CPU on a machine that has GPUs (default: CUDA when available).
@@ -62,14 +62,17 @@ def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, 
     opt = make_optimizer(pm.parameters(), optimizer)
     if resume_from is not None:
         load_dcp(pm, opt, resume_from)
-    losses = []
+    losses, norms = [], []
     for step in range(first_step, first_step + steps):
         batch = split_batch(make_batch(cfg, step), pm.dp_size, cfg.tokens_per_tile, cfg.image_token_id)[pm.dp_rank]
         if layout.get("pp", 1) > 1 and layout.get("pp_schedule") != "gpipe":  # the trainer's way
-            result = parallel_train_step(pm, opt, split_batch(batch, 2, cfg.tokens_per_tile, cfg.image_token_id))
+            micro = split_batch(batch, 2, cfg.tokens_per_tile, cfg.image_token_id)
+            result = parallel_train_step(pm, opt, micro, max_grad_norm=MAX_GRAD_NORM)
             losses.append(result.loss)
+            norms.append(result.grad_norm)
         else:  # the bare API: forward_backward (micro-batches split by the layout) + the caller's optimizer
             step_out = pm.forward_backward(batch)
+            norms.append(float(pm.clip_grad_norm_(MAX_GRAD_NORM)))
             opt.step()
             opt.zero_grad()
             losses.append(step_out.loss.item())
@@ -88,7 +91,8 @@ def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, 
     if pm.dp_rank == 0 and pm.pmesh.tp_rank == 0:
         save_file(state, str(out / f"{name}.pp{pm.pmesh.pp_rank}.safetensors"))
     if dist.get_rank() == 0:
-        record = {"losses": losses, "eval_loss": float(ev[0] / ev[1]), "layout": pm.layout.describe()}
+        record = {"losses": losses, "grad_norms": norms, "eval_loss": float(ev[0] / ev[1]),
+                  "layout": pm.layout.describe()}
         (out / f"{name}.json").write_text(json.dumps(record))
     dist.barrier()
 

@@ -87,9 +87,11 @@ def _eval_loss(state: dict[str, torch.Tensor], variant: str) -> float:
 
 
 def _compare(out: Path, name: str, variant: str, references: dict) -> None:
-    reference = references[variant]
-    ref_losses, ref_state = reference
+    ref_losses, ref_state, ref_norms = references[variant]
     losses, state = _results(out, name)
+    # Gradient norms (every shard and stage counted once) match, and so clipping scales alike.
+    norms = json.loads((out / f"{name}.json").read_text())["grad_norms"]
+    assert norms == pytest.approx(ref_norms, rel=1e-5), f"{name}: grad norms {norms} vs {ref_norms}"
     # ParallelModel.eval_loss (no grad, no schedule) on the trained model.
     evaluated = json.loads((out / f"{name}.json").read_text())["eval_loss"]
     assert evaluated == pytest.approx(_eval_loss(ref_state, variant), abs=LOSS_TOL, rel=0)
@@ -121,7 +123,7 @@ def test_four_process_layouts_match_one_process(four_procs, references, name, va
 
 def test_dcp_save_dp2_resume_tp2_continues_the_curve(two_procs):
     """AdamW moments and weights saved under dp2 (5 ViT heads) resume under tp2 (heads padded to 6)."""
-    ref_losses, ref_state = reference_run(tiny_config(), steps=2 * STEPS, optimizer="adamw")
+    ref_losses, ref_state, _ = reference_run(tiny_config(), steps=2 * STEPS, optimizer="adamw")
     first, _ = _results(two_procs, "dcp_first")
     resumed, state = _results(two_procs, "dcp_resumed")
     assert first + resumed == pytest.approx(ref_losses, abs=LOSS_TOL, rel=0)
