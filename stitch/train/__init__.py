@@ -1,0 +1,10 @@
+"""Training: `stitch train CONFIG.yaml [key=value ...]`.
+
+- `config`: the typed `TrainConfig` (YAML recipes with `base:` inheritance, dotted overrides);
+- `stages`: what trains in pretrain / SFT, the parameter table;
+- `optim`, `schedule`: AdamW with a group pair per part, warmup + cosine/linear decay to a floor;
+- `trainer`: `train_step` (one token-weighted optimizer step, reusable by `stitch.parallel`) and `Trainer`;
+- `state`: atomic checkpoints (safetensors weights + DCP optimizer + RNG/data/scheduler state) and resume;
+- `metrics`: the FLOP model (MFU), tokens/s, memory; `log`: JSONL, progress bar, TensorBoard, loss plot;
+- `synthetic`: generated data for throughput runs and tests.
+"""
