@@ -41,7 +41,6 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -478,7 +477,6 @@ class Service:
         self._prepare_lock = threading.Lock()
         self._admit_lock = threading.Lock()
         self.admitted = 0
-        self._pumps = ThreadPoolExecutor(max_workers=limits.max_pending, thread_name_prefix="stitch-serve")
 
     # ----------------------------------------------------------------- admission
     def admit(self) -> None:
@@ -530,11 +528,10 @@ class Service:
         engine finishes it."""
         pipe = _Pipe(asyncio.get_running_loop())
         handle = self.engine.submit(request)
-        self._pumps.submit(pipe.pump, handle, self.release)
+        # A daemon thread: one whose engine went away must not keep the process from exiting.
+        threading.Thread(target=pipe.pump, args=(handle, self.release), name="stitch-serve-pump",
+                         daemon=True).start()
         return pipe
-
-    def close(self) -> None:
-        self._pumps.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------- HTTP layer
@@ -585,7 +582,6 @@ def create_app(model, processor, *, model_name: str, limits: Limits | None = Non
     service = Service(model, processor, model_name, limits or Limits(), local_images, engine)
     app = FastAPI(title="Stitch", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
-    app.router.on_shutdown.append(service.close)
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     @app.exception_handler(APIError)
@@ -732,12 +728,25 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A listening socket (bound here, so a taken port is a clear error and port 0 picks a free one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """A listening socket (bound here, so a taken port is a clear error and port 0 picks a free one).
+
+    Created from `getaddrinfo` with the protocol set to TCP: asyncio turns Nagle's algorithm off only on
+    sockets whose `proto` says TCP, and `socket.create_server` leaves it 0, which costs every response ~40 ms
+    (a response written in two parts waits for the client's delayed ACK)."""
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             proto=socket.IPPROTO_TCP)[0]
+        sock = socket.socket(family, kind, proto)
     except OSError as e:
         raise StitchError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise StitchError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
 
 
 def uvicorn_server(app, log_level: str = "info"):
