@@ -355,7 +355,7 @@ def decode_image(url: str, where: str, limits: Limits, local_images: Path | None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # other parsers never see the bytes
         except Image.DecompressionBombError as e:
             raise _bad(where, f"the image has too many pixels ({e})", "image_too_large") from e
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:

@@ -455,6 +455,33 @@ def test_busy_server_answers_503(served):
         service.admitted -= LIMITS.max_pending
 
 
+def test_engine_failure_is_a_500_and_the_server_recovers(served):
+    """A failure inside the engine (not the client's fault) fails that batch's requests with a 500 (an error
+    event once streaming has begun); the next requests are served as usual."""
+    engine = served.app.state.service.engine
+
+    def broken(batch, track_text):
+        raise RuntimeError("simulated device failure")
+        yield  # a generator, like the real one
+
+    client = served.client()
+    kwargs = dict(model=served.model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                  temperature=0)
+    engine._run_batch = broken
+    try:
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(**kwargs)
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions", json={**kwargs, "stream": True},
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-2][6:])["error"]["type"] == "server_error" and events[-1] == "data: [DONE]"
+    finally:
+        del engine._run_batch
+    assert client.chat.completions.create(**kwargs).choices[0].message.content is not None
+    assert httpx.get(f"{served.url}/health").json()["requests_in_progress"] == 0
+
+
 # ------------------------------------------------------------------------------------------- concurrency
 def test_32_concurrent_requests_are_batched_and_match_sequential(served, images_dir):
     client = served.client()
