@@ -87,7 +87,7 @@ def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, 
     save_weights(pm, out / f"{name}.weights")
     state = get_model_state_dict(pm.model, options=StateDictOptions(full_state_dict=True))
     padded = pm.layout.padded_heads(cfg)
-    state = {k: from_live_shape(k, v, cfg, padded).contiguous() for k, v in state.items()}
+    state = {k: from_live_shape(k, v, cfg, padded).contiguous().cpu() for k, v in state.items()}
     if pm.dp_rank == 0 and pm.pmesh.tp_rank == 0:
         save_file(state, str(out / f"{name}.pp{pm.pmesh.pp_rank}.safetensors"))
     if dist.get_rank() == 0:
@@ -106,12 +106,15 @@ def logits_from_resharded(out: Path) -> None:
     pm.eval()
     logits = pm.logits(make_batch(cfg, 0))
     if pm.is_last_stage and pm.pmesh.tp_rank == 0:
-        save_file({"logits": logits.contiguous()}, str(out / "resharded_logits.safetensors"))
+        save_file({"logits": logits.contiguous().cpu()}, str(out / "resharded_logits.safetensors"))
     dist.barrier()
 
 
 def main() -> None:
     out = Path(sys.argv[1])
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: compare against the CPU reference
+    torch.backends.cudnn.allow_tf32 = False
     torch.use_deterministic_algorithms(True)
     for scenario in sys.argv[2:]:
         if scenario == "dcp":
