@@ -43,7 +43,7 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
     ],
     "four": [
         ("tp2_pp2", "base", {"tp": 2, "pp": 2, "pp_schedule": "1f1b", **MB2, "pp_layers_per_stage": [3, 1]}),
-        ("dp2_tp2", "base", {"dp": 2, "tp": 2}),
+        ("dp2_tp2", "base", {"dp": 2, "fsdp": True, "tp": 2}),  # FSDP + TP: 2-D (strided) shards
         ("hsdp_2x2", "base", {"dp": 4, "dp_replicate": 2}),
         ("tp4_vit2", "mha", {"tp": 4, "vision_tp": 2}),  # the ViT on its own (tp_outer, vision_tp) mesh
     ],
@@ -119,7 +119,8 @@ def main() -> None:
     for scenario in sys.argv[2:]:
         if scenario == "dcp":
             ckpt = out / "dcp_dp2"
-            train("dcp_first", "base", {"dp": 2}, out, save_to=ckpt, optimizer="adamw", weights=out / "initial")
+            train("dcp_first", "base", {"dp": 2, "fsdp": True}, out, save_to=ckpt, optimizer="adamw",
+                  weights=out / "initial")
             train("dcp_resumed", "base", {"tp": 2}, out, resume_from=ckpt, first_step=STEPS,
                   optimizer="adamw")
         elif scenario == "logits":
