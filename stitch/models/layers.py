@@ -95,17 +95,27 @@ def attention(
 ) -> torch.Tensor:
     """SDPA with grouped-query heads. q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D].
 
-    `mask` is boolean (True = attend) broadcastable to [B, 1, T, S]; with no mask and `is_causal`, SDPA picks
-    its fused causal kernel. K/V heads are expanded explicitly because SDPA's GQA flag is not supported by
-    every backend/mask combination.
+    `mask` is boolean (True = attend) broadcastable to [B, 1, T, S]. Three paths, all exact:
+    - no mask: SDPA's own GQA support with its fused causal kernel (training, plain prefill);
+    - a mask and few queries (decode with a KV cache): the query groups of each K/V head are folded into the
+      query axis, so the cache is read in place instead of being copied `Hq/Hkv` times every step;
+    - otherwise K/V heads are expanded explicitly (packed or padded prefill).
     """
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout
-    )
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if hkv == hq:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                              dropout_p=dropout)
+    rep = hq // hkv
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout, enable_gqa=True)
+    if t * rep <= 64:
+        folded = mask.expand(b, 1, t, mask.shape[-1])[:, :, None].expand(b, 1, rep, t, -1).reshape(b, 1, rep * t, -1)
+        out = F.scaled_dot_product_attention(q.reshape(b, hkv, rep * t, d), k, v, attn_mask=folded, dropout_p=dropout)
+        return out.reshape(b, hq, t, d)
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 class SwiGLU(nn.Module):
