@@ -294,15 +294,21 @@ class ParallelModel:
     def _forward_only(self, batch: dict[str, Any], mode: str) -> torch.Tensor | None:
         batch = _to(batch, self.device)
         side = {**microbatch_side(batch), "loss_scale": 1.0}
-        with self._loss_context():
-            if self.runner is not None:
-                return self.runner.forward_only(batch["input_ids"], side, mode)
-            stage = self.stages[0]
-            stage.mode = mode
-            try:
-                return stage(batch["input_ids"], **side)
-            finally:
-                stage.mode = "loss"
+        try:
+            with self._loss_context():
+                if self.runner is not None:
+                    return self.runner.forward_only(batch["input_ids"], side, mode)
+                stage = self.stages[0]
+                stage.mode = mode
+                try:
+                    return stage(batch["input_ids"], **side)
+                finally:
+                    stage.mode = "loss"
+        finally:
+            # No backward follows to free the gathered weights (kept gathered between micro-batches under PP).
+            for stage in self.stages:
+                if isinstance(stage, FSDPModule):
+                    stage.reshard()
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Full logits [B, T, V] of one batch on the last stage's ranks (None on the others); for evaluation."""
