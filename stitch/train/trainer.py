@@ -219,6 +219,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@torch.no_grad()
+def init_for_training(model: VLM, std: float = 0.02) -> None:
+    """Random init that trains: N(0, std) for the LLM's and projector's matrices and embeddings, zero biases.
+
+    PyTorch's defaults (N(0, 1) embeddings, which a tied LM head reuses) start a large-vocabulary LLM at a
+    loss in the hundreds; this is the HF/Megatron-style init (`initializer_range` 0.02). The ViT initialises
+    itself (`VisionEncoder.init_weights`). Only for `model.random_init`; real runs load pretrained weights.
+    """
+    for part in (model.llm, model.projector):
+        for m in part.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+
 def set_dropout(model: VLM, llm: float | None, vision: float | None) -> None:
     """Change dropout after the model is built (modules copy the config's value at construction)."""
     if llm is not None:
@@ -315,6 +331,7 @@ class Trainer:
             # No tokenizer at hand: synthetic data only needs an id for the image token.
             vlm_cfg.image_token_id = vlm_cfg.llm.vocab_size - 1
         model = build_model(vlm_cfg, device=self.device, dtype=torch.float32)
+        init_for_training(model)
         return model, tok
 
     def build_stream(self, model_cfg: VLMConfig, processor, val: bool = False):
