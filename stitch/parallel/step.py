@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from stitch.parallel.plan import from_live_shape, stage_of
 from stitch.parallel.runtime import ParallelModel
 
-__all__ = ["ParallelStepResult", "parallel_train_step", "save_weights"]
+__all__ = ["ParallelStepResult", "parallel_train_step", "parallel_eval", "trainer_hooks", "save_weights"]
 
 
 @dataclass
@@ -65,6 +67,42 @@ def parallel_train_step(
         for p in pm.parameters():
             p.grad = None
     return ParallelStepResult(loss, norm, out.num_tokens, skipped)
+
+
+@torch.no_grad()
+def parallel_eval(pm: ParallelModel, batch: dict) -> tuple[float, int]:
+    """(mean next-token loss, labelled tokens) of `batch` summed over all data ranks (collective)."""
+    loss_sum, n = pm.eval_loss(batch)
+    totals = pm.pmesh.all_reduce_dp(torch.tensor([loss_sum, float(n)], device=pm.device, dtype=torch.float64))
+    return float(totals[0] / max(float(totals[1]), 1.0)), int(totals[1])
+
+
+def trainer_hooks(parallel_cfg: Any) -> dict[str, Any]:
+    """Keyword arguments for `stitch.train.trainer.Distributed` in a torchrun process, before any model exists.
+
+    `Distributed(**trainer_hooks(cfg.parallel))`: global rank, this rank's data-parallel coordinate (from the
+    mesh order (pp, dp_replicate, dp_shard, tp), so TP and PP ranks of one data rank read the same data),
+    `parallelize`, and the step and evaluation functions that let the layout drive the micro-batches.
+    """
+    from stitch.parallel.runtime import parallelize
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+
+    def get(key: str, default: int) -> int:
+        value = parallel_cfg.get(key) if isinstance(parallel_cfg, dict) else getattr(parallel_cfg, key, None)
+        return default if value in (None, -1) else int(value)
+
+    tp, pp = get("tp", 1), get("pp", 1)
+    dp = get("dp", world // (tp * pp))
+    return {
+        "rank": rank,
+        "dp_rank": (rank // tp) % dp,
+        "dp_size": dp,
+        "parallelize": lambda model, cfg: parallelize(model, cfg.parallel),
+        "step_fn": parallel_train_step,
+        "eval_fn": parallel_eval,
+    }
 
 
 def save_weights(pm: ParallelModel, out: str | Path) -> None:

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from stitch.checkpoint.store import build_model
 from stitch.parallel import load_dcp, parallelize, save_dcp, split_batch
 from stitch.parallel.plan import from_live_shape
-from stitch.parallel.step import parallel_train_step, save_weights
+from stitch.parallel.step import parallel_eval, parallel_train_step, save_weights, trainer_hooks
 from tests.parallel.common import MAX_GRAD_NORM, STEPS, build, make_batch, make_optimizer, tiny_config
 
 MB2 = {"pp_microbatches": 2}
@@ -79,9 +79,9 @@ def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, 
     # Evaluation after training: the trained model's mean loss on batch 0, summed over data ranks.
     pm.eval()
     batch = split_batch(make_batch(cfg, 0), pm.dp_size, cfg.tokens_per_tile, cfg.image_token_id)[pm.dp_rank]
-    ev_sum, ev_n = pm.eval_loss(batch)
-    ev = pm.pmesh.all_reduce_dp(torch.tensor([ev_sum, float(ev_n)], device=pm.device))
+    eval_loss, _ = parallel_eval(pm, batch)
     pm.train()
+    assert trainer_hooks(layout)["dp_rank"] == pm.dp_rank  # the trainer's data split matches the mesh
     if save_to is not None:
         save_dcp(pm, opt, save_to)
     save_weights(pm, out / f"{name}.weights")
@@ -91,7 +91,7 @@ def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, 
     if pm.dp_rank == 0 and pm.pmesh.tp_rank == 0:
         save_file(state, str(out / f"{name}.pp{pm.pmesh.pp_rank}.safetensors"))
     if dist.get_rank() == 0:
-        record = {"losses": losses, "grad_norms": norms, "eval_loss": float(ev[0] / ev[1]),
+        record = {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss,
                   "layout": pm.layout.describe()}
         (out / f"{name}.json").write_text(json.dumps(record))
     dist.barrier()
