@@ -255,7 +255,7 @@ class Layout:
             if world_size is None or world_size % (tp * pp):
                 raise StitchConfigError(f"world size {world_size} is not a multiple of tp x pp = {tp * pp}")
             dp = world_size // (tp * pp)
-        fsdp = bool(get("fsdp", False))  # the training config's default: replicate unless asked to shard
+        fsdp = bool(get("fsdp", True))  # as the training config: shard over dp unless told to replicate
         dp_replicate = int(get("dp_replicate", 1 if fsdp else dp))
         if dp % dp_replicate:
             raise StitchConfigError(f"parallel.dp_replicate {dp_replicate} does not divide parallel.dp {dp}")

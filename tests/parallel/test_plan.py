@@ -66,8 +66,7 @@ def test_impossible_layouts_fail_clearly(layout, world, message):
 
 def test_layout_defaults():
     layout = Layout.from_config({"tp": 2, "pp": 2}, tiny_config(), 8)
-    assert (layout.dp, layout.dp_replicate, layout.vision_tp, layout.padded_heads(tiny_config())) == (2, 2, 2, 6)
-    assert Layout.from_config({"dp": 4, "fsdp": True}, tiny_config(), 4).dp_shard == 4
+    assert (layout.dp, layout.dp_shard, layout.vision_tp, layout.padded_heads(tiny_config())) == (2, 2, 2, 6)
     assert Layout.from_config({"dp": 4, "fsdp": False}, tiny_config(), 4).dp_replicate == 4
     hsdp = Layout.from_config({"dp": 4, "dp_replicate": 2}, tiny_config(), 4)
     assert (hsdp.dp_replicate, hsdp.dp_shard) == (2, 2)
