@@ -280,7 +280,7 @@ class Trainer:
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise StitchConfigError(f"train.device is {want!r} but CUDA is not available")
-            if device.index is None:  # an explicit index: set_device and the memory counters need one
+            if device.index is None:  # set_device and the memory counters need an explicit index
                 device = torch.device("cuda", torch.cuda.current_device())
         return device
 
