@@ -40,7 +40,7 @@ from stitch.train.config import TrainConfig, load_config
 from stitch.train.log import MetricsLog, Progress, plot_losses
 from stitch.train.metrics import FlopModel, batch_shape, peak_flops, peak_memory_gb
 from stitch.train.optim import build_optimizer
-from stitch.train.schedule import build_scheduler
+from stitch.train.schedule import LRSchedule, build_scheduler
 from stitch.train.stages import apply_stage, parameter_table, trainable_vision_layers
 from stitch.train.state import (
     TrainState,
@@ -398,9 +398,22 @@ class Trainer:
         self.model = model
         self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(model.parts(), cfg.optim, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule.kind, cfg.schedule.warmup_steps,
-                                         cfg.decay_steps, cfg.optim.lr, cfg.schedule.min_lr)
+        self.schedule = LRSchedule(cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.decay_steps,
+                                   cfg.schedule.min_lr / cfg.optim.lr)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        if self.params or self.dist.parallelize is None:
+            # Under a layout a rank may hold nothing trainable (a middle pipeline stage in pretraining): it
+            # still joins every collective through `step_fn`, with no optimizer.
+            self.optimizer = build_optimizer(model.parts(), cfg.optim, self.device)
+            self.scheduler = build_scheduler(self.optimizer, cfg.schedule.kind, cfg.schedule.warmup_steps,
+                                             cfg.decay_steps, cfg.optim.lr, cfg.schedule.min_lr)
+        if self.dist.parallelize is not None and self._checkpoints_needed(resume_from):
+            raise StitchConfigError(
+                "checkpoints under a parallel layout are not wired into the trainer yet (the single-process "
+                "writer cannot take sharded parameters; stitch.parallel.dcp.save_dcp/save_weights can): set "
+                "checkpoint.every=0 checkpoint.at_end=false checkpoint.save_final=false for now"
+            )
         k = trainable_vision_layers(model, cfg)
         self.flops = FlopModel(model.config, k, cfg.unfreeze.vision, cfg.trains("llm"))
         self.peak = peak_flops(self.device, self.precision, cfg.log.peak_tflops)
@@ -413,6 +426,10 @@ class Trainer:
         if payload is not None and payload.get("data") is not None:
             self.stream.load_state_dict(payload["data"])
         self._resume_payload = payload
+
+    def _checkpoints_needed(self, resume_from: Path | None) -> bool:
+        c = self.cfg.checkpoint
+        return bool(resume_from or c.every or c.at_end or c.save_final)
 
     # ------------------------------------------------------------------ run
     def fit(self) -> RunSummary:
@@ -492,8 +509,9 @@ class Trainer:
         t0 = time.perf_counter()
         micro = self._next_micro_batches(batches)
         shapes = [batch_shape(mb) for mb in micro]
-        lrs = {g["name"].split(".")[0]: g["lr"] for g in self.optimizer.param_groups}
-        lr = cfg.optim.lr * self.scheduler.lr_lambdas[0](self.state.step)  # the schedule at this step
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        lrs = {g["name"].split(".")[0]: g["lr"] for g in groups}
+        lr = cfg.optim.lr * self.schedule(self.state.step)  # the schedule at this step
         if self.dist.step_fn is not None:
             result = self.dist.step_fn(self.module, self.optimizer, micro, max_grad_norm=cfg.optim.max_grad_norm,
                                        autocast_dtype=self.autocast_dtype)
@@ -503,7 +521,8 @@ class Trainer:
                 max_grad_norm=cfg.optim.max_grad_norm, params=self.params, all_reduce=self.dist.all_reduce,
                 grad_sync=self.dist.grad_sync,
             )
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         dt = time.perf_counter() - t0
         st = self.state
         st.step += 1
@@ -714,5 +733,10 @@ def train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    Trainer(cfg).fit()  # an interrupted run has saved its checkpoint: a clean exit either way
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the layout comes from `parallel:`
+        from stitch.parallel.step import trainer_hooks
+
+        dist = Distributed(**trainer_hooks(cfg.parallel))
+    Trainer(cfg, dist).fit()  # an interrupted run has saved its checkpoint: a clean exit either way
     return 0
