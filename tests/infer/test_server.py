@@ -433,7 +433,7 @@ def test_hostile_requests_get_4xx_and_the_server_keeps_working(served, ckpt, cap
                               half_close=True)
             assert status is None or 400 <= status < 500
         assert not failures, "\n".join(failures)
-        assert len(cases) + n_raw + 3 >= 200, len(cases) + n_raw
+        assert len(cases) + n_raw >= 200, len(cases) + n_raw  # each answered with a 4xx
         for future in running:
             r = future.result()
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
