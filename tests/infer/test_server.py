@@ -259,7 +259,8 @@ def hostile_bodies(model: str, context: int) -> list[tuple[str, bytes | dict]]:
         "prompt": ["completions-style"],
     }
     for key, values in bad_fields.items():
-        cases += [(f"{key}={json.dumps(v)[:30]}", msg(**{key: v})) for v in values]
+        base = {k: v for k, v in ok.items() if key != "max_completion_tokens" or k != "max_tokens"}
+        cases += [(f"{key}={json.dumps(v)[:30]}", {**base, key: v}) for v in values]
     cases += [("stream_options not an object", msg(stream=True, stream_options="yes")),
               ("stream_options unknown key", msg(stream=True, stream_options={"foo": 1})),
               ("both max_tokens fields", msg(max_completion_tokens=4)), ("no model", {"messages": ok["messages"]}),
