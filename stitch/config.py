@@ -185,6 +185,10 @@ class VLMConfig(_Base):
     image_wrapper: Literal["nvlm", "internvl", "none"] = "nvlm"
     max_tiles: int = Field(default=6, ge=1)
     use_thumbnail: bool = True
+    # System message the processor adds when a conversation has none (training and inference alike), so a
+    # model fine-tuned with a short system prompt is always asked the way it was trained. None: the chat
+    # template's own default.
+    system_prompt: str | None = None
     # HF export target this model was imported from / is shaped for; informational.
     source_format: Literal["stitch", "internvl", "llava"] = "stitch"
 

@@ -63,7 +63,7 @@ class Processor:
         self.images = ImageProcessor.from_config(config, max_pixels=max_image_pixels)
         self.encoder = ChatEncoder(tokenizer, config, token_id)
         self.budget_steps = tuple(budget_steps)
-        self.system_prompt = system_prompt
+        self.system_prompt = system_prompt if system_prompt is not None else config.system_prompt
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, **kwargs: Any) -> Processor:

