@@ -96,14 +96,25 @@ def load_config(path: Path) -> VLMConfig:
 
 
 def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> VLM:
-    """A Stitch checkpoint folder, or a whole HF VLM folder (InternVL / LLaVA), as a VLM."""
+    """A Stitch checkpoint folder, a LoRA checkpoint folder (`stitch.train.lora`), or a whole HF VLM folder
+    (InternVL / LLaVA), as a VLM."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
+    if (path / "lora.json").is_file():  # LoRA adapters + a pointer to their base: base + adapters, unmerged
+        from stitch.train.lora import load_lora_model  # noqa: PLC0415
+
+        return load_lora_model(path, device=device, dtype=dtype)
     if is_stitch_checkpoint(path):
+        from stitch.checkpoint.reshard import LAYOUT_FILE, open_weights
+
         cfg = load_config(path)
-        source = TensorSource(path)
-        state = {name: source[name] for name in source}
+        if (path / LAYOUT_FILE).exists():  # per-rank tp{t}_pp{p}/ folders from `stitch reshard`: merge on read
+            source = open_weights(path)
+            state = {name: source[name] for name in model_state(build_model(cfg, device="meta"))}
+        else:
+            source = TensorSource(path)
+            state = {name: source[name] for name in source}
     else:
         from stitch.checkpoint.hf import vlm_config_from_hf, vlm_state_from_hf
 
@@ -115,7 +126,8 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
 
 
 def load(path: str | Path, device="cpu", dtype: torch.dtype | None = None, merge_lora: bool = False):
-    """`stitch.load`: (model in eval mode, processor)."""
+    """`stitch.load`: (model in eval mode, processor). `merge_lora` folds a LoRA checkpoint's adapters into
+    the base weights (plain linear layers, as fast as the base); otherwise they stay separate layers."""
     from stitch.data.processor import Processor
 
     path = Path(path)

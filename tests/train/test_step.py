@@ -68,6 +68,7 @@ def _weights(path_or_model) -> dict[str, torch.Tensor]:
         ("pretrain", {}, {"projector"}),
         ("sft", {}, {"projector", "llm"}),
         ("pretrain", {"vision_last_layers": 1}, {"projector", "vision.layers.1"}),
+        ("sft", {"llm_last_layers": 1}, {"projector", "llm.layers.1", "llm.norm"}),
     ],
 )
 def test_stage_freezing(small_ckpt, tmp_path, stage, unfreeze, changes):
@@ -87,4 +88,4 @@ def test_stage_freezing(small_ckpt, tmp_path, stage, unfreeze, changes):
     counts = trainer.counts
     assert counts["projector"].frozen == 0
     assert (counts["llm"].trainable > 0) == (stage == "sft")
-    assert (counts["vision"].trainable > 0) == bool(unfreeze)
+    assert (counts["vision"].trainable > 0) == bool(unfreeze.get("vision_last_layers"))
