@@ -191,22 +191,41 @@ def import_hf(args: argparse.Namespace) -> int:
 def export_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--format", required=True, choices=["internvl", "llava"])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", default=None, help="the HF model folder (LoRA adapters merged into the weights)")
+    parser.add_argument("--peft-out", default=None, metavar="DIR",
+                        help="LoRA checkpoints: also write the adapters in peft's format (adapter_config.json + "
+                             "adapter_model.safetensors) for the HF export of the base")
 
 
 def export_hf(args: argparse.Namespace) -> int:
     """Export a Stitch checkpoint as an HF VLM folder that `transformers` (and so vLLM) loads.
 
+    A LoRA checkpoint (adapters + a pointer to its base) is exported with the adapters merged into the base
+    weights; `--peft-out DIR` writes the adapters in peft's own format as well (or alone, without `--out`),
+    to load with `peft.PeftModel.from_pretrained(<the base exported with export-hf>, DIR)`.
+
     Example:
       stitch export-hf ckpt/sft --format internvl --out export/internvl-hf
+      stitch export-hf runs/lora-sft/final --format internvl --out export/merged --peft-out export/adapters
     """
-    export_to_hf(args.checkpoint, args.format, args.out)
-    print(f"wrote {args.out}")
+    if args.out is None and args.peft_out is None:
+        raise StitchError("nothing to write: give --out DIR (the HF model) and/or --peft-out DIR (LoRA adapters)")
+    if args.out is not None:
+        export_to_hf(args.checkpoint, args.format, args.out)
+        print(f"wrote {args.out}")
+    if args.peft_out is not None:
+        from stitch.train.lora import export_peft  # noqa: PLC0415
+
+        export_peft(args.checkpoint, args.format, args.peft_out)
+        print(f"wrote {args.peft_out}")
     return 0
 
 
 def export_to_hf(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
-    model = load_model(checkpoint)
+    """Write `checkpoint` as an HF `fmt` folder; LoRA adapters are merged into the base weights first."""
+    from stitch.train.lora import merge_lora  # noqa: PLC0415
+
+    model = merge_lora(load_model(checkpoint))
     cfg = model.config
     hf_cfg = vlm_config_to_hf(cfg, fmt)
     state = vlm_state_to_hf(model_state(model), cfg, fmt)

@@ -8,8 +8,9 @@ field path, before any model is built.
 
 Sections (see each class): `model` (where weights come from), `data` (`stitch.data.config.DataConfig`, owned by
 the data pipeline), `synthetic` (generated data for smoke/perf runs with no dataset on disk), `stage` +
-`unfreeze` (what trains), `optim`, `schedule`, `train` (the loop), `checkpoint`, `log`, `eval`, `parallel`
-(layout keys that `stitch.parallel` reads; the single-process trainer only checks they are 1).
+`unfreeze` (what trains), `lora` (low-rank adapters instead of full weights), `optim`, `schedule`, `train` (the
+loop), `checkpoint`, `log`, `eval`, `parallel` (layout keys that `stitch.parallel` reads; the single-process
+trainer only checks they are 1).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "ModelSource",
     "UnfreezeConfig",
+    "LoRAConfig",
     "OptimConfig",
     "ScheduleConfig",
     "LoopConfig",
@@ -89,6 +91,39 @@ class UnfreezeConfig(_Base):
     vision: bool = False  # train the whole vision encoder
     vision_last_layers: int = Field(default=0, ge=0)  # train only its last k (used) layers and its post-norm
     llm: bool | None = None  # None: the stage decides (pretrain: frozen, sft: trains)
+    # When the LLM trains: 0 = all of it; k = only its last k decoder layers and final norm (embeddings and
+    # output layer stay frozen), which saves their gradients and optimizer state on small machines.
+    llm_last_layers: int = Field(default=0, ge=0)
+
+
+class LoRAConfig(_Base):
+    """Low-rank adapters (LoRA, `stitch.train.lora`) in place of full fine-tuning for some parts.
+
+    The listed `parts` keep their weights frozen and learn `W + (alpha / rank) * B @ A` on the chosen linear
+    layers instead, which cuts gradient and optimizer memory to a few percent. The projector is also frozen
+    unless `trainable` names it (it does by default: it is small and starts untrained). Checkpoints then
+    hold only the adapters and the fully trained modules, plus a pointer to the base checkpoint.
+    """
+
+    enabled: bool = False
+    parts: list[Literal["llm", "vision"]] = Field(default_factory=lambda: ["llm"], min_length=1)
+    # "attention" (q/k/v/o projections), "mlp" (gate/up/down, or the ViT's fc1/fc2), or explicit module names
+    # matched against the end of a module's name (`q_proj`, `self_attn.v_proj`, `attn.o_proj`, `mlp.fc1`).
+    modules: list[str] = Field(default_factory=lambda: ["attention", "mlp"], min_length=1)
+    rank: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)  # on the adapter's input only
+    # Modules (dotted names: `projector`, `llm.lm_head`, `llm.embed_tokens`, `vision.post_norm`, ...) that
+    # train fully beside the adapters; drop `projector` to freeze it too.
+    trainable: list[str] = Field(default_factory=lambda: ["projector"])
+
+    @model_validator(mode="after")
+    def _check(self) -> LoRAConfig:
+        if len(set(self.parts)) != len(self.parts):
+            raise ValueError(f"parts lists a part twice: {self.parts}")
+        if any(not m.strip() for m in self.modules):
+            raise ValueError("modules: empty module name")
+        return self
 
 
 class OptimConfig(_Base):
@@ -224,6 +259,7 @@ class TrainConfig(_Base):
     data: DataConfig = Field(default_factory=DataConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: LoopConfig
@@ -248,6 +284,14 @@ class TrainConfig(_Base):
             raise ValueError("schedule.decay_steps must be >= schedule.warmup_steps")
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"schedule.min_lr ({self.schedule.min_lr}) > optim.lr ({self.optim.lr})")
+        if self.lora.enabled:
+            # LoRA freezes its parts' base weights: an unfreeze option for the same part would do nothing.
+            if "llm" in self.lora.parts and (self.unfreeze.llm or self.unfreeze.llm_last_layers):
+                raise ValueError("lora.parts includes llm, whose base weights LoRA freezes: drop unfreeze.llm/"
+                                 "unfreeze.llm_last_layers (list fully trained modules in lora.trainable)")
+            if "vision" in self.lora.parts and (self.unfreeze.vision or self.unfreeze.vision_last_layers):
+                raise ValueError("lora.parts includes vision, whose base weights LoRA freezes: drop unfreeze.vision/"
+                                 "unfreeze.vision_last_layers (list fully trained modules in lora.trainable)")
         return self
 
     @property

@@ -9,6 +9,9 @@ Layout of an output folder:
             state.json                  step, scheduler, data position, counters, python RNG, config
     OUT/checkpoints/latest              the name of the newest complete step folder (one line)
 
+A LoRA run's step folder holds `adapter.safetensors` + `trainable.safetensors` + `lora.json` (which points at the
+base checkpoint) instead of `model.safetensors`; see `stitch.train.lora`.
+
 Why it is crash-safe: a step folder is written under a temporary name and renamed into place only when every
 file is complete (`stitch.checkpoint.io.atomic_dir`); `latest` is replaced atomically (write + rename) only
 after that. So a kill at any instant leaves `latest` naming a complete folder, and a failed save (disk full)
@@ -131,19 +134,30 @@ def save_checkpoint(
     train_config: dict,
     tokenizer=None,
     keep_last: int = 2,
+    lora_base: dict[str, str] | None = None,
 ) -> Path:
     """Write OUT/checkpoints/step_N atomically, point `latest` at it, prune old step folders; return its path.
 
+    A model with LoRA layers saves only its adapters and trainable modules, with `lora_base` (a
+    `stitch.train.lora.base_reference`) as the pointer to the frozen base weights.
     Raises CheckpointError naming the folder (and saying the previous checkpoint is intact) when writing fails,
     e.g. with the disk full.
     """
     root = Path(out_dir) / "checkpoints"
     target = root / step_dir_name(state.step)
     dcp, get_osd, _ = _dcp()
+    from stitch.train.lora import has_lora, write_adapter_files
+
+    lora = has_lora(model)
+    if lora and lora_base is None:
+        raise ValueError("a LoRA model's checkpoint needs lora_base (the base checkpoint it points at)")
     try:
         with atomic_dir(target) as tmp:
             model.config.save(tmp / "config.json")
-            save_tensors(model_state(model), tmp)
+            if lora:
+                write_adapter_files(model, tmp, lora_base)
+            else:
+                save_tensors(model_state(model), tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             ts = tmp / "train_state"

@@ -321,6 +321,10 @@ class Trainer:
         if resume_from is not None or not src.random_init:
             path = resume_from or Path(src.checkpoint)
             model = load_model(path, device=self.device, dtype=torch.float32)
+            if resume_from is None:
+                from stitch.train.lora import merge_lora
+
+                merge_lora(model)  # a run that starts from a LoRA checkpoint starts from its merged weights
             has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
             return model, load_tokenizer(path) if has_tokenizer else None
         from stitch.models.presets import vlm_preset
@@ -390,7 +394,8 @@ class Trainer:
             model.config.max_tiles = cfg.model.max_tiles
         if cfg.model.tile_tags is not None:
             model.config.tile_tags = cfg.model.tile_tags
-        self.counts = apply_stage(model, cfg)
+        self.lora_base = self._lora_base(model, resume_from)
+        self.counts = apply_stage(model, cfg)  # LoRA layers are added here when cfg.lora.enabled
         if cfg.train.activation_checkpointing:
             model.llm.gradient_checkpointing = True
             model.vision.gradient_checkpointing = True
@@ -415,7 +420,9 @@ class Trainer:
                 "checkpoint.every=0 checkpoint.at_end=false checkpoint.save_final=false for now"
             )
         k = trainable_vision_layers(model, cfg)
-        self.flops = FlopModel(model.config, k, cfg.unfreeze.vision, cfg.trains("llm"))
+        # A LoRA LLM is frozen with gradients flowing through it (adapter FLOPs are negligible and not counted).
+        llm_trains = cfg.trains("llm") and not (cfg.lora.enabled and "llm" in cfg.lora.parts)
+        self.flops = FlopModel(model.config, k, cfg.unfreeze.vision, llm_trains)
         self.peak = peak_flops(self.device, self.precision, cfg.log.peak_tflops)
         self.state = TrainState()
         payload = None
@@ -426,6 +433,36 @@ class Trainer:
         if payload is not None and payload.get("data") is not None:
             self.stream.load_state_dict(payload["data"])
         self._resume_payload = payload
+
+    def _lora_base(self, model: VLM, resume_from: Path | None) -> dict[str, str] | None:
+        """The base checkpoint a LoRA run's checkpoints point at (path + fingerprint); None without LoRA.
+
+        A resumed run keeps the pointer of the checkpoint it resumes from; a fresh one points at
+        `model.checkpoint`. A random_init base exists only in memory, so it is written once to OUT/base.
+        """
+        from stitch.checkpoint.store import save
+        from stitch.train.lora import base_reference, is_lora_checkpoint, read_lora_meta
+
+        cfg = self.cfg
+        if resume_from is not None:
+            if is_lora_checkpoint(resume_from) != cfg.lora.enabled:
+                have = "full weights" if cfg.lora.enabled else "LoRA adapters"
+                raise StitchConfigError(
+                    f"lora.enabled is {str(cfg.lora.enabled).lower()} but {resume_from} holds {have}: a run cannot "
+                    "switch LoRA on or off when it resumes (use a new output_dir, with model.checkpoint pointing "
+                    "at this run's last checkpoint)"
+                )
+            return read_lora_meta(resume_from)["base"] if cfg.lora.enabled else None
+        if not cfg.lora.enabled:
+            return None
+        if not cfg.model.random_init:
+            return base_reference(cfg.model.checkpoint)
+        if self.dist.parallelize is not None or not self._checkpoints_needed(None):
+            return None  # nothing will be saved (and layouts do not save through this trainer yet)
+        base = self.out / "base"
+        if self.dist.is_main:
+            save(model, base, tokenizer=self.tokenizer)
+        return base_reference(base)
 
     def _checkpoints_needed(self, resume_from: Path | None) -> bool:
         c = self.cfg.checkpoint
@@ -607,7 +644,7 @@ class Trainer:
         path = save_checkpoint(
             self.out, self.model, self.optimizer, self.scheduler, self.state,
             data_state=self.stream.state_dict(), train_config=cfg.model_dump(mode="json"),
-            tokenizer=self.tokenizer, keep_last=cfg.checkpoint.keep_last,
+            tokenizer=self.tokenizer, keep_last=cfg.checkpoint.keep_last, lora_base=self.lora_base,
         )
         if cfg.checkpoint.pause_after_save_s:
             time.sleep(cfg.checkpoint.pause_after_save_s)
@@ -635,8 +672,13 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
 
     def save_final(self) -> Path:
+        """OUT/final: a full checkpoint, or for a LoRA run the adapters + trainable modules + base pointer
+        (`stitch.load(final, merge_lora=True)` and `stitch export-hf` merge them)."""
         from stitch.checkpoint.store import save
+        from stitch.train.lora import has_lora, save_lora_checkpoint
 
+        if has_lora(self.model):
+            return save_lora_checkpoint(self.model, self.out / "final", self.lora_base, tokenizer=self.tokenizer)
         return save(self.model, self.out / "final", tokenizer=self.tokenizer)
 
     # ------------------------------------------------------------------ signals and header
@@ -677,6 +719,12 @@ class Trainer:
         if cfg.description:
             console.print(cfg.description)
         console.print(parameter_table(self.counts, title=f"parameters ({cfg.stage})"))
+        if cfg.lora.enabled:
+            lora = cfg.lora
+            base = self.lora_base["path"] if self.lora_base else "not saved (no checkpoints)"
+            console.print(f"LoRA on {'+'.join(lora.parts)} ({', '.join(lora.modules)}): rank {lora.rank}, alpha "
+                          f"{lora.alpha:g}, dropout {lora.dropout:g}; fully trained: "
+                          f"{', '.join(lora.trainable) or 'nothing'}; base {base}")
         peak = f"{self.peak / 1e12:.4g} TFLOP/s" if self.peak else "unknown (set log.peak_tflops for MFU)"
         data = "synthetic" if cfg.synthetic.enabled else (cfg.data.blend or f"{len(cfg.data.datasets)} dataset(s)")
         console.print(
