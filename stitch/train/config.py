@@ -292,6 +292,10 @@ class TrainConfig(_Base):
             if "vision" in self.lora.parts and (self.unfreeze.vision or self.unfreeze.vision_last_layers):
                 raise ValueError("lora.parts includes vision, whose base weights LoRA freezes: drop unfreeze.vision/"
                                  "unfreeze.vision_last_layers (list fully trained modules in lora.trainable)")
+            if self.parallel.tp > 1 or (self.parallel.vision_tp or 1) > 1:
+                # The TP plans shard whole nn.Linear layers; an adapter needs A replicated and B split with W.
+                raise ValueError("lora with tensor parallelism (parallel.tp / parallel.vision_tp > 1) is not "
+                                 "supported yet; use data parallelism (FSDP2) and/or pipeline parallelism")
         return self
 
     @property

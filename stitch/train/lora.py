@@ -239,6 +239,10 @@ def apply_lora(model: VLM, cfg: LoRAConfig) -> dict[str, int]:
     for layer in wrap_modules(model, names, cfg.rank, cfg.alpha, cfg.dropout):
         layer.lora_A.weight.requires_grad_(True)
         layer.lora_B.weight.requires_grad_(True)
+    stale = [n for n in lora_layers(model) if n not in set(names)]
+    if stale:  # e.g. a resumed run whose lora.parts/modules changed: those adapters would be saved but never train
+        raise StitchConfigError(f"the model already has adapters the lora config does not select ({stale[0]}, "
+                                f"{len(stale)} in all); a run cannot change lora.parts/modules when it resumes")
     for p in _match_trainable(model, cfg.trainable):
         p.requires_grad_(True)
     return adapter_counts(model)

@@ -242,6 +242,13 @@ def test_resume_refuses_to_switch_lora_and_a_new_stage_starts_from_merged_weight
     switched = load_config(None, data=tiny_config(small_ckpt, tmp_path / "a", train={"steps": 3}))
     with pytest.raises(StitchConfigError, match="cannot switch LoRA"):
         Trainer(switched, **quiet).setup()
+    narrower = load_config(None, data=_lora_run(small_ckpt, tmp_path / "a", train={"steps": 3},
+                                                lora={**BOTH, "modules": ["attention"]}))
+    with pytest.raises(StitchConfigError, match="cannot change lora.parts/modules"):
+        Trainer(narrower, **quiet).setup()
+    bigger = load_config(None, data=_lora_run(small_ckpt, tmp_path / "a", train={"steps": 3}, lora={**BOTH, "rank": 8}))
+    with pytest.raises(StitchConfigError, match="already has a rank-4"):
+        Trainer(bigger, **quiet).setup()
     # A next stage from the LoRA final/ (no LoRA of its own): the merged weights, saved as a full checkpoint.
     nxt = Trainer(load_config(None, data=tiny_config(tmp_path / "a" / "final", tmp_path / "b",
                                                        train={"steps": 1})), **quiet)
@@ -327,6 +334,8 @@ def test_lora_config_errors_name_the_field(small_ckpt, tmp_path):
         setup(trainable=["adapter"])
     with pytest.raises(StitchConfigError, match="lora.parts includes llm"):
         load_config(None, data=_lora_run(small_ckpt, tmp_path / "x", unfreeze={"llm_last_layers": 1}))
+    with pytest.raises(StitchConfigError, match="tensor parallelism"):
+        load_config(None, data=_lora_run(small_ckpt, tmp_path / "x", parallel={"tp": 2}))
     with pytest.raises(StitchConfigError, match="lora.rank"):
         load_config(None, data=_lora_run(small_ckpt, tmp_path / "x", lora={"enabled": True, "rank": 0}))
     # explicit names: only v_proj in the LLM, with the embeddings and head trained in full
