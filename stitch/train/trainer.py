@@ -421,6 +421,7 @@ class Trainer:
             )
         k = trainable_vision_layers(model, cfg)
         # A LoRA LLM is frozen with gradients flowing through it (adapter FLOPs are negligible and not counted).
+        # A LoRA ViT is counted as the stage leaves it (frozen: forward only), so its backward is not counted.
         llm_trains = cfg.trains("llm") and not (cfg.lora.enabled and "llm" in cfg.lora.parts)
         self.flops = FlopModel(model.config, k, cfg.unfreeze.vision, llm_trains)
         self.peak = peak_flops(self.device, self.precision, cfg.log.peak_tflops)
