@@ -2,7 +2,8 @@
 
 stitch (real SmolLM2-135M-Instruct + a small InternViT-style encoder, pixel-shuffle MLP projector) -> evaluate
 -> stage 1 pretrain (ViT + projector learn to caption easy-VQA images; the LLM is frozen) -> stage 2 SFT
-(easy-VQA questions through SmolLM2's chat template; ViT frozen, projector + LLM train) -> evaluate -> answer
+(easy-VQA questions through SmolLM2's chat template; projector + LLM train, and the from-scratch ViT keeps
+training) -> evaluate -> answer
 a few test images and a real photo. Every step is the library's own code path: `stitch_build`, the data
 pipeline (LLaVA-style JSONL written to `OUT/data`), `Trainer`, the eval harness and `stitch.generate`.
 
@@ -107,6 +108,8 @@ def evaluate(model, processor, limit: int, batch_size: int, out_json: Path | Non
 # ----------------------------------------------------------------------------------------------- stages
 def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps: int, batch: int, lr: float,
                  device: str, precision: str, seed: int, llm_last_layers: int = 0):
+    """One stage's TrainConfig. The encoder is trained from scratch, so it keeps training in SFT too (with the
+    projector, at the higher stage-1 rate) while the LLM adapts at `lr`."""
     from stitch.data.config import DataConfig, DatasetSpec
     from stitch.train.config import TrainConfig
 
@@ -120,8 +123,9 @@ def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps:
                            batch_size=batch, num_workers=4 if device.startswith("cuda") else 0,
                            system_prompt=SYSTEM_PROMPT).model_dump(),
         # stage 1 trains the encoder from scratch with the projector; the LLM stays frozen
-        "unfreeze": {"vision": stage == "pretrain", "llm_last_layers": llm_last_layers},
-        "optim": {"lr": lr, "weight_decay": 0.0, "max_grad_norm": 1.0},
+        "unfreeze": {"vision": True, "llm_last_layers": llm_last_layers},
+        "optim": {"lr": lr, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                  "part_lr": {} if stage == "pretrain" else {"vision": 1e-3, "projector": 1e-3}},
         "schedule": {"kind": "cosine", "warmup_steps": max(1, steps // 20), "min_lr": lr / 10},
         "train": {"steps": steps, "global_batch_size": batch, "precision": precision, "device": device,
                   "seed": seed},
@@ -160,6 +164,8 @@ def quickstart_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test questions scored before training (default: 1000 on GPU, 200 on CPU)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, nargs=2, default=None, metavar=("PRETRAIN", "SFT"),
+                        help="fixed step counts instead of the time budget (reproducible short runs, tests)")
 
 
 def quickstart(args: argparse.Namespace) -> int:
@@ -173,12 +179,15 @@ def quickstart(args: argparse.Namespace) -> int:
       stitch quickstart --out runs/quickstart
     """
     summary = run_quickstart(Path(args.out), minutes=args.minutes, eval_samples=args.eval_samples,
-                             eval_before=args.eval_before, device=args.device, seed=args.seed)
+                             eval_before=args.eval_before, device=args.device, seed=args.seed, steps=args.steps)
     return 0 if summary["accuracy_after"] > summary["accuracy_before"] else 1
 
 
 def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 1000,
-                   eval_before: int | None = None, device: str | None = None, seed: int = 0) -> dict[str, Any]:
+                   eval_before: int | None = None, device: str | None = None, seed: int = 0,
+                   steps: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The quickstart as a function; returns what it writes to OUT/summary.json. `steps` (pretrain, sft)
+    replaces the time budget with fixed step counts."""
     from rich.console import Console
     from rich.table import Table
 
@@ -232,28 +241,31 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     # Stage budgets: what is left after a reserve for the final evaluation and demo answers.
     reserve = (0.35 if on_gpu else 1.6) * eval_samples / 1000 + (0.1 if on_gpu else 0.3)
     left = minutes - (time.time() - t0) / 60 - reserve
-    if left < 0.5:
+    if left < 0.5 and steps is None:
         raise StitchError(f"--minutes {minutes} leaves no time to train (set-up took {(time.time() - t0) / 60:.1f})")
     precision = "bf16"
     # On a CPU, SFT trains the last 8 of SmolLM2's 30 layers: a 4x cheaper step than the whole LLM (whose
     # 49k-row tied embedding alone dominates the optimizer), so 4x more questions fit in the budget.
     top_layers = 0 if on_gpu else 8
-    plan = {"pretrain": (0.3, 1e-3, out / "data" / "captions.jsonl", stitched, 0),
-            "sft": (0.7, 1e-4 if on_gpu else 2e-4, out / "data" / "vqa.jsonl", out / "pretrain" / "final",
+    plan = {"pretrain": (0.2, 1e-3, out / "data" / "captions.jsonl", stitched, 0),
+            "sft": (0.8, 1e-4 if on_gpu else 2e-4, out / "data" / "vqa.jsonl", out / "pretrain" / "final",
                     top_layers)}
     results: dict[str, Any] = {}
-    for name, (share, lr, data_file, ckpt, last_layers) in plan.items():
+    for i, (name, (share, lr, data_file, ckpt, last_layers)) in enumerate(plan.items()):
         start = time.time()
         stage_minutes = share * left
-        probe = stage_config(name, out, ckpt, data_file, 10, batch, lr, device, precision, seed, last_layers)
-        per_step = seconds_per_step(probe)
-        steps = max(5, int(stage_minutes * 60 * 0.92 / per_step))
-        cfg = stage_config(name, out, ckpt, data_file, steps, batch, lr, device, precision, seed, last_layers)
-        console.rule(f"stage {'1: pretrain' if name == 'pretrain' else '2: SFT'} ({steps} steps, "
-                     f"~{per_step:.2f} s/step, {stage_minutes:.1f} min)")
+        if steps is None:
+            probe = stage_config(name, out, ckpt, data_file, 10, batch, lr, device, precision, seed, last_layers)
+            per_step = seconds_per_step(probe)
+            n_steps = max(5, int(stage_minutes * 60 * 0.92 / per_step))
+            plan_text = f"~{per_step:.2f} s/step, {stage_minutes:.1f} min"
+        else:
+            n_steps, per_step, plan_text = steps[i], float("nan"), "fixed steps"
+        cfg = stage_config(name, out, ckpt, data_file, n_steps, batch, lr, device, precision, seed, last_layers)
+        console.rule(f"stage {'1: pretrain' if name == 'pretrain' else '2: SFT'} ({n_steps} steps, {plan_text})")
         run = Trainer(cfg).fit()
         results[name] = {"steps": run.step, "final_loss": run.losses[-1] if run.losses else None,
-                         "seconds_per_step": round(per_step, 3)}
+                         "seconds_per_step": None if steps is not None else round(per_step, 3)}
         mark(name, start)
 
     start = time.time()

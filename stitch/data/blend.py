@@ -290,7 +290,7 @@ class BlendDataset(IterableDataset):
         if self.cfg.pack:
             groups = pack_greedy_stream(iter(stream), self.cfg.row_tokens)
         else:
-            groups = _fixed_groups(iter(stream), self.cfg.batch_size)
+            groups = group_fixed(iter(stream), self.cfg.batch_size)
         for samples, state in groups:
             batch = collate(samples, pack=self.cfg.pack, max_tokens=self.cfg.row_tokens, pad_token_id=pad)
             batch["sample_keys"] = [s.key for s in samples]
@@ -300,7 +300,8 @@ class BlendDataset(IterableDataset):
             yield batch
 
 
-def _fixed_groups(stream: Iterator[tuple[Sample, dict]], size: int) -> Iterator[tuple[list[Sample], dict]]:
+def group_fixed(stream: Iterator[tuple[Sample, dict]], size: int) -> Iterator[tuple[list[Sample], dict]]:
+    """Groups of `size` (sample, state) pairs as (samples, state after the last), for padded batches."""
     while True:
         group, state = [], None
         for _ in range(size):

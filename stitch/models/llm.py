@@ -7,6 +7,7 @@ HF name table is short and obvious. No parallelism here: `stitch.parallel` shard
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,36 @@ class LLM(nn.Module):
         return self.norm(x)
 
 
+def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states that predict a label, and those labels: ([N, D], [N]) with labels shifted by one."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def chunked_cross_entropy_sum(
+    h: torch.Tensor, y: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 4096
+) -> torch.Tensor:
+    """Summed cross-entropy of `logits_fn(h)` against `y`, a chunk of rows at a time.
+
+    Each chunk's logits are recomputed in backward instead of stored: with 150k-token vocabularies the full
+    logits tensor would be the memory peak. `logits_fn` may return a DTensor (vocabulary-parallel head).
+    """
+
+    def chunk_sum(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits_fn(h_chunk).float(), y_chunk, reduction="sum")
+        return loss.to_local() if hasattr(loss, "to_local") else loss
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, y.numel(), chunk_size):
+        hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + checkpoint(chunk_sum, hc, yc, use_reentrant=False)
+        else:
+            total = total + chunk_sum(hc, yc)
+    return total
+
+
 def token_loss(
     hidden: torch.Tensor,
     lm_head: nn.Linear,
@@ -172,29 +203,14 @@ def token_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy over labelled positions only, in chunks; returns (loss, n_tokens).
 
-    Logits exist only for positions that carry a label, a chunk at a time, and each chunk is recomputed in
-    backward instead of stored: with 150k-token vocabularies the full logits tensor would be the memory peak.
-    The loss is `sum / num_label_tokens` (token-weighted): pass the global count to make gradient
-    accumulation and data parallelism exact; by default it is this batch's own count (a per-token mean).
+    Logits exist only for positions that carry a label (see `chunked_cross_entropy_sum`). The loss is
+    `sum / num_label_tokens` (token-weighted): pass the global count to make gradient accumulation and data
+    parallelism exact; by default it is this batch's own count (a per-token mean).
     """
-    targets = labels[:, 1:]
-    keep = targets != -100
-    h = hidden[:, :-1][keep]  # [N, D]
-    y = targets[keep]  # [N]
+    h, y = labelled_positions(hidden, labels)
     n = y.numel()
-    denom = num_label_tokens if num_label_tokens is not None else n
     if n == 0:
         return hidden.sum() * 0.0, torch.tensor(0, device=hidden.device)
-
-    def chunk_sum(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h_chunk, lm_head.weight).float()
-        return F.cross_entropy(logits, y_chunk, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + checkpoint(chunk_sum, hc, yc, use_reentrant=False)
-        else:
-            total = total + chunk_sum(hc, yc)
+    denom = num_label_tokens if num_label_tokens is not None else n
+    total = chunked_cross_entropy_sum(h, y, lambda x: F.linear(x, lm_head.weight), chunk_size)
     return total / denom, torch.tensor(n, device=hidden.device)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-from torch.utils.checkpoint import checkpoint
 
+from stitch.models.llm import chunked_cross_entropy_sum, labelled_positions
 from stitch.models.vision import VisionAttention, VisionEncoder
 from stitch.models.vlm import VLM
 from stitch.parallel.plan import pad_heads
@@ -186,26 +185,10 @@ def vocab_parallel_loss_sum(
 
     Must run (forward *and* backward) inside `torch.distributed.tensor.parallel.loss_parallel()`. As in
     `stitch.models.llm.token_loss`, logits exist only for labelled positions, a chunk at a time, recomputed in
-    backward; each rank only ever holds its vocabulary slice of them.
+    backward; each rank only ever holds its vocabulary slice of them (`lm_head` returns a Shard(-1) DTensor).
     """
-    targets = labels[:, 1:]
-    keep = targets != -100
-    h = hidden[:, :-1][keep]  # [N, D]
-    y = targets[keep]  # [N]
+    h, y = labelled_positions(hidden, labels)
     n = y.numel()
     if n == 0:
         return hidden.sum() * 0.0, 0
-
-    def chunk_sum(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(h_chunk)  # DTensor [n, V], Shard(-1)
-        loss = F.cross_entropy(logits.float(), y_chunk, reduction="sum")
-        return loss.to_local() if isinstance(loss, DTensor) else loss
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + checkpoint(chunk_sum, hc, yc, use_reentrant=False)
-        else:
-            total = total + chunk_sum(hc, yc)
-    return total, n
+    return chunked_cross_entropy_sum(h, y, lm_head, chunk_size), n

