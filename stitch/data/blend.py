@@ -364,6 +364,7 @@ class DataStream:
             max_image_pixels=data_cfg.max_image_pixels,
             budget_steps=data_cfg.tile_budgets,
             system_prompt=data_cfg.system_prompt,
+            chat_format=data_cfg.chat_format,
         )
         self.processor = processor
         self.dataset = BlendDataset(

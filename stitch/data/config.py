@@ -73,6 +73,9 @@ class DataConfig(_Base):
     prefetch_factor: int = Field(default=2, gt=0)
     prompts: str | None = None  # prompt-variety JSON; default: stitch/resources/prompts.json
     system_prompt: str | None = None  # prepended as a system turn when a sample has none
+    # "template": the tokenizer's chat template; "plain": LLaVA's pretraining format (user turns as written,
+    # then the answer and EOS; no role markers or system turn), for cheap projector pretraining on captions.
+    chat_format: Literal["template", "plain"] = "template"
     # Tile budgets tried in order when image tokens would overflow seq_length (only those below max_tiles).
     tile_budgets: list[int] = Field(default_factory=lambda: [12, 8, 6, 4, 2, 1])
     max_image_pixels: int = Field(default=64_000_000, gt=0)  # larger images are skipped (decompression bomb)

@@ -285,3 +285,25 @@ def test_template_without_prefix_property_falls_back_to_ordered_search(smol_tok,
         batch = proc(conv)
         assert batch["input_ids"][0].tolist() == template_ids(tok, conv)
         check_labels(tok, batch, conv, "<|im_end|>")
+
+
+def test_plain_format_is_images_then_answer_and_eos(processor, tmp_path):
+    """LLaVA's plain pretraining format: image tokens, the caption and EOS; only caption + EOS carry labels.
+    The chat template of the shared tokenizer is left untouched."""
+    template = processor.tokenizer.chat_template
+    plain = processor.with_options(chat_format="plain", system_prompt="Be brief.")
+    image = make_image(tmp_path / "a.png", size=(56, 56))
+    conv = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A red box."}]
+    sample = plain.encode(conv, [image])
+    tok = processor.tokenizer
+    caption = tok("A red box.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n_img = processor.config.tokens_per_tile
+    wrapper_len = len(sample.input_ids) - n_img - len(caption)
+    assert sample.input_ids[-len(caption):].tolist() == caption
+    assert int((sample.input_ids == processor.image_token_id).sum()) == n_img
+    assert sample.labels[-len(caption):].tolist() == caption
+    assert (sample.labels[: wrapper_len + n_img] == IGNORE_INDEX).all()
+    assert "Be brief" not in tok.decode(sample.input_ids) and "<|im_start|>" not in tok.decode(sample.input_ids)
+    assert processor.tokenizer.chat_template == template
+    with pytest.raises(StitchConfigError, match="chat_format"):
+        processor.with_options(chat_format="fancy")
