@@ -1,0 +1,95 @@
+"""bench/train_throughput.py on tiny shapes on a CPU: both sides train, and they are measured by one FLOP count.
+
+The script is the GPU benchmark's own code path (`main`), shrunk with `--tiny`; what must hold at any size is
+that the two sides see the same model shapes (so the same FLOPs per step) and both produce a throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import train_throughput as tt  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_pairs(report: dict, configs: int) -> None:
+    rows = report["results"]
+    assert len(rows) == 2 * configs
+    for label in {r["config"] for r in rows}:
+        by = {r["side"]: r for r in rows if r["config"] == label}
+        assert set(by) == {"stitch", "hf"}
+        for r in by.values():
+            assert r["status"] == "ok"
+            assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+            assert math.isfinite(r["loss_last"]) and r["skipped_steps"] == 0
+        # Same samples, same formula, same shapes: the same FLOPs and tokens per step.
+        assert by["stitch"]["flops_per_step"] == by["hf"]["flops_per_step"] > 0
+        assert by["stitch"]["tokens_per_step"] == by["hf"]["tokens_per_step"]
+        assert by["stitch"]["flop_shapes"] == by["hf"]["flop_shapes"]
+    assert report["flop_shapes_agree"]
+
+
+def test_tiny_both_sides_both_checkpointing_modes(tmp_path):
+    out = tmp_path / "tiny.json"
+    report = tt.main(["--tiny", "--steps", "1", "--warmup", "1", "--checkpointing", "both", "--out", str(out)])
+    _check_pairs(report, configs=2)
+    assert {r["checkpointing"] for r in report["results"]} == {True, False}
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["torch"] == torch.__version__ and "transformers" in saved["machine"]
+    assert "6 * N * D" in saved["flop_convention"]
+    # Equal-length samples: no padding on either side.
+    assert all(r["padded_tokens_per_step"] == r["tokens_per_step"] for r in saved["results"])
+
+
+def test_tiny_packed(tmp_path):
+    report = tt.main(["--tiny", "--steps", "1", "--warmup", "1", "--checkpointing", "off", "--packed",
+                      "--batch", "6", "--micro-batch", "3", "--out", str(tmp_path / "packed.json")])
+    _check_pairs(report, configs=1)
+    by = {r["side"]: r for r in report["results"]}
+    assert by["stitch"]["padded_tokens_per_step"] == by["stitch"]["tokens_per_step"]  # packed rows: no padding
+    assert by["hf"]["padded_tokens_per_step"] > by["hf"]["tokens_per_step"]  # padded to the longest sample
+
+
+def test_param_counts_match_hf():
+    """Stitch's VLM and HF's InternVL built from the exported config hold the same parameters, part by part and
+    in all (the FLOP count excludes the token-embedding table on both sides alike; there is no other difference:
+    no vocabulary padding, and the tied Qwen2.5 head is one tensor on both sides)."""
+    from stitch.checkpoint.store import build_model
+
+    for preset in ("vlm-tiny", "internvl-2b"):
+        cfg = tt.model_config(preset)
+        ours = build_model(cfg, device="meta")
+        hf = tt.build_hf(cfg, torch.device("meta"))
+        assert tt.stitch_shapes(ours) == tt.hf_shapes(hf), preset
+        assert tt.count_params([ours]) == tt.count_params([hf]), preset
+        embedding = cfg.llm.vocab_size * cfg.llm.hidden_size
+        untied_embedding = 0 if cfg.llm.tie_word_embeddings else embedding
+        shapes = tt.stitch_shapes(ours)
+        flop_params = shapes.vision_params + shapes.projector_params + shapes.llm_params
+        assert flop_params == tt.count_params([ours]) - untied_embedding, preset
+
+
+def test_merge_keeps_earlier_rows(tmp_path):
+    """A sweep split over several commands ends in one file: the second run adds its rows to the first's."""
+    out = tmp_path / "merged.json"
+    base = ["--tiny", "--steps", "1", "--warmup", "0", "--sides", "stitch", "--out", str(out)]
+    tt.main([*base, "--checkpointing", "off"])
+    report = tt.main([*base, "--checkpointing", "on"])
+    assert [(r["config"], r["side"]) for r in report["results"]] == [("b2", "stitch"), ("b2 ckpt", "stitch")]
+    assert json.loads(out.read_text())["results"] == report["results"]
