@@ -12,6 +12,7 @@ the first generated token on the host), peak GPU memory. The best of `--repeats`
 check (`match`: leading tokens that agree; bf16 with random weights may diverge at a near-tie).
 
   python bench/generate_throughput.py                 # GPU, the real comparison (--compile to add torch.compile)
+  python bench/generate_throughput.py --preset internvl-8b --batch-sizes 16   # the 8B shape (Qwen2.5-7B)
   python bench/generate_throughput.py --tiny          # CPU smoke check on a tiny model, fp32
 
 Writes bench/results/generate_throughput.json and prints a side-by-side table last.
@@ -56,8 +57,8 @@ class _BenchProcessor:
     pad_token_id = 0
 
 
-def model_config(tiny: bool) -> VLMConfig:
-    cfg = vlm_preset("vlm-tiny" if tiny else "internvl-2b")
+def model_config(tiny: bool, preset: str = "internvl-2b") -> VLMConfig:
+    cfg = vlm_preset("vlm-tiny" if tiny else preset)
     cfg.image_token_id = cfg.llm.vocab_size - 1 if tiny else 151667  # InternVL's <IMG_CONTEXT> id
     cfg.llm.eos_token_id = None
     return cfg
@@ -168,6 +169,8 @@ def leading_match(a: list[int], b: list[int]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model, CPU and fp32 by default: a smoke check")
+    ap.add_argument("--preset", default="internvl-2b", choices=["internvl-2b", "internvl-8b"],
+                    help="model shape (8B: InternViT-300M + Qwen2.5-7B); results go to ..._<preset>.json")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,16,64; tiny: 1,4)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (tiny: 16)")
     ap.add_argument("--tiles", type=int, default=5)
@@ -178,7 +181,7 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="also run Stitch without CUDA graphs")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=None, help=f"JSON path (default {RESULTS}, 8B: ..._internvl-8b.json)")
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
@@ -187,7 +190,7 @@ def main() -> None:
     new_tokens = args.new_tokens or (16 if args.tiny else 128)
     torch.manual_seed(0)
 
-    cfg = model_config(args.tiny)
+    cfg = model_config(args.tiny, args.preset)
     model = build_model(cfg, device=device, dtype=dtype).eval()
     processor = _BenchProcessor()
     systems: dict[str, object] = {}
@@ -246,11 +249,12 @@ def main() -> None:
     except ImportError:
         pass
     report = dict(
-        benchmark="generate_throughput", model="vlm-tiny" if args.tiny else "internvl-2b (random weights)",
+        benchmark="generate_throughput", model="vlm-tiny" if args.tiny else f"{args.preset} (random weights)",
         dtype=str(dtype).removeprefix("torch."), tiles=args.tiles, text_tokens=args.text_tokens,
         new_tokens=new_tokens, machine=machine, results=results,
     )
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (
+        RESULTS if args.preset == "internvl-2b" else RESULTS.with_name(f"{RESULTS.stem}_{args.preset}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 

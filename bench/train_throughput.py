@@ -65,7 +65,13 @@ from stitch.models.presets import vlm_preset
 from stitch.models.vlm import VLM
 from stitch.train.config import OptimConfig
 from stitch.train.optim import build_optimizer
-from stitch.train.trainer import count_label_tokens, init_for_training, train_step
+from stitch.train.trainer import (
+    configure_layers,
+    count_label_tokens,
+    init_for_training,
+    mask_is_redundant,
+    train_step,
+)
 
 SIDES = ("stitch", "hf")
 PEAK_TFLOPS_H200 = 989.0  # dense bf16 tensor-core peak of one H100/H200
@@ -220,8 +226,7 @@ def stitch_batches(samples: Sequence[Sample], spec: DataSpec, micro_batch: int) 
     out = []
     for group in chunks(samples, micro_batch):
         batch = collate(group, pack=False)
-        if all(len(s) == len(group[0]) for s in group):
-            # As `stitch.train.synthetic.SyntheticStream`: no padding, so attention takes its fused causal path.
+        if mask_is_redundant(batch):  # as train_step does on the host copy: right padding needs no mask
             batch.pop("attention_mask", None)
         out.append(batch)
     return out
@@ -245,13 +250,12 @@ class StitchSide:
     name = "stitch"
 
     def __init__(self, cfg: VLMConfig, device: torch.device, checkpointing: bool, autocast: torch.dtype | None,
-                 spec: DataSpec, micro_batch: int):
+                 spec: DataSpec, micro_batch: int, compile_layers: bool = False):
         self.device, self.autocast, self.spec, self.micro_batch = device, autocast, spec, micro_batch
         self.model = build_model(cfg, device=device, dtype=torch.float32)
         init_for_training(self.model)
-        if checkpointing:  # what `train.activation_checkpointing: true` switches on in Trainer.setup
-            self.model.llm.gradient_checkpointing = True
-            self.model.vision.gradient_checkpointing = True
+        # what `train.activation_checkpointing` / `train.compile` switch on in Trainer.setup
+        configure_layers(self.model, checkpointing, compile_layers)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model.parts(), OPTIM, device)
@@ -349,7 +353,8 @@ def measure(side_name: str, run: RunConfig, cfg: VLMConfig, spec: DataSpec, args
             device: torch.device, autocast: torch.dtype | None, peak_flops: float | None) -> dict[str, Any]:
     """Build one side for one configuration, warm it up, time `args.steps` steps; raises on OOM."""
     torch.manual_seed(args.seed)
-    side = SIDE_CLASSES[side_name](cfg, device, run.checkpointing, autocast, spec, run.micro_batch)
+    extra = {"compile_layers": args.compile} if side_name == "stitch" else {}
+    side = SIDE_CLASSES[side_name](cfg, device, run.checkpointing, autocast, spec, run.micro_batch, **extra)
     seconds = flops = 0.0
     tokens = padded = micro_count = 0
     losses = []
@@ -474,6 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help=f"MFU denominator (default {PEAK_TFLOPS_H200:g} on CUDA; no MFU on a CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="Stitch compiles each block (train.compile: true)")
     ap.add_argument("--fresh", action="store_true",
                     help="overwrite --out instead of merging with the rows of an earlier run of the same setup")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/train_throughput_<device>_"
@@ -537,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     shapes = {r["side"]: r["flop_shapes"] for r in results if r["status"] == "ok"}
     report = dict(
-        benchmark="train_throughput", preset=preset, precision=precision,
+        benchmark="train_throughput", preset=preset, precision=precision, stitch_compile=args.compile,
         model=f"{preset}: {cfg.vision.num_layers}-layer ViT {cfg.vision.hidden_size} wide + "
               f"{cfg.llm.num_layers}-layer LLM {cfg.llm.hidden_size} wide, random weights",
         data=dict(asdict(spec), description=description),

@@ -9,9 +9,12 @@ the library's own code path: `stitch_build`, the data pipeline (LLaVA-style JSON
 
 It runs on a time budget, not a step count: a short timing of one training step sizes each stage so the
 LR schedule completes inside the budget.
-Design choices that make a small CPU enough: 64 px images as one tile of 4 image tokens, a short system
-prompt stored in the checkpoint (so every later `generate`/`eval` asks the model the way it was trained),
-bf16 autocast, and logits computed only where there are labels.
+Design choices that make a small CPU enough: an encoder that learns fast from scratch (early convolutions to
+an 8x8 patch grid, `VisionConfig.patch_stem`), 64 px images as one tile of 4 image tokens (pixel shuffle
+0.25), stage-1 captions in LLaVA's short plain format (which starts with BOS, so no image token sits in the
+LLM's attention sink at position 0), a short system prompt stored in the checkpoint (so every later
+`generate`/`eval` asks the model the way it was trained), bf16 autocast, and logits computed only where there
+are labels.
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     console.print(f"data: {counts['captions']} captioned images (stage 1), {counts['questions']} questions (stage 2)")
     stitched = out / "stitched"
     stitch_build(vision="internvit-64px", llm=str(gguf), out=stitched, tile_tags="none", image_wrapper="none",
-                 max_tiles=1, use_thumbnail=False, seed=seed)
+                 max_tiles=1, use_thumbnail=False, seed=seed, downsample_ratio=0.25)
     cfg_path = stitched / "config.json"  # the short system prompt travels with the checkpoint
     cfg = json.loads(cfg_path.read_text())
     cfg["system_prompt"] = SYSTEM_PROMPT

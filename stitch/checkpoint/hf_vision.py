@@ -495,6 +495,8 @@ def _check_expressible(cfg: VisionConfig, layout: str) -> None:
     title = _LAYOUT_TITLE[layout]
     wanted_kind = "internvit" if layout in ("internvl_hf", "internvit_remote") else layout
     problems = []
+    if cfg.patch_stem != "linear":
+        problems.append(f"patch_stem '{cfg.patch_stem}' (HF encoders have a single patch conv)")
     if cfg.kind != wanted_kind:
         problems.append(f"kind '{cfg.kind}'")
     if wanted_kind == "internvit":

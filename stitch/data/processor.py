@@ -38,10 +38,14 @@ from stitch.errors import StitchConfigError
 
 __all__ = ["Processor", "add_image_token", "PLAIN_TEMPLATE"]
 
-# LLaVA's "plain" pretraining format: the user turns as written (LLaVA puts only the image there), then the
-# assistant's text and EOS, no role markers and no system turn. Projector pretraining on captions needs no
-# instructions, and the short sequences make each step several times cheaper than the chat template's.
+# LLaVA's "plain" pretraining format: the tokenizer's BOS, the user turns as written (LLaVA puts only the image
+# there), then the assistant's text and EOS; no role markers and no system turn. Projector pretraining on
+# captions needs no instructions, and the short sequences make each step several times cheaper than the chat
+# template's. The leading token matters: LLMs park attention on whatever sits at position 0 (the "attention
+# sink") and read little from it, so an image placed there loses its first token. Tokenizers without a BOS
+# (Qwen2) start with their EOS instead.
 PLAIN_TEMPLATE = (
+    "{{ bos_token if bos_token else eos_token }}"
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}"

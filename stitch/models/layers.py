@@ -6,6 +6,7 @@ logits at 1e-5; anything faster must keep that.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -116,6 +117,51 @@ def attention(
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def _find_varlen_kernel():
+    """torch's FlashAttention varlen entry point and its causal keyword, or None where torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+# Looked up once at import (a module constant, not a cached call, so torch.compile traces through it).
+_VARLEN_KERNEL = _find_varlen_kernel()
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packed rows can use FlashAttention's variable-length kernel (CUDA, half precision)."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _VARLEN_KERNEL is not None
+
+
+def varlen_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
+    """Causal attention within each packed sample of one row, without a mask.
+
+    q [1, Hq, T, D], k/v [1, Hkv, T, D] -> [1, Hq, T, D]; `cu_seqlens` [n+1] int32 on q's device marks the
+    samples. The kernel skips the blocks between samples, which a dense block-diagonal mask cannot.
+    """
+    fn, causal, native_gqa = _VARLEN_KERNEL
+    if torch.is_autocast_enabled(q.device.type):
+        # Under autocast RoPE leaves q/k in the embeddings' fp32; SDPA casts for itself, this op does not.
+        half = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (x.to(half) for x in (q, k, v))
+    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
+    extra = dict(causal)
+    if k.shape[1] != q.shape[1]:
+        if native_gqa:
+            extra["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra)
+    return out.transpose(0, 1)[None]
 
 
 class SwiGLU(nn.Module):

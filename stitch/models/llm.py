@@ -16,7 +16,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stitch.config import LLMConfig
-from stitch.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, attention
+from stitch.models.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    apply_rope,
+    attention,
+    varlen_available,
+    varlen_causal_attention,
+)
 
 
 @dataclass
@@ -29,6 +37,9 @@ class AttentionContext:
     is_causal: bool
     kv_cache: KVCache | None = None
     cache_position: torch.Tensor | None = None  # [T] absolute slots written in the cache
+    # A packed row on CUDA: FlashAttention's varlen kernel over these sample boundaries replaces `mask`.
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
 
 
 class KVCache:
@@ -70,7 +81,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, ctx.cos, ctx.sin)
         if ctx.kv_cache is not None:
             k, v = ctx.kv_cache.update(self.layer_idx, k, v, ctx.cache_position)
-        out = attention(q, k, v, ctx.mask, ctx.is_causal, self.dropout if self.training else 0.0)
+        if ctx.cu_seqlens is not None:
+            out = varlen_causal_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen)
+        else:
+            out = attention(q, k, v, ctx.mask, ctx.is_causal, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -144,17 +158,28 @@ class LLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
-        """inputs_embeds [B, T, D] -> final normed hidden states [B, T, D]."""
+        """inputs_embeds [B, T, D] -> final normed hidden states [B, T, D].
+
+        A packed row (`cu_seqlens`, one row, no cache) runs FlashAttention's varlen kernel on CUDA in half
+        precision (`max_seqlen`, the longest sample, saves a host sync when the caller knows it); elsewhere,
+        and with attention dropout, a block-diagonal mask gives the same result.
+        """
         b, t, _ = inputs_embeds.shape
         device = inputs_embeds.device
         if position_ids is None:
             base = cache_position if cache_position is not None else torch.arange(t, device=device)
             position_ids = base[None].expand(b, t)
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
-        kv_len = kv_cache.max_len if kv_cache is not None else None
-        mask, is_causal = build_attention_mask(b, t, device, attention_mask, cu_seqlens, kv_len, cache_position)
-        ctx = AttentionContext(cos, sin, mask, is_causal, kv_cache, cache_position)
+        if self._use_varlen(cu_seqlens, b, kv_cache, inputs_embeds):
+            cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            longest = int(max_seqlen) if max_seqlen else int(torch.diff(cu).max())
+            ctx = AttentionContext(cos, sin, None, True, cu_seqlens=cu, max_seqlen=longest)
+        else:
+            kv_len = kv_cache.max_len if kv_cache is not None else None
+            mask, is_causal = build_attention_mask(b, t, device, attention_mask, cu_seqlens, kv_len, cache_position)
+            ctx = AttentionContext(cos, sin, mask, is_causal, kv_cache, cache_position)
         x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -162,6 +187,15 @@ class LLM(nn.Module):
             else:
                 x = layer(x, ctx)
         return self.norm(x)
+
+    def _use_varlen(self, cu_seqlens, batch: int, kv_cache, inputs_embeds) -> bool:
+        """Packed rows need no mask: collate makes any padding its own segment, so `attention_mask` is moot."""
+        if cu_seqlens is None or batch != 1 or kv_cache is not None:
+            return False
+        if self.training and self.config.dropout > 0:
+            return False  # the varlen kernel has no attention dropout
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else inputs_embeds.dtype
+        return varlen_available(inputs_embeds.device, dtype)
 
 
 def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,39 @@ def _norm(cfg: VisionConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
+class ConvStem(nn.Module):
+    """Early convolutions: log2(patch) stride-2 3x3 convs (GroupNorm + GELU), then a 1x1 conv to the width.
+
+    Same output grid as a patch_size-stride patch conv, but with a convolutional prior, which is what lets a
+    small ViT trained from scratch pick up shapes in a few hundred steps (see `VisionConfig.patch_stem`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, patch_size: int, width: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for i in range(patch_size.bit_length() - 1):
+            w = min(width * 2**i, out_channels)
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(1, w), nn.GELU()]
+            c = w
+        layers.append(nn.Conv2d(c, out_channels, 1))
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first conv's weight (its dtype is the stem's input dtype, as for a plain patch conv)."""
+        return self.layers[0].weight
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default (Kaiming-uniform) conv init, which GroupNorm'd conv stacks are tuned for."""
+        for m in self.layers:
+            if isinstance(m, (nn.Conv2d, nn.GroupNorm)):
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 class VisionEmbeddings(nn.Module):
     """Pixels -> patch tokens (+ class token) + learned positions.
 
@@ -58,9 +91,12 @@ class VisionEmbeddings(nn.Module):
         self.grid_size = cfg.grid_size
         self.has_cls = cfg.has_cls_token
         # CLIP's patch conv has no bias; InternViT's and SigLIP's do.
-        self.patch_embed = nn.Conv2d(
-            cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=cfg.kind != "clip"
-        )
+        if cfg.patch_stem == "conv":
+            self.patch_embed: nn.Module = ConvStem(cfg.num_channels, cfg.hidden_size, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(
+                cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=cfg.kind != "clip"
+            )
         self.cls_token = nn.Parameter(torch.zeros(cfg.hidden_size)) if self.has_cls else None
         self.pos_embed = nn.Parameter(torch.zeros(cfg.num_positions, cfg.hidden_size))
 
@@ -190,6 +226,8 @@ class VisionEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+        if isinstance(self.embeddings.patch_embed, ConvStem):
+            self.embeddings.patch_embed.reset_parameters()
         nn.init.trunc_normal_(self.embeddings.pos_embed, std=std)
         if self.embeddings.cls_token is not None:
             nn.init.trunc_normal_(self.embeddings.cls_token, std=std)
@@ -267,8 +305,11 @@ VISION_PRESETS: dict[str, VisionConfig] = {
                                    num_layers=24, num_heads=16, select_layer=-2),
     # A small InternViT-style encoder trained from scratch by `stitch quickstart` on 64px easy-VQA images:
     # 16x16 patches (a 4x4 grid, 4 LLM tokens after pixel shuffle), layer scale 1 so it learns quickly.
-    "internvit-64px": VisionConfig(**_INTERNVIT_300M | dict(image_size=64, patch_size=16, layer_scale_init=1.0),
-                                   hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3),
+    # The quickstart's from-scratch encoder: 64 px, an 8x8 patch grid from early convolutions (learns shapes in
+    # a few hundred steps where a linear patch embedding needs thousands), pixel shuffle 0.25 -> 4 tokens.
+    "internvit-64px": VisionConfig(**_INTERNVIT_300M | dict(image_size=64, patch_size=8, layer_scale_init=1.0),
+                                   hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3,
+                                   patch_stem="conv"),
     "internvit-tiny": VisionConfig(**_INTERNVIT_300M | dict(image_size=56), **_TINY),
     "internvit6b-tiny": VisionConfig(**_INTERNVIT_6B | dict(image_size=56), **_TINY),
     "siglip-tiny": VisionConfig(**_SIGLIP, image_size=64, patch_size=16, **_TINY),

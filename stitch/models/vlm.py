@@ -65,6 +65,7 @@ class VLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         num_label_tokens: torch.Tensor | int | None = None,
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
@@ -78,7 +79,7 @@ class VLM(nn.Module):
         where labels exist, and the full logits tensor is never built.
         """
         embeds = self.embed(input_ids, pixel_values)
-        hidden = self.llm(embeds, position_ids, attention_mask, cu_seqlens, kv_cache, cache_position)
+        hidden = self.llm(embeds, position_ids, attention_mask, cu_seqlens, kv_cache, cache_position, max_seqlen)
         loss = n_tokens = logits = None
         if labels is not None:
             loss, n_tokens = token_loss(hidden, self.llm.lm_head, labels, num_label_tokens)

@@ -167,6 +167,9 @@ class LoopConfig(_Base):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     activation_checkpointing: bool = False  # recompute each transformer layer in backward
+    # torch.compile each ViT and LLM block on its own (torchtitan's per-block compile): fuses the norms, RoPE,
+    # SwiGLU and casts around the matmuls; small graphs compile in seconds and are reused by every layer.
+    compile: bool = False
     seed: int = 0
     max_bad_steps: int = Field(default=5, ge=1)  # non-finite loss/grad steps in a row before stopping
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible GPU runs, slower)

@@ -54,7 +54,7 @@ __all__ = ["train", "train_arguments", "train_step", "StepResult", "Trainer", "D
            "count_label_tokens", "MODEL_INPUTS"]
 
 # Batch keys the model takes; the rest (num_tiles, sample_keys, the micro-batch's own num_label_tokens) stay out.
-MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "cu_seqlens")
+MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen")
 
 
 class TrainingError(StitchError):
@@ -75,12 +75,27 @@ def count_label_tokens(micro_batches: Sequence[dict]) -> int:
     return sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
 
 
+def mask_is_redundant(batch: dict) -> bool:
+    """True when dropping `attention_mask` changes no labelled position, so attention can take the fused
+    causal (or varlen) kernel instead of a dense mask: packed rows (collate makes padding its own segment) and
+    right-padded rows (causal attention never lets a real token see the padding after it; the padding rows
+    themselves carry no labels). Checked on the host copy only, to add no device sync."""
+    mask = batch.get("attention_mask")
+    if mask is None or batch.get("cu_seqlens") is not None:
+        return True
+    if mask.device.type != "cpu" or mask.dim() != 2:
+        return False
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     out = {}
     for k in MODEL_INPUTS:
         v = batch.get(k)
         if v is not None:
-            out[k] = v.to(device, non_blocking=True)
+            out[k] = v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+    if "attention_mask" in out and mask_is_redundant(batch):
+        del out["attention_mask"]
     return out
 
 
@@ -233,6 +248,17 @@ def init_for_training(model: VLM, std: float = 0.02) -> None:
                 nn.init.normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+
+
+def configure_layers(model: VLM, activation_checkpointing: bool, compile_layers: bool = False) -> None:
+    """Per-block activation checkpointing and torch.compile, applied from outside the model as torchtitan
+    does: every ViT and LLM block is compiled on its own (its graph is reused by all layers of the same shape)
+    and, with checkpointing, recomputed in backward."""
+    model.llm.gradient_checkpointing = activation_checkpointing
+    model.vision.gradient_checkpointing = activation_checkpointing
+    if compile_layers:
+        for layer in (*model.llm.layers, *model.vision.layers):
+            layer.compile()
 
 
 def set_dropout(model: VLM, llm: float | None, vision: float | None) -> None:
@@ -396,9 +422,7 @@ class Trainer:
             model.config.tile_tags = cfg.model.tile_tags
         self.lora_base = self._lora_base(model, resume_from)
         self.counts = apply_stage(model, cfg)  # LoRA layers are added here when cfg.lora.enabled
-        if cfg.train.activation_checkpointing:
-            model.llm.gradient_checkpointing = True
-            model.vision.gradient_checkpointing = True
+        configure_layers(model, cfg.train.activation_checkpointing, cfg.train.compile)
         model.train()
         self.model = model
         self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model

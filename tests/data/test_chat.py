@@ -287,8 +287,9 @@ def test_template_without_prefix_property_falls_back_to_ordered_search(smol_tok,
         check_labels(tok, batch, conv, "<|im_end|>")
 
 
-def test_plain_format_is_images_then_answer_and_eos(processor, tmp_path):
-    """LLaVA's plain pretraining format: image tokens, the caption and EOS; only caption + EOS carry labels.
+def test_plain_format_is_bos_images_then_answer_and_eos(processor, tmp_path):
+    """LLaVA's plain pretraining format: BOS (EOS for tokenizers without one), image tokens, the caption and
+    EOS; only caption + EOS carry labels, and no image token sits at position 0 (the LLM's attention sink).
     The chat template of the shared tokenizer is left untouched."""
     template = processor.tokenizer.chat_template
     plain = processor.with_options(chat_format="plain", system_prompt="Be brief.")
@@ -303,7 +304,9 @@ def test_plain_format_is_images_then_answer_and_eos(processor, tmp_path):
     assert int((sample.input_ids == processor.image_token_id).sum()) == n_img
     assert sample.labels[-len(caption):].tolist() == caption
     assert (sample.labels[: wrapper_len + n_img] == IGNORE_INDEX).all()
-    assert "Be brief" not in tok.decode(sample.input_ids) and "<|im_start|>" not in tok.decode(sample.input_ids)
+    lead = tok.bos_token_id if tok.bos_token is not None else tok.eos_token_id
+    assert sample.input_ids[0].item() == lead != processor.image_token_id
+    assert "Be brief" not in tok.decode(sample.input_ids) and "system" not in tok.decode(sample.input_ids)
     assert processor.tokenizer.chat_template == template
     with pytest.raises(StitchConfigError, match="chat_format"):
         processor.with_options(chat_format="fancy")

@@ -64,7 +64,11 @@ def _worker(rank: int, world: int, ckpt: str, init: str, out: str) -> None:
     res = train_step(model, opt, micro, device=torch.device("cpu"), max_grad_norm=None, all_reduce=all_reduce)
     if rank == 0:
         torch.save({"loss": res.loss, "n": res.label_tokens, "grads": opt.grads}, out)
+    dist.barrier()
     dist.destroy_process_group()
+    # torch 2.13's gloo sometimes aborts in its thread teardown at interpreter exit ("terminate called without
+    # an active exception"; seen at the unchanged test too, ~2 runs in 5). The results are saved: skip it.
+    os._exit(0)
 
 
 def test_token_weighted_loss_is_exact_across_ranks(small_ckpt, tmp_path):
