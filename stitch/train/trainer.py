@@ -94,7 +94,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
         v = batch.get(k)
         if v is not None:
             out[k] = v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-    if "attention_mask" in out and mask_is_redundant(batch):
+    if device.type == "cuda" and "attention_mask" in out and mask_is_redundant(batch):
+        # On CUDA this buys the fused causal / varlen kernels; on CPU the masked path measured faster for short
+        # bf16 rows (quickstart stage 1: 0.59 s/step with the mask, 0.89 without), so CPU keeps it.
         del out["attention_mask"]
     return out
 
