@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS_DIR, machine_info, peak_memory_gib, sync, write_json
 
 from stitch.checkpoint.hf import vlm_config_to_hf, vlm_state_to_hf
 from stitch.checkpoint.store import build_model, model_state
@@ -36,7 +36,7 @@ from stitch.infer.engine import Engine, Request
 from stitch.infer.sampling import SamplingParams
 from stitch.models.presets import vlm_preset
 
-RESULTS = Path(__file__).parent / "results" / "generate_throughput.json"
+RESULTS = RESULTS_DIR / "generate_throughput.json"
 
 
 class _IdTokenizer:
@@ -76,15 +76,6 @@ def prompts(cfg: VLMConfig, batch: int, tiles: int, text_tokens: int, device, dt
     size = cfg.vision.image_size
     pixels = torch.randn(batch * tiles, 3, size, size, generator=gen).to(device=device, dtype=dtype)
     return torch.stack(rows), pixels
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_memory_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def run_stitch(engine: Engine, ids, pixels, tiles: int, new_tokens: int, device):
@@ -228,7 +219,7 @@ def main() -> None:
                 total_s=round(total, 4), ttft_s=round(ttft, 4),
                 output_tok_s=round(generated / total, 1),
                 decode_tok_s=round(batch * (new_tokens - 1) / max(total - ttft, 1e-9), 1),
-                peak_mem_gb=None if (m := peak_memory_gb(device)) is None else round(m, 2),
+                peak_mem_gb=None if (m := peak_memory_gib(device)) is None else round(m, 2),
             )
             results.append(row)
             print(json.dumps(row), flush=True)
@@ -238,16 +229,7 @@ def main() -> None:
                     match = leading_match(outputs[name][0], outputs["hf"][0])
                     next(r for r in results if r["system"] == name and r["batch"] == batch)["match"] = match
 
-    machine = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__, python=platform.python_version(),
-    )
-    try:
-        import transformers
-
-        machine["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    machine = machine_info(device)
     report = dict(
         benchmark="generate_throughput", model="vlm-tiny" if args.tiny else f"{args.preset} (random weights)",
         dtype=str(dtype).removeprefix("torch."), tiles=args.tiles, text_tokens=args.text_tokens,
@@ -255,8 +237,7 @@ def main() -> None:
     )
     out = Path(args.out) if args.out else (
         RESULTS if args.preset == "internvl-2b" else RESULTS.with_name(f"{RESULTS.stem}_{args.preset}.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
 
     names = list(systems)
     print(f"\n{report['model']}, {report['dtype']}, {args.tiles}-tile image + {args.text_tokens} text tokens, "
