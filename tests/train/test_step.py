@@ -27,14 +27,19 @@ class _CaptureGrads(torch.optim.Optimizer):
                     self.grads[id(p)] = p.grad.detach().clone()
 
 
+def _synthetic_samples(ckpt, model, n: int) -> list:
+    """`n` synthetic samples of unequal lengths (8-40 tokens, 60% with labels) for `model`."""
+    data = load_config(None, data=tiny_config(ckpt, "/tmp/unused")).data
+    syn = SyntheticConfig(enabled=True, min_tokens=8, max_tokens=40, answer_fraction=0.6, vocab_limit=250)
+    stream = SyntheticStream(syn, data, model.config)
+    return [stream.sample(i) for i in range(n)]
+
+
 def test_accumulation_over_unequal_micro_batches_equals_one_big_batch(small_ckpt):
     model = load_model(small_ckpt).train()
     for p in model.vision.parameters():
         p.requires_grad_(False)
-    data = load_config(None, data=tiny_config(small_ckpt, "/tmp/unused")).data
-    syn = SyntheticConfig(enabled=True, min_tokens=8, max_tokens=40, answer_fraction=0.6, vocab_limit=250)
-    stream = SyntheticStream(syn, data, model.config)
-    samples = [stream.sample(i) for i in range(8)]
+    samples = _synthetic_samples(small_ckpt, model, 8)
     lengths = [len(s) for s in samples]
     assert len(set(lengths)) > 3  # unequal lengths, so batch-averaging would differ from token-weighting
     # 4 micro-batches of 2 samples each, of different widths and label counts.
@@ -116,10 +121,7 @@ def test_per_block_compile_gives_the_eager_step(small_ckpt):
     eager = load_model(small_ckpt).train()
     compiled = copy.deepcopy(eager)
     configure_layers(compiled, activation_checkpointing=True, compile_layers=True)
-    data = load_config(None, data=tiny_config(small_ckpt, "/tmp/unused")).data
-    syn = SyntheticConfig(enabled=True, min_tokens=8, max_tokens=40, answer_fraction=0.6, vocab_limit=250)
-    stream = SyntheticStream(syn, data, eager.config)
-    micro = [collate([stream.sample(i) for i in range(2)])]
+    micro = [collate(_synthetic_samples(small_ckpt, eager, 2))]
     results = []
     for model in (eager, compiled):
         opt = _CaptureGrads([p for p in model.parameters() if p.requires_grad])
