@@ -176,7 +176,11 @@ class ProjectorConfig(_Base):
     """`mlp`: pixel shuffle + LayerNorm + Linear-GELU-Linear (InternVL/NVLM). `linear` / `mlp2x_gelu`: LLaVA."""
 
     kind: Literal["mlp", "linear", "mlp2x_gelu"] = "mlp"
-    downsample_ratio: float = 0.5  # pixel shuffle scale; only for kind="mlp"
+    downsample_ratio: float = 0.5  # token-grid scale (0.5: 2x2 blocks -> 1 token); only for kind="mlp"
+    # How kind="mlp" shrinks the grid: InternVL's pixel shuffle folds each block into channels (nothing lost,
+    # input width C/ratio^2); "avg_pool" averages each block (width C; LLaVA-OneVision-style pooling), which
+    # hands a from-scratch encoder's features to the LLM translation-invariantly. HF export needs pixel_shuffle.
+    downsample: Literal["pixel_shuffle", "avg_pool"] = "pixel_shuffle"
     hidden_size: int | None = None  # intermediate width; default = LLM hidden size
     layer_norm_eps: float = 1e-5
 

@@ -98,7 +98,9 @@ def build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projector", default="mlp", choices=["mlp", "mlp2x_gelu", "linear"])
     parser.add_argument("--projector-hidden", type=int, default=None, help="projector width (default: LLM width)")
     parser.add_argument("--downsample-ratio", type=float, default=0.5,
-                        help="pixel-shuffle scale of the mlp projector (0.5: 4 patches per token; 0.25: 16)")
+                        help="token-grid scale of the mlp projector (0.5: 4 patches per token; 0.25: 16)")
+    parser.add_argument("--downsample", default="pixel_shuffle", choices=["pixel_shuffle", "avg_pool"],
+                        help="how the mlp projector merges patches: fold into channels (InternVL) or average")
     parser.add_argument("--tile-tags", default="nvlm", choices=["nvlm", "none"])
     parser.add_argument("--image-wrapper", default=None, choices=["nvlm", "internvl", "none"],
                         help="default: nvlm with nvlm tile tags, internvl otherwise")
@@ -119,7 +121,7 @@ def build(args: argparse.Namespace) -> int:
     out = stitch_build(
         vision=args.vision, llm=args.llm, out=args.out, projector=args.projector,
         projector_hidden=args.projector_hidden, downsample_ratio=args.downsample_ratio, tile_tags=args.tile_tags,
-        image_wrapper=args.image_wrapper,
+        image_wrapper=args.image_wrapper, downsample=args.downsample,
         max_tiles=args.max_tiles, use_thumbnail=not args.no_thumbnail, tokenizer=args.tokenizer,
         dtype=DTYPES[args.dtype], seed=args.seed,
     )
@@ -131,6 +133,7 @@ def stitch_build(
     vision: str, llm: str, out: str | Path, projector: str = "mlp", projector_hidden: int | None = None,
     tile_tags: str = "nvlm", image_wrapper: str | None = None, max_tiles: int = 6, use_thumbnail: bool = True,
     tokenizer: str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0, downsample_ratio: float = 0.5,
+    downsample: str = "pixel_shuffle",
 ) -> Path:
     """Python form of `stitch build`; returns the checkpoint folder."""
     torch.manual_seed(seed)
@@ -139,7 +142,8 @@ def stitch_build(
     tok = load_tokenizer(tokenizer or tok_src or default_tokenizer_source())
     cfg = VLMConfig(
         vision=vision_cfg, llm=llm_cfg,
-        projector=ProjectorConfig(kind=projector, hidden_size=projector_hidden, downsample_ratio=downsample_ratio),
+        projector=ProjectorConfig(kind=projector, hidden_size=projector_hidden, downsample_ratio=downsample_ratio,
+                                  downsample=downsample),
         tile_tags=tile_tags, image_wrapper=image_wrapper or ("nvlm" if tile_tags == "nvlm" else "internvl"),
         max_tiles=max_tiles, use_thumbnail=use_thumbnail,
     )

@@ -199,6 +199,10 @@ def vlm_config_to_hf(cfg: VLMConfig, fmt: str) -> dict[str, Any]:
     if fmt == "internvl":
         if cfg.projector.kind != "mlp":
             raise CheckpointError(f"InternVL export needs the pixel-shuffle 'mlp' projector, not {cfg.projector.kind}")
+        if cfg.projector.downsample != "pixel_shuffle":
+            raise CheckpointError(
+                f"InternVL export needs projector.downsample 'pixel_shuffle', not '{cfg.projector.downsample}'"
+            )
         if cfg.projector.hidden_size not in (None, cfg.llm.hidden_size):
             raise CheckpointError(
                 f"InternVL export needs projector width = LLM width ({cfg.llm.hidden_size}), "

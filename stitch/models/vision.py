@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stitch.config import VisionConfig
-from stitch.models.layers import RMSNorm
+from stitch.models.layers import RMSNorm, sdpa
 
 __all__ = ["VisionEncoder", "VISION_PRESETS", "vision_param_count"]
 
@@ -153,7 +153,7 @@ class VisionAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (y.view(n, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))  # [N, H, T, D]
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # [N, H, T, D]
+        out = sdpa(q, k, v, dropout_p=dropout)  # [N, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(n, t, -1))  # [N, T, C]
 
 

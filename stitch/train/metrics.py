@@ -100,7 +100,8 @@ class FlopModel:
         c_in = v.hidden_size
         hidden = p.hidden_size or l.hidden_size
         if p.kind == "mlp":
-            c_in = v.hidden_size * int(round(1 / p.downsample_ratio)) ** 2
+            if p.downsample == "pixel_shuffle":
+                c_in = v.hidden_size * int(round(1 / p.downsample_ratio)) ** 2
             proj = 2 * n_out * (c_in * hidden + hidden * l.hidden_size)
         elif p.kind == "mlp2x_gelu":
             proj = 2 * n_out * (c_in * hidden + hidden * l.hidden_size)
