@@ -109,7 +109,7 @@ def evaluate(model, processor, limit: int, batch_size: int, out_json: Path | Non
 # ----------------------------------------------------------------------------------------------- stages
 def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps: int, batch: int, lr: float,
                  device: str, precision: str, seed: int, llm_last_layers: int = 0, vision_lr: float = 3e-4,
-                 projector_lr: float = 1e-3):
+                 projector_lr: float = 1e-3, max_minutes: float | None = None):
     """One stage's TrainConfig. The encoder is trained from scratch, so it keeps training in SFT too (with the
     projector, at their stage-1 rates) while the LLM adapts at `lr`. The encoder's rate is lower than the
     projector's: at 1e-3 the colour signal swamps it and shape is never learnt (a shape+colour classifier on
@@ -137,7 +137,7 @@ def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps:
         "schedule": {"kind": "constant" if stage == "pretrain" else "cosine", "warmup_steps": max(1, steps // 20),
                      "min_lr": lr / 10},
         "train": {"steps": steps, "global_batch_size": batch, "precision": precision, "device": device,
-                  "seed": seed},
+                  "seed": seed, "max_minutes": max_minutes},
         "checkpoint": {"every": 0, "keep_last": 1, "at_end": False, "save_final": True, "resume": False},
         "log": {"every": 5, "progress": True, "plot": True},
     })
@@ -275,7 +275,9 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
             plan_text = f"~{per_step:.2f} s/step, {stage_minutes:.1f} min"
         else:
             n_steps, per_step, plan_text = steps[i], float("nan"), "fixed steps"
-        cfg = stage_config(name, out, ckpt, data_file, n_steps, batch, lr, device, precision, seed, last_layers)
+        # the step count fills ~92% of the stage's time; the clock stops it if the machine slows down mid-stage
+        cfg = stage_config(name, out, ckpt, data_file, n_steps, batch, lr, device, precision, seed, last_layers,
+                           max_minutes=stage_minutes if steps is None else None)
         console.rule(f"stage {'1: pretrain' if name == 'pretrain' else '2: SFT'} ({n_steps} steps, {plan_text})")
         run = Trainer(cfg).fit()
         results[name] = {"steps": run.step, "final_loss": run.losses[-1] if run.losses else None,

@@ -102,6 +102,8 @@ def trainer_hooks(parallel_cfg: Any) -> dict[str, Any]:
         "parallelize": lambda model, cfg: parallelize(model, cfg.parallel),
         "step_fn": parallel_train_step,
         "eval_fn": parallel_eval,
+        "barrier": dist.barrier,
+        "save_weights": save_weights,
     }
 
 

@@ -172,6 +172,9 @@ class LoopConfig(_Base):
     compile: bool = False
     seed: int = 0
     max_bad_steps: int = Field(default=5, ge=1)  # non-finite loss/grad steps in a row before stopping
+    # Stop after this much wall time in the loop (then save and finish as at `steps`): a budget that holds when
+    # the machine slows down mid-run. The LR schedule still follows `steps`. None: no limit.
+    max_minutes: float | None = Field(default=None, gt=0)
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible GPU runs, slower)
 
 

@@ -35,7 +35,7 @@ class PartCount:
 
 def trainable_vision_layers(model: VLM, cfg: TrainConfig) -> int:
     """How many of the ViT's used layers (counted from the last used one) train: 0, k, or all."""
-    used = model.vision.config.num_layers_used
+    used = model.config.vision.num_layers_used  # the config: a later pipeline stage holds no ViT
     if cfg.unfreeze.vision:
         return used
     return min(cfg.unfreeze.vision_last_layers, used)
@@ -57,7 +57,7 @@ def apply_stage(model: VLM, cfg: TrainConfig) -> dict[str, PartCount]:
         for p in model.vision.parameters():
             p.requires_grad_(True)
     elif cfg.unfreeze.vision_last_layers:
-        used = model.vision.config.num_layers_used
+        used = model.config.vision.num_layers_used  # the config: a later pipeline stage holds no ViT
         k = trainable_vision_layers(model, cfg)
         for layer in model.vision.layers[used - k : used]:
             for p in layer.parameters():

@@ -9,6 +9,13 @@ Layout of an output folder:
             state.json                  step, scheduler, data position, counters, python RNG, config
     OUT/checkpoints/latest              the name of the newest complete step folder (one line)
 
+Under a parallel layout (`Collective`) every rank writes its share of the same folder: the full weights through
+the layout's writer (one `model.safetensors`, or per-stage `tp0_pp{s}/` folders + `layout.json` under pipeline
+parallelism, which `stitch.load` merges on read), its optimizer shards into the one DCP checkpoint, and its own
+`rank{r}.json` + `rng.rank{r}.safetensors` (data position and RNG states differ per rank). DCP keys are the
+unsplit model's names, so such a step folder resumes under another layout or in one process, and a
+single-process one under a layout.
+
 A LoRA run's step folder holds `adapter.safetensors` + `trainable.safetensors` + `lora.json` (which points at the
 base checkpoint) instead of `model.safetensors`; see `stitch.train.lora`.
 
@@ -28,6 +35,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +49,7 @@ from stitch.checkpoint.store import model_state
 from stitch.errors import CheckpointError
 
 __all__ = [
+    "Collective",
     "TrainState",
     "save_checkpoint",
     "latest_checkpoint",
@@ -66,15 +75,48 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Collective:
+    """How the ranks of a parallel run write one checkpoint together (see the module docstring)."""
+
+    rank: int
+    barrier: Callable[[], None]
+    write_weights: Callable[[Path], None]  # collective: config.json + the full weights into the folder
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+def _dcp(flatten: bool = True):
+    """(dcp, get, set) for optimizer state keyed by parameter names. Flattened, a param group's settings are
+    stored per parameter (`param_groups.<name>.lr`) rather than per group index, so ranks whose optimizers
+    hold different groups (pipeline stages) write one consistent checkpoint, and any layout reads it back.
+    `flatten=False` reads checkpoints written before that."""
+    import functools
 
-    return dcp, get_optimizer_state_dict, set_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    return (dcp, functools.partial(get_optimizer_state_dict, options=options),
+            functools.partial(set_optimizer_state_dict, options=options))
+
+
+def _is_flat(optimizer_dir: Path) -> bool:
+    """Whether a DCP optimizer checkpoint keys its param groups by parameter name (see `_dcp`)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(optimizer_dir)).read_metadata().state_dict_metadata
+    return not any(re.match(r"optimizer\.param_groups\.\d+\.", k) for k in keys)
 
 
 # ------------------------------------------------------------------------------------------- RNG
@@ -135,8 +177,12 @@ def save_checkpoint(
     tokenizer=None,
     keep_last: int = 2,
     lora_base: dict[str, str] | None = None,
+    collective: Collective | None = None,
 ) -> Path:
     """Write OUT/checkpoints/step_N atomically, point `latest` at it, prune old step folders; return its path.
+
+    With `collective` every rank of a parallel run calls it (see the module docstring); `optimizer` and
+    `scheduler` may be None on a rank that trains nothing (a middle pipeline stage in pretraining).
 
     A model with LoRA layers saves only its adapters and trainable modules, with `lora_base` (a
     `stitch.train.lora.base_reference`) as the pointer to the frozen base weights.
@@ -145,6 +191,9 @@ def save_checkpoint(
     """
     root = Path(out_dir) / "checkpoints"
     target = root / step_dir_name(state.step)
+    if collective is not None:
+        return _save_collective(root, target, model, optimizer, scheduler, state, data_state, train_config,
+                                tokenizer, keep_last, collective)
     dcp, get_osd, _ = _dcp()
     from stitch.train.lora import has_lora, write_adapter_files
 
@@ -167,28 +216,80 @@ def save_checkpoint(
                 dcp.save({"optimizer": get_osd(model, optimizer)}, checkpoint_id=str(ts / "optimizer"))
             rng_tensors, rng_rest = capture_rng()
             save_file(rng_tensors, str(ts / "rng.safetensors"))
-            payload = {
-                "version": STATE_VERSION,
-                "step": state.step,
-                "tokens": state.tokens,
-                "label_tokens": state.label_tokens,
-                "bad_steps": state.bad_steps,
-                "bad_in_a_row": state.bad_in_a_row,
-                "extra": _jsonable(state.extra),
-                "scheduler": _jsonable(_scheduler_state(scheduler)),
-                "data": _jsonable(data_state) if data_state is not None else None,
-                "rng": rng_rest,
-                "config": train_config,
-            }
+            payload = _payload(state, scheduler, data_state, rng_rest, train_config)
             # state.json last: its presence marks a complete train_state even to a reader that skips `latest`.
             (ts / "state.json").write_text(json.dumps(payload, indent=1))
     except OSError as e:
-        previous = latest_checkpoint(out_dir)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        reason = "disk full" if e.errno == errno.ENOSPC else f"{type(e).__name__}"
-        raise CheckpointError(f"{reason} while saving checkpoint {target} ({e}); {kept}") from e
+        _raise_save_error(e, root.parent, target)
     _write_latest(root, target.name)
     _prune(root, keep_last, keep=target.name)
+    return target
+
+
+def _payload(state: TrainState, scheduler, data_state: dict | None, rng_rest: dict, train_config: dict) -> dict:
+    return {
+        "version": STATE_VERSION,
+        "step": state.step,
+        "tokens": state.tokens,
+        "label_tokens": state.label_tokens,
+        "bad_steps": state.bad_steps,
+        "bad_in_a_row": state.bad_in_a_row,
+        "extra": _jsonable(state.extra),
+        "scheduler": _jsonable(_scheduler_state(scheduler)) if scheduler is not None else None,
+        "data": _jsonable(data_state) if data_state is not None else None,
+        "rng": rng_rest,
+        "config": train_config,
+    }
+
+
+def _raise_save_error(e: OSError, out_dir: Path, target: Path):
+    previous = latest_checkpoint(out_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    reason = "disk full" if e.errno == errno.ENOSPC else f"{type(e).__name__}"
+    raise CheckpointError(f"{reason} while saving checkpoint {target} ({e}); {kept}") from e
+
+
+def _save_collective(root: Path, target: Path, model, optimizer, scheduler, state: TrainState,
+                     data_state: dict | None, train_config: dict, tokenizer, keep_last: int,
+                     collective: Collective) -> Path:
+    """Every rank: weights through the layout's writer, optimizer shards into one DCP checkpoint, its own data
+    position and RNG; rank 0 then writes state.json and renames the folder into place (same crash safety as the
+    single-process writer: `latest` only ever names a complete folder)."""
+    from stitch.train.lora import has_lora
+
+    if has_lora(model):
+        raise CheckpointError("LoRA checkpoints under a parallel layout are not supported yet (save_final of a "
+                              "LoRA run needs one process)")
+    dcp, get_osd, _ = _dcp()
+    tmp = root / f".{target.name}.partial"
+    ts = tmp / "train_state"
+    rank = collective.rank
+    try:
+        if collective.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial folder from a killed save
+            ts.mkdir(parents=True)
+        collective.barrier()
+        collective.write_weights(tmp)
+        if collective.is_main and tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        dcp.save({"optimizer": get_osd(model, optimizer) if optimizer is not None else {}},
+                 checkpoint_id=str(ts / "optimizer"))
+        rng_tensors, rng_rest = capture_rng()
+        save_file(rng_tensors, str(ts / f"rng.rank{rank}.safetensors"))
+        mine = {"data": _jsonable(data_state) if data_state is not None else None, "rng": rng_rest}
+        (ts / f"rank{rank}.json").write_text(json.dumps(mine, indent=1))
+        collective.barrier()
+        if collective.is_main:
+            (ts / "state.json").write_text(json.dumps(_payload(state, scheduler, data_state, rng_rest, train_config),
+                                                      indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            _write_latest(root, target.name)
+            _prune(root, keep_last, keep=target.name)
+    except OSError as e:
+        _raise_save_error(e, root.parent, target)
+    collective.barrier()
     return target
 
 
@@ -231,10 +332,15 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------- load
-def load_train_state(ckpt: str | Path, model, optimizer: torch.optim.Optimizer, scheduler) -> tuple[TrainState, dict]:
+def load_train_state(ckpt: str | Path, model, optimizer: torch.optim.Optimizer | None, scheduler,
+                     rank: int = 0) -> tuple[TrainState, dict]:
     """Restore optimizer and scheduler from `ckpt/train_state` into the live objects (the model's weights are
     loaded by the caller from the same folder). Returns (counters, payload); the payload holds the data
-    position (`payload["data"]`) and RNG states (`payload["rng"]`, restored later by `restore_rng_from`)."""
+    position (`payload["data"]`) and RNG states (`payload["rng"]`, restored later by `restore_rng_from`).
+
+    Under a parallel layout every rank calls it (DCP loads collectively) with its global `rank`: a checkpoint
+    saved by as many ranks gives each its own data position and RNG; otherwise (another layout, or one
+    process) rank 0's are used and the data stream re-maps its position (`load_state_dict`)."""
     ts = Path(ckpt) / "train_state"
     try:
         payload = json.loads((ts / "state.json").read_text())
@@ -242,19 +348,30 @@ def load_train_state(ckpt: str | Path, model, optimizer: torch.optim.Optimizer, 
         raise CheckpointError(f"{ts / 'state.json'}: unreadable training state ({e})") from e
     if payload.get("version") != STATE_VERSION:
         raise CheckpointError(f"{ts / 'state.json'}: state version {payload.get('version')}, expected {STATE_VERSION}")
-    dcp, get_osd, set_osd = _dcp()
-    optimizer.zero_grad(set_to_none=True)
-    osd = get_osd(model, optimizer)  # allocates the state tensors DCP loads into
+    try:
+        flat = _is_flat(ts / "optimizer")
+    except Exception as e:  # a missing or unreadable .metadata
+        raise CheckpointError(f"{ts / 'optimizer'}: cannot read the optimizer checkpoint ({e})") from e
+    dcp, get_osd, set_osd = _dcp(flatten=flat)
+    osd: dict = {}
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        osd = get_osd(model, optimizer)  # allocates the state tensors DCP loads into
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load({"optimizer": osd}, checkpoint_id=str(ts / "optimizer"))
     except Exception as e:  # DCP raises several types (CheckpointException, RuntimeError, ...)
         raise CheckpointError(f"{ts / 'optimizer'}: cannot load the optimizer state ({e})") from e
-    set_osd(model, optimizer, osd)
-    sched = dict(payload["scheduler"])
-    sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
-    scheduler.load_state_dict(sched)
+    if optimizer is not None:
+        set_osd(model, optimizer, osd)
+    own = _existing(ts / f"rank{rank}.json")
+    if own is not None:
+        payload.update(json.loads(own.read_text()))
+    elif (ts / "rank0.json").exists():  # saved by another number of ranks: rank 0's position and RNG
+        payload.update(json.loads((ts / "rank0.json").read_text()))
+    if scheduler is not None:
+        _restore_scheduler(scheduler, payload["step"])
     state = TrainState(
         step=payload["step"], tokens=payload["tokens"], label_tokens=payload["label_tokens"],
         bad_steps=payload["bad_steps"], bad_in_a_row=payload["bad_in_a_row"], extra=payload.get("extra", {}),
@@ -262,6 +379,23 @@ def load_train_state(ckpt: str | Path, model, optimizer: torch.optim.Optimizer, 
     return state, payload
 
 
-def restore_rng_from(ckpt: str | Path, payload: dict) -> None:
+def _restore_scheduler(scheduler, step: int) -> None:
+    """Put a LambdaLR at `step`. The schedule is a function of the step alone, so the rates are recomputed
+    rather than read back: exact, and right under any layout (a pipeline rank holds other param groups than
+    the rank that saved the state)."""
+    scheduler.last_epoch = step
+    rates = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.exists() else None
+
+
+def restore_rng_from(ckpt: str | Path, payload: dict, rank: int = 0) -> None:
     """Put every RNG back where it was when `ckpt` was saved (call right before the first resumed step)."""
-    restore_rng(load_file(str(Path(ckpt) / "train_state" / "rng.safetensors")), payload["rng"])
+    ts = Path(ckpt) / "train_state"
+    path = _existing(ts / f"rng.rank{rank}.safetensors") or _existing(ts / "rng.rank0.safetensors")
+    restore_rng(load_file(str(path or ts / "rng.safetensors")), payload["rng"])

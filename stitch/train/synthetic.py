@@ -105,7 +105,12 @@ class SyntheticStream:
                 "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where the saved stream stopped. Rank r of W reads global samples r, r + W, ...; a state
+        saved with another data-parallel size resumes at the same global sample count (rounded up, so no
+        sample is seen twice)."""
         if state.get("kind") != "synthetic" or state.get("seed") != self.seed:
             raise ValueError(f"data state {state} was not saved by this synthetic stream (seed {self.seed})")
-        self.next_index = int(state["next_index"])
+        saved_world = int(state.get("world_size", self.world_size))
+        consumed = int(state["next_index"]) * saved_world  # global samples every saved rank had read
+        self.next_index = -(-consumed // self.world_size)
 

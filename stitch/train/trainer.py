@@ -43,6 +43,7 @@ from stitch.train.optim import build_optimizer
 from stitch.train.schedule import LRSchedule, build_scheduler
 from stitch.train.stages import apply_stage, parameter_table, trainable_vision_layers
 from stitch.train.state import (
+    Collective,
     TrainState,
     latest_checkpoint,
     load_train_state,
@@ -171,8 +172,8 @@ class Distributed:
       `StepResult`'s fields (`stitch.parallel.step.parallel_train_step` fits);
     - `eval_fn(module, batch) -> (mean loss, label tokens)`, both over all ranks, for validation under such
       a layout (collective: every rank calls it).
-    Saving and loading under sharding: override `Trainer.save` / `Trainer.build_model` (the single-process
-    versions write full safetensors weights + DCP optimizer state, which DCP can reshard).
+    - `barrier()`, `save_weights(module, folder)`: collectives for checkpoints under the layout (every rank
+      writes its share of one step folder, `stitch.train.state`); without them such a run cannot save.
     """
 
     rank: int = 0
@@ -183,10 +184,17 @@ class Distributed:
     grad_sync: Callable[[bool], None] | None = None
     step_fn: Callable[..., Any] | None = None
     eval_fn: Callable[[Any, dict], tuple[float, int]] | None = None
+    barrier: Callable[[], None] | None = None
+    save_weights: Callable[[Any, Path], None] | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def collective(self) -> bool:
+        """A parallel layout whose ranks write checkpoints together."""
+        return self.parallelize is not None
 
 
 @dataclass
@@ -439,12 +447,18 @@ class Trainer:
             self.optimizer = build_optimizer(model.parts(), cfg.optim, self.device)
             self.scheduler = build_scheduler(self.optimizer, cfg.schedule.kind, cfg.schedule.warmup_steps,
                                              cfg.decay_steps, cfg.optim.lr, cfg.schedule.min_lr)
-        if self.dist.parallelize is not None and self._checkpoints_needed(resume_from):
-            raise StitchConfigError(
-                "checkpoints under a parallel layout are not wired into the trainer yet (the single-process "
-                "writer cannot take sharded parameters; stitch.parallel.dcp.save_dcp/save_weights can): set "
-                "checkpoint.every=0 checkpoint.at_end=false checkpoint.save_final=false for now"
-            )
+        if self.dist.collective and self._checkpoints_needed(resume_from):
+            if self.dist.save_weights is None or self.dist.barrier is None:
+                raise StitchConfigError(
+                    "checkpoints under a parallel layout need the layout's collective writer (Distributed."
+                    "save_weights and barrier; stitch.parallel.step.trainer_hooks supplies them): set "
+                    "checkpoint.every=0 checkpoint.at_end=false checkpoint.save_final=false, or pass them"
+                )
+            if cfg.lora.enabled:
+                raise StitchConfigError(
+                    "lora: checkpoints of a LoRA run under a parallel layout are not supported yet: train it in "
+                    "one process, or set checkpoint.every=0 checkpoint.at_end=false checkpoint.save_final=false"
+                )
         k = trainable_vision_layers(model, cfg)
         # A LoRA LLM is frozen with gradients flowing through it (adapter FLOPs are negligible and not counted).
         # A LoRA ViT is counted as the stage leaves it (frozen: forward only), so its backward is not counted.
@@ -454,7 +468,8 @@ class Trainer:
         self.state = TrainState()
         payload = None
         if resume_from is not None:
-            self.state, payload = load_train_state(resume_from, model, self.optimizer, self.scheduler)
+            self.state, payload = load_train_state(resume_from, model, self.optimizer, self.scheduler,
+                                                   rank=self.dist.rank)
         self.processor = self._processor(self.tokenizer, model.config)
         self.stream = self.build_stream(model.config, self.processor)
         if payload is not None and payload.get("data") is not None:
@@ -485,7 +500,7 @@ class Trainer:
         if not cfg.model.random_init:
             return base_reference(cfg.model.checkpoint)
         if self.dist.parallelize is not None or not self._checkpoints_needed(None):
-            return None  # nothing will be saved (and layouts do not save through this trainer yet)
+            return None  # nothing will be saved (a layout with checkpoints refuses LoRA in setup)
         base = self.out / "base"
         if self.dist.is_main:
             save(model, base, tokenizer=self.tokenizer)
@@ -511,10 +526,11 @@ class Trainer:
                             every=cfg.log.every)
         batches = iter(self.stream)
         if self.resume_from is not None:
-            restore_rng_from(self.resume_from, self._resume_payload)
+            restore_rng_from(self.resume_from, self._resume_payload, rank=self.dist.rank)
         summary = RunSummary(step=start, final_dir=None)
         last_saved = start if self.resume_from else None
         handlers = self._install_signals()
+        loop_start = time.perf_counter()
         try:
             while self.state.step < cfg.train.steps:
                 record = self._one_step(batches)
@@ -530,6 +546,10 @@ class Trainer:
                     self.save()
                     last_saved = step
                 if self._stop is not None:
+                    break
+                if self._out_of_time(loop_start):
+                    self.log(f"train.max_minutes ({cfg.train.max_minutes:g}) reached after step {step}: "
+                             "finishing here")
                     break
             ran = self.state.step > start
             if ran and self._stop is None and cfg.eval.every and self.state.step % cfg.eval.every:
@@ -547,9 +567,9 @@ class Trainer:
             self.log(f"{self._stop}: saved step {self.state.step} in {self.out / 'checkpoints'}; "
                      "run the same command again to resume")
             return summary
+        if cfg.checkpoint.save_final and (self.dist.is_main or self.dist.collective):
+            summary.final_dir = self.save_final()
         if self.dist.is_main:
-            if cfg.checkpoint.save_final:
-                summary.final_dir = self.save_final()
             if cfg.log.plot:
                 plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
             self._write_summary(summary)
@@ -560,6 +580,18 @@ class Trainer:
         self.log(f"done: {self.state.step} steps, {self.state.bad_steps} skipped (non-finite); {rate}; "
                  f"peak memory {peak_memory_gb(self.device):.2f} GB; output in {self.out}")
         return summary
+
+    def _out_of_time(self, loop_start: float) -> bool:
+        """Whether `train.max_minutes` has passed; under a layout rank 0's clock decides for every rank."""
+        limit = self.cfg.train.max_minutes
+        if limit is None:
+            return False
+        late = time.perf_counter() - loop_start > limit * 60
+        if self.dist.collective and torch.distributed.is_initialized():
+            flag = torch.tensor([float(late)], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.broadcast(flag, src=0)
+            late = bool(flag.item())
+        return late
 
     def _next_micro_batches(self, batches: Iterator[dict]) -> list[dict]:
         # The data pipeline may draw from the global RNGs (a DataLoader draws its base seed when it starts,
@@ -666,12 +698,21 @@ class Trainer:
         progress.message(f"step {self.state.step}: val loss {val:.4f}")
 
     # ------------------------------------------------------------------ checkpoints
+    def _collective(self) -> Collective | None:
+        d = self.dist
+        if not d.collective:
+            return None
+        return Collective(rank=d.rank, barrier=d.barrier, write_weights=lambda folder: d.save_weights(self.module,
+                                                                                                       folder))
+
     def save(self) -> Path:
+        """A step checkpoint (collective under a parallel layout: every rank calls it)."""
         cfg = self.cfg
         path = save_checkpoint(
             self.out, self.model, self.optimizer, self.scheduler, self.state,
             data_state=self.stream.state_dict(), train_config=cfg.model_dump(mode="json"),
             tokenizer=self.tokenizer, keep_last=cfg.checkpoint.keep_last, lora_base=self.lora_base,
+            collective=self._collective(),
         )
         if cfg.checkpoint.pause_after_save_s:
             time.sleep(cfg.checkpoint.pause_after_save_s)
@@ -704,9 +745,31 @@ class Trainer:
         from stitch.checkpoint.store import save
         from stitch.train.lora import has_lora, save_lora_checkpoint
 
+        collective = self._collective()
+        if collective is not None:
+            return self._save_final_collective(collective)
         if has_lora(self.model):
             return save_lora_checkpoint(self.model, self.out / "final", self.lora_base, tokenizer=self.tokenizer)
         return save(self.model, self.out / "final", tokenizer=self.tokenizer)
+
+    def _save_final_collective(self, collective: Collective) -> Path:
+        """OUT/final from every rank of a layout: the layout's full-weight writer into a partial folder that
+        rank 0 renames into place once all ranks are done."""
+        import shutil
+
+        final = self.out / "final"
+        tmp = self.out / ".final.partial"
+        if collective.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        collective.barrier()
+        collective.write_weights(tmp)
+        if collective.is_main:
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        collective.barrier()
+        return final
 
     # ------------------------------------------------------------------ signals and header
     def _install_signals(self) -> dict:

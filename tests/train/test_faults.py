@@ -118,3 +118,14 @@ def test_signal_saves_and_exits_cleanly(small_ckpt, tmp_path, sig):
     assert signal.getsignal(sig) is not None  # handlers restored
     done = Trainer(cfg, **QUIET).fit()
     assert done.step == 6 and done.interrupted is None
+
+
+def test_time_limit_stops_the_loop_and_still_saves(small_ckpt, tmp_path):
+    """`train.max_minutes` ends the run on the clock (a budget that holds when the machine slows down): the
+    steps done are saved as at the end of a run, and the summary says how many ran."""
+    cfg = load_config(None, data=tiny_config(small_ckpt, tmp_path / "run", train={"steps": 50, "max_minutes": 1e-6},
+                                             checkpoint={"every": 0, "at_end": True, "save_final": True}))
+    run = Trainer(cfg, **QUIET).fit()  # any step takes longer than the 60 us limit
+    assert run.step == 1 and len(run.losses) == 1
+    assert latest_checkpoint(tmp_path / "run").name == "step_000001"
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
