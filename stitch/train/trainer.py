@@ -499,7 +499,7 @@ class Trainer:
             return None
         if not cfg.model.random_init:
             return base_reference(cfg.model.checkpoint)
-        if self.dist.parallelize is not None or not self._checkpoints_needed(None):
+        if self.dist.collective or not self._checkpoints_needed(None):
             return None  # nothing will be saved (a layout with checkpoints refuses LoRA in setup)
         base = self.out / "base"
         if self.dist.is_main:
@@ -545,11 +545,7 @@ class Trainer:
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
                     self.save()
                     last_saved = step
-                if self._stop is not None:
-                    break
-                if self._out_of_time(loop_start):
-                    self.log(f"train.max_minutes ({cfg.train.max_minutes:g}) reached after step {step}: "
-                             "finishing here")
+                if self._signalled_or_late(loop_start):
                     break
             ran = self.state.step > start
             if ran and self._stop is None and cfg.eval.every and self.state.step % cfg.eval.every:
@@ -581,17 +577,24 @@ class Trainer:
                  f"peak memory {peak_memory_gb(self.device):.2f} GB; output in {self.out}")
         return summary
 
-    def _out_of_time(self, loop_start: float) -> bool:
-        """Whether `train.max_minutes` has passed; under a layout rank 0's clock decides for every rank."""
+    def _signalled_or_late(self, loop_start: float) -> bool:
+        """Whether the loop ends after this step: a signal (`self._stop`, which then saves a checkpoint) or
+        `train.max_minutes` passed (which ends the run as `train.steps` would). Under a layout the ranks agree
+        (a signal or clock on any rank stops them all after the same step), else one would wait forever in the
+        next step's collectives."""
         limit = self.cfg.train.max_minutes
-        if limit is None:
-            return False
-        late = time.perf_counter() - loop_start > limit * 60
+        late = limit is not None and time.perf_counter() - loop_start > limit * 60
+        signalled = self._stop is not None
         if self.dist.collective and torch.distributed.is_initialized():
-            flag = torch.tensor([float(late)], device=self.device if self.device.type == "cuda" else "cpu")
-            torch.distributed.broadcast(flag, src=0)
-            late = bool(flag.item())
-        return late
+            flags = torch.tensor([float(signalled), float(late)],
+                                 device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            signalled, late = (bool(x) for x in flags.tolist())
+            if signalled and self._stop is None:
+                self._stop = "a signal on another rank"
+        if late and not signalled:
+            self.log(f"train.max_minutes ({limit:g}) reached after step {self.state.step}: finishing here")
+        return signalled or late
 
     def _next_micro_batches(self, batches: Iterator[dict]) -> list[dict]:
         # The data pipeline may draw from the global RNGs (a DataLoader draws its base seed when it starts,
@@ -702,8 +705,8 @@ class Trainer:
         d = self.dist
         if not d.collective:
             return None
-        return Collective(rank=d.rank, barrier=d.barrier, write_weights=lambda folder: d.save_weights(self.module,
-                                                                                                       folder))
+        write = d.save_weights
+        return Collective(rank=d.rank, barrier=d.barrier, write_weights=lambda folder: write(self.module, folder))
 
     def save(self) -> Path:
         """A step checkpoint (collective under a parallel layout: every rank calls it)."""
