@@ -120,8 +120,7 @@ def attention(
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     if hkv == hq:
-        return sdpa(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                              dropout_p=dropout)
+        return sdpa(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout)
     rep = hq // hkv
     if mask is None:
         return sdpa(q, k, v, is_causal=is_causal, dropout_p=dropout, enable_gqa=True)
