@@ -207,6 +207,12 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     from stitch.train.trainer import Trainer
 
     t0 = time.time()
+    if steps is not None and (len(steps) != 2 or min(steps) < 1):
+        raise StitchError(f"--steps needs two step counts >= 1 (stage 1, SFT), got {' '.join(map(str, steps))}")
+    if eval_samples < 1 or (eval_before is not None and eval_before < 1):
+        raise StitchError(f"--eval-samples and --eval-before must be >= 1, got {eval_samples} and {eval_before}")
+    if minutes is not None and minutes <= 0:
+        raise StitchError(f"--minutes must be > 0, got {minutes}")
     console = Console()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")

@@ -41,3 +41,14 @@ def test_short_quickstart_learns_well_above_chance(tmp_path):
 
     model, processor = stitch.load(out / "sft" / "final")
     assert processor.system_prompt == "Answer briefly."  # the training prompt travels with the checkpoint
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0", "5"], "--steps needs two step counts >= 1"),
+    (["--minutes", "0"], "--minutes must be > 0"),
+    (["--eval-before", "0"], "--eval-before must be >= 1"),
+])
+def test_bad_arguments_are_named_before_any_work(tmp_path, capsys, args, message):
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), *args]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()  # refused before writing anything
