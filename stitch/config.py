@@ -184,6 +184,12 @@ class ProjectorConfig(_Base):
     hidden_size: int | None = None  # intermediate width; default = LLM hidden size
     layer_norm_eps: float = 1e-5
 
+    def input_width(self, vision_width: int) -> int:
+        """Width of each token entering the first Linear: pixel shuffle folds 1/ratio^2 patches into one."""
+        if self.kind == "mlp" and self.downsample == "pixel_shuffle":
+            return vision_width * int(round(1 / self.downsample_ratio)) ** 2
+        return vision_width
+
 
 class VLMConfig(_Base):
     """A stitched model: vision encoder + projector + LLM, plus how images appear in the token stream."""

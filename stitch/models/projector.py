@@ -43,7 +43,7 @@ class Projector(nn.Module):
         self.kind, self.scale, self.downsample = p.kind, p.downsample_ratio, p.downsample
         hidden = p.hidden_size or llm_dim
         if p.kind == "mlp":
-            in_dim = vision_dim * (int(round(1 / p.downsample_ratio)) ** 2 if p.downsample == "pixel_shuffle" else 1)
+            in_dim = p.input_width(vision_dim)
             self.layer_norm = nn.LayerNorm(in_dim, eps=p.layer_norm_eps)
             self.linear_1 = nn.Linear(in_dim, hidden)
             self.linear_2 = nn.Linear(hidden, llm_dim)
@@ -58,8 +58,6 @@ class Projector(nn.Module):
         if self.kind == "linear":
             return self.linear_1(features)
         if self.kind == "mlp":
-            if self.downsample == "avg_pool":
-                features = self.layer_norm(average_pool(features, self.scale))  # [tiles, tokens/4, C]
-            else:
-                features = self.layer_norm(pixel_shuffle(features, self.scale))  # [tiles, tokens/4, 4C]
+            shrink = average_pool if self.downsample == "avg_pool" else pixel_shuffle
+            features = self.layer_norm(shrink(features, self.scale))  # [tiles, tokens/4, 4C (avg_pool: C)]
         return self.linear_2(F.gelu(self.linear_1(features)))

@@ -97,13 +97,9 @@ class FlopModel:
         vision_upstream = k > 0 or vision_embeddings_train
         # ---- projector, per tile
         n_out = cfg.tokens_per_tile
-        c_in = v.hidden_size
+        c_in = p.input_width(v.hidden_size)
         hidden = p.hidden_size or l.hidden_size
-        if p.kind == "mlp":
-            if p.downsample == "pixel_shuffle":
-                c_in = v.hidden_size * int(round(1 / p.downsample_ratio)) ** 2
-            proj = 2 * n_out * (c_in * hidden + hidden * l.hidden_size)
-        elif p.kind == "mlp2x_gelu":
+        if p.kind in ("mlp", "mlp2x_gelu"):
             proj = 2 * n_out * (c_in * hidden + hidden * l.hidden_size)
         else:
             proj = 2 * n_out * c_in * l.hidden_size
