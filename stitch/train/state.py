@@ -6,7 +6,8 @@ Layout of an output folder:
         train_state/
             optimizer/                  torch DCP (reshardable: stitch.parallel may load it on another layout)
             rng.safetensors             torch (CPU, CUDA) and numpy generator states
-            state.json                  step, scheduler, data position, counters, python RNG, config
+            state.json                  step, data position, counters, python RNG, config (the LR schedule is
+                                        recomputed from the step on resume)
     OUT/checkpoints/latest              the name of the newest complete step folder (one line)
 
 Under a parallel layout (`Collective`) every rank writes its share of the same folder: the full weights through
@@ -28,6 +29,7 @@ few non-tensor hyperparameters its own way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -88,6 +90,23 @@ class Collective:
         return self.rank == 0
 
 
+@contextlib.contextmanager
+def collective_dir(target: Path, collective: Collective):
+    """The parallel twin of `atomic_dir`: every rank writes into one partial folder, which rank 0 renames to
+    `target` once all ranks are done (a leftover from a killed save is cleared first)."""
+    tmp = target.with_name(f".{target.name}.partial")
+    if collective.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    collective.barrier()
+    yield tmp
+    collective.barrier()
+    if collective.is_main:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    collective.barrier()
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -146,7 +165,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------- save
 def _jsonable(obj: Any) -> Any:
-    """Plain JSON types for scheduler/data states (tuples -> lists, numpy scalars -> numbers)."""
+    """Plain JSON types for data states (tuples -> lists, numpy scalars -> numbers)."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -160,17 +179,10 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in state.json")
 
 
-def _scheduler_state(scheduler) -> dict:
-    state = dict(scheduler.state_dict())
-    state.pop("lr_lambdas", None)  # the schedule's shape comes from the config, not the checkpoint
-    return state
-
-
 def save_checkpoint(
     out_dir: str | Path,
     model,
     optimizer: torch.optim.Optimizer,
-    scheduler,
     state: TrainState,
     data_state: dict | None,
     train_config: dict,
@@ -181,8 +193,9 @@ def save_checkpoint(
 ) -> Path:
     """Write OUT/checkpoints/step_N atomically, point `latest` at it, prune old step folders; return its path.
 
-    With `collective` every rank of a parallel run calls it (see the module docstring); `optimizer` and
-    `scheduler` may be None on a rank that trains nothing (a middle pipeline stage in pretraining).
+    With `collective` every rank of a parallel run calls it (see the module docstring); `optimizer` may be None
+    on a rank that trains nothing (a middle pipeline stage in pretraining). The LR schedule is not saved: it is
+    a function of the step, recomputed on resume.
 
     A model with LoRA layers saves only its adapters and trainable modules, with `lora_base` (a
     `stitch.train.lora.base_reference`) as the pointer to the frozen base weights.
@@ -192,7 +205,7 @@ def save_checkpoint(
     root = Path(out_dir) / "checkpoints"
     target = root / step_dir_name(state.step)
     if collective is not None:
-        return _save_collective(root, target, model, optimizer, scheduler, state, data_state, train_config,
+        return _save_collective(root, target, model, optimizer, state, data_state, train_config,
                                 tokenizer, keep_last, collective)
     dcp, get_osd, _ = _dcp()
     from stitch.train.lora import has_lora, write_adapter_files
@@ -216,7 +229,7 @@ def save_checkpoint(
                 dcp.save({"optimizer": get_osd(model, optimizer)}, checkpoint_id=str(ts / "optimizer"))
             rng_tensors, rng_rest = capture_rng()
             save_file(rng_tensors, str(ts / "rng.safetensors"))
-            payload = _payload(state, scheduler, data_state, rng_rest, train_config)
+            payload = _payload(state, data_state, rng_rest, train_config)
             # state.json last: its presence marks a complete train_state even to a reader that skips `latest`.
             (ts / "state.json").write_text(json.dumps(payload, indent=1))
     except OSError as e:
@@ -226,7 +239,7 @@ def save_checkpoint(
     return target
 
 
-def _payload(state: TrainState, scheduler, data_state: dict | None, rng_rest: dict, train_config: dict) -> dict:
+def _payload(state: TrainState, data_state: dict | None, rng_rest: dict, train_config: dict) -> dict:
     return {
         "version": STATE_VERSION,
         "step": state.step,
@@ -235,7 +248,6 @@ def _payload(state: TrainState, scheduler, data_state: dict | None, rng_rest: di
         "bad_steps": state.bad_steps,
         "bad_in_a_row": state.bad_in_a_row,
         "extra": _jsonable(state.extra),
-        "scheduler": _jsonable(_scheduler_state(scheduler)) if scheduler is not None else None,
         "data": _jsonable(data_state) if data_state is not None else None,
         "rng": rng_rest,
         "config": train_config,
@@ -249,7 +261,7 @@ def _raise_save_error(e: OSError, out_dir: Path, target: Path):
     raise CheckpointError(f"{reason} while saving checkpoint {target} ({e}); {kept}") from e
 
 
-def _save_collective(root: Path, target: Path, model, optimizer, scheduler, state: TrainState,
+def _save_collective(root: Path, target: Path, model, optimizer, state: TrainState,
                      data_state: dict | None, train_config: dict, tokenizer, keep_last: int,
                      collective: Collective) -> Path:
     """Every rank: weights through the layout's writer, optimizer shards into one DCP checkpoint, its own data
@@ -261,35 +273,28 @@ def _save_collective(root: Path, target: Path, model, optimizer, scheduler, stat
         raise CheckpointError("LoRA checkpoints under a parallel layout are not supported yet (save_final of a "
                               "LoRA run needs one process)")
     dcp, get_osd, _ = _dcp()
-    tmp = root / f".{target.name}.partial"
-    ts = tmp / "train_state"
     rank = collective.rank
     try:
-        if collective.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # a partial folder from a killed save
-            ts.mkdir(parents=True)
-        collective.barrier()
-        collective.write_weights(tmp)
-        if collective.is_main and tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        dcp.save({"optimizer": get_osd(model, optimizer) if optimizer is not None else {}},
-                 checkpoint_id=str(ts / "optimizer"))
-        rng_tensors, rng_rest = capture_rng()
-        save_file(rng_tensors, str(ts / f"rng.rank{rank}.safetensors"))
-        mine = {"data": _jsonable(data_state) if data_state is not None else None, "rng": rng_rest}
-        (ts / f"rank{rank}.json").write_text(json.dumps(mine, indent=1))
-        collective.barrier()
-        if collective.is_main:
-            (ts / "state.json").write_text(json.dumps(_payload(state, scheduler, data_state, rng_rest, train_config),
-                                                      indent=1))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-            _write_latest(root, target.name)
-            _prune(root, keep_last, keep=target.name)
+        with collective_dir(target, collective) as tmp:
+            ts = tmp / "train_state"
+            ts.mkdir(exist_ok=True)  # every rank: no rank waits on another's mkdir
+            collective.write_weights(tmp)
+            if collective.is_main and tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            dcp.save({"optimizer": get_osd(model, optimizer) if optimizer is not None else {}},
+                     checkpoint_id=str(ts / "optimizer"))
+            rng_tensors, rng_rest = capture_rng()
+            save_file(rng_tensors, str(ts / f"rng.rank{rank}.safetensors"))
+            mine = {"data": _jsonable(data_state) if data_state is not None else None, "rng": rng_rest}
+            (ts / f"rank{rank}.json").write_text(json.dumps(mine, indent=1))
+            if collective.is_main:  # inside the partial folder, so its presence means nothing until the rename
+                payload = _payload(state, data_state, rng_rest, train_config)
+                (ts / "state.json").write_text(json.dumps(payload, indent=1))
     except OSError as e:
         _raise_save_error(e, root.parent, target)
-    collective.barrier()
+    if collective.is_main:
+        _write_latest(root, target.name)
+        _prune(root, keep_last, keep=target.name)
     return target
 
 
@@ -334,7 +339,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 # ------------------------------------------------------------------------------------------- load
 def load_train_state(ckpt: str | Path, model, optimizer: torch.optim.Optimizer | None, scheduler,
                      rank: int = 0) -> tuple[TrainState, dict]:
-    """Restore optimizer and scheduler from `ckpt/train_state` into the live objects (the model's weights are
+    """Restore the optimizer from `ckpt/train_state` and put the scheduler at the saved step (the model's weights are
     loaded by the caller from the same folder). Returns (counters, payload); the payload holds the data
     position (`payload["data"]`) and RNG states (`payload["rng"]`, restored later by `restore_rng_from`).
 
@@ -365,11 +370,9 @@ def load_train_state(ckpt: str | Path, model, optimizer: torch.optim.Optimizer |
         raise CheckpointError(f"{ts / 'optimizer'}: cannot load the optimizer state ({e})") from e
     if optimizer is not None:
         set_osd(model, optimizer, osd)
-    own = _existing(ts / f"rank{rank}.json")
-    if own is not None:
-        payload.update(json.loads(own.read_text()))
-    elif (ts / "rank0.json").exists():  # saved by another number of ranks: rank 0's position and RNG
-        payload.update(json.loads((ts / "rank0.json").read_text()))
+    mine = _rank_file(ts, rank, "rank{}.json")
+    if mine is not None:
+        payload.update(json.loads(mine.read_text()))
     if scheduler is not None:
         _restore_scheduler(scheduler, payload["step"])
     state = TrainState(
@@ -390,12 +393,18 @@ def _restore_scheduler(scheduler, step: int) -> None:
     scheduler._last_lr = rates
 
 
-def _existing(path: Path) -> Path | None:
-    return path if path.exists() else None
+def _rank_file(ts: Path, rank: int, pattern: str) -> Path | None:
+    """This rank's file of a checkpoint saved under a layout; rank 0's when it was saved by fewer ranks (or
+    another layout); None for a single-process checkpoint."""
+    for r in (rank, 0):
+        path = ts / pattern.format(r)
+        if path.exists():
+            return path
+    return None
 
 
 def restore_rng_from(ckpt: str | Path, payload: dict, rank: int = 0) -> None:
     """Put every RNG back where it was when `ckpt` was saved (call right before the first resumed step)."""
     ts = Path(ckpt) / "train_state"
-    path = _existing(ts / f"rng.rank{rank}.safetensors") or _existing(ts / "rng.rank0.safetensors")
-    restore_rng(load_file(str(path or ts / "rng.safetensors")), payload["rng"])
+    path = _rank_file(ts, rank, "rng.rank{}.safetensors") or ts / "rng.safetensors"
+    restore_rng(load_file(str(path)), payload["rng"])

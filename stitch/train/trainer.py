@@ -45,6 +45,7 @@ from stitch.train.stages import apply_stage, parameter_table, trainable_vision_l
 from stitch.train.state import (
     Collective,
     TrainState,
+    collective_dir,
     latest_checkpoint,
     load_train_state,
     restore_rng_from,
@@ -712,7 +713,7 @@ class Trainer:
         """A step checkpoint (collective under a parallel layout: every rank calls it)."""
         cfg = self.cfg
         path = save_checkpoint(
-            self.out, self.model, self.optimizer, self.scheduler, self.state,
+            self.out, self.model, self.optimizer, self.state,
             data_state=self.stream.state_dict(), train_config=cfg.model_dump(mode="json"),
             tokenizer=self.tokenizer, keep_last=cfg.checkpoint.keep_last, lora_base=self.lora_base,
             collective=self._collective(),
@@ -756,22 +757,12 @@ class Trainer:
         return save(self.model, self.out / "final", tokenizer=self.tokenizer)
 
     def _save_final_collective(self, collective: Collective) -> Path:
-        """OUT/final from every rank of a layout: the layout's full-weight writer into a partial folder that
-        rank 0 renames into place once all ranks are done."""
-        import shutil
-
+        """OUT/final from every rank of a layout, through the layout's full-weight writer."""
         final = self.out / "final"
-        tmp = self.out / ".final.partial"
-        if collective.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        collective.barrier()
-        collective.write_weights(tmp)
-        if collective.is_main:
-            if self.tokenizer is not None:
+        with collective_dir(final, collective) as tmp:
+            collective.write_weights(tmp)
+            if collective.is_main and self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        collective.barrier()
         return final
 
     # ------------------------------------------------------------------ signals and header
