@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# The performance runs still owed on one H200, in one device call (each under a time guard so one slow or
-# hanging configuration cannot eat the rest): the compiled decode step, the 8B shape compiled with and without
-# activation checkpointing. JSON goes to $OUT (or bench/results when $OUT is unset), logs beside it.
-#   bash bench/h200_suite.sh            # ~8 minutes on an H200
+# Performance runs on one H200 grouped to fit one device call each (<= 10 minutes), every run under a time guard
+# so one slow or hanging configuration cannot eat the rest. JSON goes to $OUT (or bench/results when $OUT is
+# unset), one log per run beside it (torch.compile recompiles are logged there).
+#   bash bench/h200_suite.sh train      # packed 2B compiled vs HF, 2B compiled batch 12, 8B compiled batch 1/2
+#   bash bench/h200_suite.sh generate   # compiled decode: 2B batch 1/16/64, 8B batch 16
 set -u
 cd "$(dirname "$0")"
 out=${OUT:-results}
 mkdir -p "$out"
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}
 run() {  # run NAME SECONDS ARGS...: one bench invocation, its log in $out/NAME.log
     local name=$1 seconds=$2
     shift 2
     echo "== $name"
     timeout "$seconds" python3 "$@" > "$out/$name.log" 2>&1 || echo "   $name: exit $? (see $name.log)"
-    grep -v -i warn "$out/$name.log" | tail -n 12
+    grep -v -i -e warn -e recompil -e "guard failure" -e "^ *- " "$out/$name.log" | tail -n 12
 }
-run gen2b_compile 200 generate_throughput.py --compile --batch-sizes 1,16,64 --out "$out/generate_2b_compile.json"
-run gen8b_compile 150 generate_throughput.py --compile --preset internvl-8b --batch-sizes 16 \
-    --out "$out/generate_8b_compile.json"
-run train8b_compile_b1 150 train_throughput.py --preset internvl-8b --compile --batch 1 --checkpointing off \
-    --steps 4 --warmup 2 --sides stitch --out "$out/train_8b_compile_b1.json"
-run train8b_compile_ckpt 150 train_throughput.py --preset internvl-8b --compile --batch 4 --micro-batch 2 \
-    --checkpointing on --steps 4 --warmup 2 --sides stitch --out "$out/train_8b_compile_ckpt.json"
+case ${1:-train} in
+train)
+    run train2b_packed_compile 250 train_throughput.py --packed --batch 16 --micro-batch 4 --compile \
+        --checkpointing off --warmup 4 --steps 4 --out "$out/train_2b_packed_compile.json"
+    run train2b_compile_b12 130 train_throughput.py --compile --batch 12 --checkpointing off --sides stitch \
+        --warmup 3 --steps 5 --out "$out/train_2b_compile_b12.json"
+    run train8b_compile 160 train_throughput.py --preset internvl-8b --compile --batch 1 2 --checkpointing off \
+        --steps 5 --warmup 3 --sides stitch --out "$out/train_8b_compile.json"
+    ;;
+generate)
+    run gen2b_compile 260 generate_throughput.py --compile --batch-sizes 1,16,64 --out "$out/generate_2b_compile.json"
+    run gen8b_compile 200 generate_throughput.py --compile --preset internvl-8b --batch-sizes 16 \
+        --out "$out/generate_8b_compile.json"
+    ;;
+*) echo "usage: $0 train|generate" >&2; exit 2 ;;
+esac
