@@ -2,7 +2,8 @@
 # Performance runs on one H200 grouped to fit one device call each (<= 10 minutes), every run under a time guard
 # so one slow or hanging configuration cannot eat the rest. JSON goes to $OUT (or bench/results when $OUT is
 # unset), one log per run beside it (torch.compile recompiles are logged there).
-#   bash bench/h200_suite.sh train      # packed 2B compiled vs HF, 2B compiled batch 12, 8B compiled batch 1/2
+#   bash bench/h200_suite.sh train        # packed 2B compiled vs HF; 8B compiled: ViT-only checkpointing batch 3, none batch 2
+#   bash bench/h200_suite.sh train-more   # 2B compiled batch 12; 8B compiled batch 1/2 without checkpointing
 #   bash bench/h200_suite.sh generate   # compiled decode: 2B batch 1/16/64, 8B batch 16
 set -u
 cd "$(dirname "$0")"
@@ -19,7 +20,13 @@ run() {  # run NAME SECONDS ARGS...: one bench invocation, its log in $out/NAME.
 case ${1:-train} in
 train)
     run train2b_packed_compile 250 train_throughput.py --packed --batch 16 --micro-batch 4 --compile \
-        --checkpointing off --warmup 4 --steps 4 --out "$out/train_2b_packed_compile.json"
+        --checkpointing off --warmup 6 --steps 4 --out "$out/train_2b_packed_compile.json"
+    run train8b_compile_ckpt_vision 120 train_throughput.py --preset internvl-8b --compile --batch 3 \
+        --checkpointing vision --steps 4 --warmup 3 --sides stitch --out "$out/train_8b_compile_ckpt_vision.json"
+    run train8b_compile_b2 100 train_throughput.py --preset internvl-8b --compile --batch 2 --checkpointing off \
+        --steps 4 --warmup 3 --sides stitch --out "$out/train_8b_compile.json"
+    ;;
+train-more)
     run train2b_compile_b12 130 train_throughput.py --compile --batch 12 --checkpointing off --sides stitch \
         --warmup 3 --steps 5 --out "$out/train_2b_compile_b12.json"
     run train8b_compile 160 train_throughput.py --preset internvl-8b --compile --batch 1 2 --checkpointing off \
@@ -30,5 +37,5 @@ generate)
     run gen8b_compile 200 generate_throughput.py --compile --preset internvl-8b --batch-sizes 16 \
         --out "$out/generate_8b_compile.json"
     ;;
-*) echo "usage: $0 train|generate" >&2; exit 2 ;;
+*) echo "usage: $0 train|train-more|generate" >&2; exit 2 ;;
 esac

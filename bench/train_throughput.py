@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -51,7 +52,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+# Both sides allocate through one caching allocator; expandable segments keep it from failing on fragmentation
+# at 8B (an out-of-memory error with 5-11 GiB reserved but unallocated, measured). Set before CUDA starts.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from _common import RESULTS_DIR, device_slug, free_memory, is_oom, machine_info, peak_memory_gib, sync, write_json
 from torch import nn
@@ -249,13 +254,14 @@ class StitchSide:
 
     name = "stitch"
 
-    def __init__(self, cfg: VLMConfig, device: torch.device, checkpointing: bool, autocast: torch.dtype | None,
-                 spec: DataSpec, micro_batch: int, compile_layers: bool = False):
+    def __init__(self, cfg: VLMConfig, device: torch.device, checkpointing: bool | str,
+                 autocast: torch.dtype | None, spec: DataSpec, micro_batch: int, compile_layers: bool = False):
         self.device, self.autocast, self.spec, self.micro_batch = device, autocast, spec, micro_batch
         self.model = build_model(cfg, device=device, dtype=torch.float32)
         init_for_training(self.model)
-        # what `train.activation_checkpointing` / `train.compile` switch on in Trainer.setup
-        configure_layers(self.model, checkpointing, compile_layers)
+        # what `train.activation_checkpointing` / `train.compile` switch on in Trainer.setup (packed rows vary
+        # in length, so the trainer compiles them for dynamic shapes)
+        configure_layers(self.model, checkpointing, compile_layers, dynamic_shapes=spec.packed)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model.parts(), OPTIM, device)
@@ -289,14 +295,17 @@ class HFSide:
 
     name = "hf"
 
-    def __init__(self, cfg: VLMConfig, device: torch.device, checkpointing: bool, autocast: torch.dtype | None,
-                 spec: DataSpec, micro_batch: int):
+    def __init__(self, cfg: VLMConfig, device: torch.device, checkpointing: bool | str,
+                 autocast: torch.dtype | None, spec: DataSpec, micro_batch: int):
         self.device, self.autocast, self.micro_batch = device, autocast, micro_batch
         self.model = build_hf(cfg, device)
         if checkpointing:
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            # one part: that part's own PreTrainedModel switch (HF sets it on every submodule below it)
+            target = {"vision": self.model.model.vision_tower, "llm": self.model.model.language_model}.get(
+                checkpointing, self.model)
+            enable = getattr(target, "activation_checkpointing_enable", None)
             if enable is None:  # transformers before the rename
-                enable = self.model.gradient_checkpointing_enable
+                enable = target.gradient_checkpointing_enable
             enable()
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -337,7 +346,7 @@ class RunConfig:
     preset: str
     batch: int
     micro_batch: int
-    checkpointing: bool
+    checkpointing: bool | str  # False, True (every layer), "vision" / "llm" (that part's layers)
     packed: bool
 
     @property
@@ -345,8 +354,29 @@ class RunConfig:
         text = f"b{self.batch}"
         if self.micro_batch != self.batch:
             text += f" mb{self.micro_batch}"
-        text += " ckpt" if self.checkpointing else ""
+        if self.checkpointing:
+            text += " ckpt" if self.checkpointing is True else f" ckpt-{self.checkpointing}"
         return text + (" packed" if self.packed else "")
+
+
+def _time_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> list[float]:
+    """Seconds spent in `optimizer.step()` (AdamW's update alone), summed into the returned one-element list.
+
+    Both sides read their loss on the host right before the step, so the sync in the pre-hook waits for
+    nothing; the one after the step moves the end-of-step wait a little earlier."""
+    total, start = [0.0], [0.0]
+
+    def pre(*_):
+        sync(device)
+        start[0] = time.perf_counter()
+
+    def post(*_):
+        sync(device)
+        total[0] += time.perf_counter() - start[0]
+
+    optimizer.register_step_pre_hook(pre)
+    optimizer.register_step_post_hook(post)
+    return total
 
 
 def measure(side_name: str, run: RunConfig, cfg: VLMConfig, spec: DataSpec, args: argparse.Namespace,
@@ -357,7 +387,8 @@ def measure(side_name: str, run: RunConfig, cfg: VLMConfig, spec: DataSpec, args
     side = SIDE_CLASSES[side_name](cfg, device, run.checkpointing, autocast, spec, run.micro_batch, **extra)
     seconds = flops = 0.0
     tokens = padded = micro_count = 0
-    losses = []
+    losses, step_times = [], []
+    optimizer_time = _time_optimizer(side.optimizer, device)
     for step in range(args.warmup + args.steps):
         samples = step_samples(cfg, spec, run.batch, step, args.seed)
         micro = to_device(side.batches(samples), device)
@@ -366,7 +397,9 @@ def measure(side_name: str, run: RunConfig, cfg: VLMConfig, spec: DataSpec, args
         losses.append(side.step(micro))
         sync(device)
         elapsed = time.perf_counter() - start
+        step_times.append(round(elapsed, 4))
         if step < args.warmup:
+            optimizer_time[0] = 0.0
             continue
         seconds += elapsed
         lens = [len(s) for s in samples]
@@ -382,6 +415,7 @@ def measure(side_name: str, run: RunConfig, cfg: VLMConfig, spec: DataSpec, args
         peak_gib=round(peak, 2) if peak is not None else None, step_s=round(seconds / args.steps, 4),
         tokens_per_step=tokens / args.steps, padded_tokens_per_step=padded / args.steps,
         micro_batches_per_step=micro_count / args.steps, flops_per_step=flops / args.steps,
+        optimizer_s=round(optimizer_time[0] / args.steps, 4), step_times_s=step_times,
         loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), skipped_steps=side.skipped,
         flop_shapes=asdict(side.shapes),
     )
@@ -422,7 +456,7 @@ def merge_earlier(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
     new_keys = {(r["config"], r["side"]) for r in report["results"]}
     rows = [r for r in old.get("results", []) if (r["config"], r["side"]) not in new_keys] + report["results"]
     side_order = {s: i for i, s in enumerate(SIDES)}
-    return sorted(rows, key=lambda r: (r["packed"], r["checkpointing"], r["batch"], r["micro_batch"],
+    return sorted(rows, key=lambda r: (r["packed"], str(r["checkpointing"]), r["batch"], r["micro_batch"],
                                        side_order.get(r["side"], len(SIDES))))
 
 
@@ -463,8 +497,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="samples per forward (gradient accumulation over the step; default: the whole batch). "
                          "Packed Stitch ignores it: its micro-batches are the packed rows")
-    ap.add_argument("--checkpointing", default="both", choices=["both", "on", "off"],
-                    help="activation checkpointing (each side's own, every ViT and LLM layer)")
+    ap.add_argument("--checkpointing", default="both", choices=["both", "on", "off", "vision", "llm"],
+                    help="activation checkpointing, each side's own: every ViT and LLM layer (on), none (off), "
+                         "both settings (both), or one part's layers only (vision, llm)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; tiny: 2)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
@@ -499,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = "vlm-tiny" if args.tiny else args.preset
     batches = args.batch or ([2] if args.tiny else [4, 8, 16])
     args.steps = args.steps or (2 if args.tiny else 10)
-    modes = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
+    modes = {"both": [False, True], "on": [True], "off": [False]}.get(args.checkpointing, [args.checkpointing])
 
     cfg = model_config(preset)
     spec = DataSpec(

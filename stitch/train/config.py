@@ -166,7 +166,9 @@ class LoopConfig(_Base):
     global_batch_size: int = Field(default=1, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
-    activation_checkpointing: bool = False  # recompute each transformer layer in backward
+    # Recompute transformer layers in backward: true (every ViT and LLM layer), "vision" or "llm" (that part's
+    # layers only: the ViT's activations of many tiles can cost more memory than its cheap recompute) or false.
+    activation_checkpointing: bool | Literal["vision", "llm"] = False
     # torch.compile each ViT and LLM block on its own (torchtitan's per-block compile): fuses the norms, RoPE,
     # SwiGLU and casts around the matmuls; small graphs compile in seconds and are reused by every layer.
     compile: bool = False

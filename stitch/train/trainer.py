@@ -261,15 +261,43 @@ def init_for_training(model: VLM, std: float = 0.02) -> None:
                     nn.init.zeros_(m.bias)
 
 
-def configure_layers(model: VLM, activation_checkpointing: bool, compile_layers: bool = False) -> None:
+def configure_layers(model: VLM, activation_checkpointing: bool | str, compile_layers: bool = False,
+                     dynamic_shapes: bool = False) -> None:
     """Per-block activation checkpointing and torch.compile, applied from outside the model as torchtitan
     does: every ViT and LLM block is compiled on its own (its graph is reused by all layers of the same shape)
-    and, with checkpointing, recomputed in backward."""
-    model.llm.gradient_checkpointing = activation_checkpointing
-    model.vision.gradient_checkpointing = activation_checkpointing
+    and, with checkpointing, recomputed in backward.
+
+    `activation_checkpointing`: True (both parts), "vision" or "llm" (one part), False. `dynamic_shapes`: the
+    batches vary in length (packed rows, tiles per row), so the blocks are compiled for symbolic sizes from
+    the first call instead of once per new size (each a compile of seconds, and past dynamo's recompile limit
+    a silent fall back to eager)."""
+    model.llm.gradient_checkpointing = activation_checkpointing in (True, "llm")
+    model.vision.gradient_checkpointing = activation_checkpointing in (True, "vision")
     if compile_layers:
+        # All layers of a part share one code object, so its variants (first ViT layer's fp32 input, size
+        # ranges inductor specialises on) add up; dynamo's default limit of 8 is meant for one function.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        options = _dynamic_compile_options() if dynamic_shapes else None
         for layer in (*model.llm.layers, *model.vision.layers):
-            layer.compile()
+            layer.compile(dynamic=True if dynamic_shapes else None, options=options)
+
+
+def _dynamic_compile_options() -> dict[str, Any]:
+    """Inductor settings for blocks compiled with symbolic sizes.
+
+    Inductor's mix-order reduction (it fuses RMSNorm's backward reductions) decides from the sizes it first
+    sees and guards on them (rows >= 4096, rows x width >= 5M), so packed rows crossing those lines recompiled
+    every block mid-run (7-10 s each, measured on an H200); without it one graph serves every size. Only options
+    this torch knows are passed (an unknown one is an error)."""
+    import torch._inductor.config as inductor
+
+    wanted = {"triton.mix_order_reduction": False}
+    options = {}
+    for name, value in wanted.items():
+        scope, _, leaf = name.rpartition(".")
+        if hasattr(getattr(inductor, scope, None) if scope else inductor, leaf):
+            options[name] = value
+    return options
 
 
 def set_dropout(model: VLM, llm: float | None, vision: float | None) -> None:
@@ -433,7 +461,7 @@ class Trainer:
             model.config.tile_tags = cfg.model.tile_tags
         self.lora_base = self._lora_base(model, resume_from)
         self.counts = apply_stage(model, cfg)  # LoRA layers are added here when cfg.lora.enabled
-        configure_layers(model, cfg.train.activation_checkpointing, cfg.train.compile)
+        configure_layers(model, cfg.train.activation_checkpointing, cfg.train.compile, dynamic_shapes=cfg.data.pack)
         model.train()
         self.model = model
         self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model
