@@ -460,9 +460,13 @@ class Engine:
         position_ids = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
         tiles = [r.pixel_values for _, r in batch if r.pixel_values is not None and r.pixel_values.numel()]
         pixel_values = torch.cat([t.to(device) for t in tiles]) if tiles else None
+        # The cache is empty: attention runs over the prompt's own keys, with no mask at all (the fused causal
+        # kernel) when no row is padded.
+        padded = size > len(batch) or min(lengths) < prompt_len
         out = model(
-            ids.to(device), pixel_values, attention_mask=state.mask, position_ids=position_ids.to(device),
-            kv_cache=state.cache, cache_position=torch.arange(prompt_len, device=device), logits_to_keep=1,
+            ids.to(device), pixel_values, attention_mask=state.mask if padded else None,
+            position_ids=position_ids.to(device), kv_cache=state.cache,
+            cache_position=torch.arange(prompt_len, device=device), logits_to_keep=1, fresh_cache=True,
         )
         sampler = BatchSampler(
             [r.params for _, r in batch], size, out.logits.shape[-1], device, [r.input_ids for _, r in batch]

@@ -40,6 +40,8 @@ class AttentionContext:
     # A packed row on CUDA: FlashAttention's varlen kernel over these sample boundaries replaces `mask`.
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    # Prefill into an empty cache: keys are written to it but attention runs over this call's own keys.
+    fresh_cache: bool = False
 
 
 class KVCache:
@@ -80,7 +82,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, ctx.cos, ctx.sin)
         if ctx.kv_cache is not None:
-            k, v = ctx.kv_cache.update(self.layer_idx, k, v, ctx.cache_position)
+            cached_k, cached_v = ctx.kv_cache.update(self.layer_idx, k, v, ctx.cache_position)
+            if not ctx.fresh_cache:
+                k, v = cached_k, cached_v
         if ctx.cu_seqlens is not None:
             out = varlen_causal_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen)
         else:
@@ -159,12 +163,18 @@ class LLM(nn.Module):
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        fresh_cache: bool = False,
     ) -> torch.Tensor:
         """inputs_embeds [B, T, D] -> final normed hidden states [B, T, D].
 
         A packed row (`cu_seqlens`, one row, no cache) runs FlashAttention's varlen kernel on CUDA in half
         precision (`max_seqlen`, the longest sample, saves a host sync when the caller knows it); elsewhere,
         and with attention dropout, a block-diagonal mask gives the same result.
+
+        `fresh_cache`: `kv_cache` holds nothing yet and `cache_position` is `arange(T)` (a prompt's prefill).
+        The keys are still written to the cache, but attention runs over these T keys instead of the whole
+        cache buffer: a [B, 1, T, T] mask from `attention_mask[:, :T]` (left padding), or with no
+        `attention_mask` none at all, so SDPA takes its fused causal kernel.
         """
         b, t, _ = inputs_embeds.shape
         device = inputs_embeds.device
@@ -176,6 +186,10 @@ class LLM(nn.Module):
             cu = cu_seqlens.to(device=device, dtype=torch.int32)
             longest = int(max_seqlen) if max_seqlen else int(torch.diff(cu).max())
             ctx = AttentionContext(cos, sin, None, True, cu_seqlens=cu, max_seqlen=longest)
+        elif kv_cache is not None and fresh_cache:
+            prompt_mask = attention_mask[:, :t] if attention_mask is not None else None
+            mask, is_causal = build_attention_mask(b, t, device, prompt_mask)
+            ctx = AttentionContext(cos, sin, mask, is_causal, kv_cache, cache_position, fresh_cache=True)
         else:
             kv_len = kv_cache.max_len if kv_cache is not None else None
             mask, is_causal = build_attention_mask(b, t, device, attention_mask, cu_seqlens, kv_len, cache_position)

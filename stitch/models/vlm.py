@@ -71,15 +71,17 @@ class VLM(nn.Module):
         cache_position: torch.Tensor | None = None,
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        fresh_cache: bool = False,
         **_: object,
     ) -> VLMOutput:
         """Logits [B, T, V] (or the last `logits_to_keep` positions) and, with `labels`, the token-mean loss.
 
         Training passes `return_logits=False`: the loss is then computed from hidden states in chunks, only
-        where labels exist, and the full logits tensor is never built.
+        where labels exist, and the full logits tensor is never built. `fresh_cache`: see `LLM.forward`.
         """
         embeds = self.embed(input_ids, pixel_values)
-        hidden = self.llm(embeds, position_ids, attention_mask, cu_seqlens, kv_cache, cache_position, max_seqlen)
+        hidden = self.llm(embeds, position_ids, attention_mask, cu_seqlens, kv_cache, cache_position, max_seqlen,
+                          fresh_cache)
         loss = n_tokens = logits = None
         if labels is not None:
             loss, n_tokens = token_loss(hidden, self.llm.lm_head, labels, num_label_tokens)

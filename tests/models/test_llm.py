@@ -89,3 +89,34 @@ def test_chunked_loss_equals_full_cross_entropy(tmp_path):
     full = ours.lm_head(hidden)[:, :-1].reshape(-1, 97)
     torch.nn.functional.cross_entropy(full, labels[:, 1:].reshape(-1)).backward()
     torch.testing.assert_close(grad_chunked, ours.lm_head.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_into_a_fresh_cache_matches_attending_over_the_whole_cache(tmp_path, padded):
+    """`fresh_cache` (attention over the prompt's own keys) gives the logits and cache contents of attending over
+    the whole cache buffer, left-padded or not, and the first decode step after it agrees too."""
+    from stitch.models.llm import KVCache
+
+    _, ours, cfg, _ = import_llm(tmp_path, "qwen2")
+    torch.manual_seed(1)
+    batch, prompt, length = 3, 9, 16
+    ids = torch.randint(0, 97, (batch, prompt))
+    mask = torch.ones(batch, length, dtype=torch.long)  # slots past the prompt are open for decoding
+    if padded:
+        mask[1, :3] = 0
+        mask[2, :5] = 0
+    positions = (mask[:, :prompt].cumsum(-1) - 1).clamp(min=0)
+    slots = torch.arange(prompt)
+    results = []
+    for fresh in (False, True):
+        cache = KVCache(cfg, batch, length)
+        with torch.no_grad():
+            prefill = stitch_logits(ours, ids, position_ids=positions, kv_cache=cache, cache_position=slots,
+                                    attention_mask=mask if padded or not fresh else None, fresh_cache=fresh)
+            step = stitch_logits(ours, ids[:, -1:], position_ids=positions[:, -1:] + 1, kv_cache=cache,
+                                 cache_position=torch.tensor([prompt]), attention_mask=mask)
+        results.append((prefill, step, cache.k.clone(), cache.v.clone()))
+    real = mask[:, :prompt].bool()  # padded query rows are don't-care in both paths
+    for want, got in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][0][real], results[0][0][real], atol=1e-5, rtol=1e-5)

@@ -131,3 +131,39 @@ def test_per_block_compile_gives_the_eager_step(small_ckpt):
     grads_eager, grads_compiled = list(opt_eager.grads.values()), list(opt_compiled.grads.values())
     assert len(grads_eager) == len(grads_compiled)
     assert max((a - b).abs().max().item() for a, b in zip(grads_eager, grads_compiled)) < 1e-4
+
+
+def test_per_part_checkpointing_and_dynamic_compile_give_the_eager_step(small_ckpt):
+    """Checkpointing one part ("vision" / "llm") and blocks compiled for dynamic sizes (packed rows of changing
+    length and tile count, as `data.pack` runs them) change no numbers, step after step."""
+    import copy
+
+    from stitch.train.trainer import configure_layers
+
+    eager = load_model(small_ckpt).train()
+    vision_only, llm_only = copy.deepcopy(eager), copy.deepcopy(eager)
+    configure_layers(vision_only, "vision", compile_layers=True, dynamic_shapes=True)
+    configure_layers(llm_only, "llm")
+    assert vision_only.vision.gradient_checkpointing and not vision_only.llm.gradient_checkpointing
+    assert llm_only.llm.gradient_checkpointing and not llm_only.vision.gradient_checkpointing
+    samples = _synthetic_samples(small_ckpt, eager, 5)
+    steps = [[collate(samples[:2], pack=True)], [collate(samples[2:], pack=True)]]  # two row lengths
+    assert steps[0][0]["input_ids"].shape[1] != steps[1][0]["input_ids"].shape[1]
+    for micro in steps:
+        results = []
+        for model in (eager, vision_only, llm_only):
+            opt = _CaptureGrads([p for p in model.parameters() if p.requires_grad])
+            results.append((train_step(model, opt, micro, device=torch.device("cpu"), max_grad_norm=None), opt))
+        want, opt_eager = results[0]
+        for got, opt in results[1:]:
+            assert abs(want.loss - got.loss) < 1e-5
+            diffs = [(a - b).abs().max().item() for a, b in zip(opt_eager.grads.values(), opt.grads.values())]
+            assert len(diffs) == len(opt_eager.grads) and max(diffs) < 1e-4
+
+
+def test_activation_checkpointing_accepts_a_part_and_refuses_others(small_ckpt):
+    cfg = tiny_config(small_ckpt, "/tmp/unused")
+    set_part = ["train.activation_checkpointing=vision"]
+    assert load_config(None, set_part, data=cfg).train.activation_checkpointing == "vision"
+    with pytest.raises(Exception, match="activation_checkpointing"):
+        load_config(None, ["train.activation_checkpointing=encoder"], data=cfg)
