@@ -168,7 +168,7 @@ class LoopConfig(_Base):
     device: str = "auto"  # auto: cuda if available, else cpu
     # Recompute transformer layers in backward: true (every ViT and LLM layer), "vision" or "llm" (that part's
     # layers only: the ViT's activations of many tiles can cost more memory than its cheap recompute) or false.
-    activation_checkpointing: bool | Literal["vision", "llm"] = False
+    activation_checkpointing: Literal[False, True, "vision", "llm"] = False
     # torch.compile each ViT and LLM block on its own (torchtitan's per-block compile): fuses the norms, RoPE,
     # SwiGLU and casts around the matmuls; small graphs compile in seconds and are reused by every layer.
     compile: bool = False

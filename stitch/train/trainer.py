@@ -893,6 +893,9 @@ def train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    # Before CUDA starts: without expandable segments the caching allocator can fail on fragmentation near a
+    # full card (the 8B shape at batch 3 hit out-of-memory with 5 GiB reserved but unallocated, on an H200).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the layout comes from `parallel:`
         from stitch.parallel.step import trainer_hooks
