@@ -3,6 +3,7 @@
 # so one slow or hanging configuration cannot eat the rest. JSON goes to $OUT (or bench/results when $OUT is
 # unset), one log per run beside it (torch.compile recompiles are logged there).
 #   bash bench/h200_suite.sh train        # packed 2B compiled vs HF; 8B compiled: ViT-only checkpointing batch 3, none batch 2
+#   bash bench/h200_suite.sh packed       # packed 2B compiled vs HF over 10 timed steps
 #   bash bench/h200_suite.sh train-more   # 2B compiled batch 12; 8B compiled batch 1/2 without checkpointing
 #   bash bench/h200_suite.sh generate   # compiled decode: 2B batch 1/16/64, 8B batch 16
 set -u
@@ -26,6 +27,10 @@ train)
     run train8b_compile_b2 100 train_throughput.py --preset internvl-8b --compile --batch 2 --checkpointing off \
         --steps 4 --warmup 3 --sides stitch --out "$out/train_8b_compile.json"
     ;;
+packed)
+    run train2b_packed_compile_long 330 train_throughput.py --packed --batch 16 --micro-batch 4 --compile \
+        --checkpointing off --warmup 5 --steps 10 --out "$out/train_2b_packed_compile_long.json"
+    ;;
 train-more)
     run train2b_compile_b12 130 train_throughput.py --compile --batch 12 --checkpointing off --sides stitch \
         --warmup 3 --steps 5 --out "$out/train_2b_compile_b12.json"
@@ -37,5 +42,5 @@ generate)
     run gen8b_compile 200 generate_throughput.py --compile --preset internvl-8b --batch-sizes 16 \
         --out "$out/generate_8b_compile.json"
     ;;
-*) echo "usage: $0 train|train-more|generate" >&2; exit 2 ;;
+*) echo "usage: $0 train|packed|train-more|generate" >&2; exit 2 ;;
 esac

@@ -115,7 +115,7 @@ def test_prefill_into_a_fresh_cache_matches_attending_over_the_whole_cache(tmp_p
                                     attention_mask=mask if padded or not fresh else None, fresh_cache=fresh)
             step = stitch_logits(ours, ids[:, -1:], position_ids=positions[:, -1:] + 1, kv_cache=cache,
                                  cache_position=torch.tensor([prompt]), attention_mask=mask)
-        results.append((prefill, step, cache.k.clone(), cache.v.clone()))
+        results.append((prefill, step, torch.stack(cache.k), torch.stack(cache.v)))
     real = mask[:, :prompt].bool()  # padded query rows are don't-care in both paths
     for want, got in zip(results[0][1:], results[1][1:]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
