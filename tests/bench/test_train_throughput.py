@@ -93,3 +93,21 @@ def test_merge_keeps_earlier_rows(tmp_path):
     report = tt.main([*base, "--checkpointing", "on"])
     assert [(r["config"], r["side"]) for r in report["results"]] == [("b2", "stitch"), ("b2 ckpt", "stitch")]
     assert json.loads(out.read_text())["results"] == report["results"]
+
+
+def test_tiny_one_part_checkpointed_on_both_sides(tmp_path):
+    """`--checkpointing vision`: each side recomputes its ViT layers only; the step's parts are timed."""
+    report = tt.main(["--tiny", "--steps", "2", "--warmup", "1", "--checkpointing", "vision",
+                      "--out", str(tmp_path / "vision.json")])
+    _check_pairs(report, configs=1)
+    for r in report["results"]:
+        assert r["checkpointing"] == "vision" and r["config"].endswith("ckpt-vision")
+        assert len(r["step_times_s"]) == 3 and 0 < r["optimizer_s"] < r["step_s"]
+
+
+def test_decode_step_tiny(tmp_path):
+    import decode_step
+
+    report = decode_step.main(["--tiny", "--modes", "eager", "--new-tokens", "6", "--out", str(tmp_path / "d.json")])
+    assert [(r["mode"], r["batch"]) for r in report["results"]] == [("eager", 1), ("eager", 4)]
+    assert all(r["step_ms"] > 0 and r["ttft_s"] > 0 for r in report["results"])
