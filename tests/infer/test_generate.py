@@ -224,3 +224,13 @@ def test_greedy_equals_transformers_generate(loaded, ckpt, tmp_path):
             ref = hf.generate(input_ids=ids, **images, max_new_tokens=12, min_new_tokens=12, do_sample=False,
                               pad_token_id=0)
         assert engine.generate([req])[0].token_ids == ref[0, ids.shape[1] :].tolist()
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(loaded):
+    """`Engine(compile=True)` on a CPU: the torch.compile'd decode step (writing one per-layer cache tensor in
+    place) generates what the eager step does, for a left-padded batch."""
+    model, processor = loaded
+    eager, compiled = Engine(model, processor), Engine(model, processor, compile=True)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = [c.token_ids for c in eager.generate(requests(eager, params))]
+    assert [c.token_ids for c in compiled.generate(requests(compiled, params))] == want
