@@ -5,7 +5,8 @@
 #   bash bench/h200_suite.sh train        # packed 2B compiled vs HF; 8B compiled: ViT-only checkpointing batch 3, none batch 2
 #   bash bench/h200_suite.sh packed       # packed 2B compiled vs HF over 10 timed steps
 #   bash bench/h200_suite.sh train-more   # 2B compiled batch 12; 8B compiled batch 1/2 without checkpointing
-#   bash bench/h200_suite.sh generate   # compiled decode: 2B batch 1/16/64, 8B batch 16
+#   bash bench/h200_suite.sh generate     # compiled decode: 2B batch 1/16/64, 8B batch 16
+#   bash bench/h200_suite.sh dp2          # data-parallel scaling on two GPUs (bench/dp_scaling.py)
 set -u
 cd "$(dirname "$0")"
 out=${OUT:-results}
@@ -37,10 +38,13 @@ train-more)
     run train8b_compile 160 train_throughput.py --preset internvl-8b --compile --batch 1 2 --checkpointing off \
         --steps 5 --warmup 3 --sides stitch --out "$out/train_8b_compile.json"
     ;;
+dp2)  # on nvidia-h200-x2: `stitch train` on one GPU and on two (torchrun, parallel.dp=2), same work per GPU
+    run dp_scaling_2 600 dp_scaling.py --nproc 2 --steps 20 --out "$out/dp_scaling_h200x2.json"
+    ;;
 generate)
     run gen2b_compile 260 generate_throughput.py --compile --batch-sizes 1,16,64 --out "$out/generate_2b_compile.json"
     run gen8b_compile 200 generate_throughput.py --compile --preset internvl-8b --batch-sizes 16 \
         --out "$out/generate_8b_compile.json"
     ;;
-*) echo "usage: $0 train|packed|train-more|generate" >&2; exit 2 ;;
+*) echo "usage: $0 train|packed|train-more|dp2|generate" >&2; exit 2 ;;
 esac

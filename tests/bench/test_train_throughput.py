@@ -111,3 +111,18 @@ def test_decode_step_tiny(tmp_path):
     report = decode_step.main(["--tiny", "--modes", "eager", "--new-tokens", "6", "--out", str(tmp_path / "d.json")])
     assert [(r["mode"], r["batch"]) for r in report["results"]] == [("eager", 1), ("eager", 4)]
     assert all(r["step_ms"] > 0 and r["ttft_s"] > 0 for r in report["results"])
+
+
+@pytest.mark.dist
+def test_dp_scaling_tiny(tmp_path):
+    """bench/dp_scaling.py: `stitch train` alone and under torchrun (gloo, 2 processes, dp 2, twice the global
+    batch) both finish, and the efficiency is their tokens/s ratio per process."""
+    import dp_scaling
+
+    out = tmp_path / "dp.json"
+    report = dp_scaling.main(["--tiny", "--steps", "4", "--out", str(out)])
+    single, multi = report["single"], report["multi"]
+    assert single["status"] == multi["status"] == "ok", (single.get("log_tail"), multi.get("log_tail"))
+    assert multi["global_batch_size"] == 2 * single["global_batch_size"]
+    assert report["efficiency"] == pytest.approx(multi["tokens_per_s"] / (2 * single["tokens_per_s"]), abs=1e-4)
+    assert json.loads(out.read_text())["nproc"] == 2
