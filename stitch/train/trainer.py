@@ -902,4 +902,9 @@ def train(args: argparse.Namespace) -> int:
 
         dist = Distributed(**trainer_hooks(cfg.parallel))
     Trainer(cfg, dist).fit()  # an interrupted run has saved its checkpoint: a clean exit either way
+    # A process that exits with its process group alive can abort in teardown ("terminate called without an
+    # active exception" from gloo's threads: seen under load on CPU after a finished run). Only on success: after
+    # an error the other ranks may still sit in a collective, and tearing down must not wait for them.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
