@@ -99,12 +99,13 @@ def test_prefill_into_a_fresh_cache_matches_attending_over_the_whole_cache(tmp_p
 
     _, ours, cfg, _ = import_llm(tmp_path, "qwen2")
     torch.manual_seed(1)
-    batch, prompt, length = 3, 9, 16
+    batch, prompt, length = 4, 9, 16
     ids = torch.randint(0, 97, (batch, prompt))
     mask = torch.ones(batch, length, dtype=torch.long)  # slots past the prompt are open for decoding
     if padded:
         mask[1, :3] = 0
         mask[2, :5] = 0
+        mask[3, :prompt] = 0  # a row of bucket padding: no prompt at all
     positions = (mask[:, :prompt].cumsum(-1) - 1).clamp(min=0)
     slots = torch.arange(prompt)
     results = []
