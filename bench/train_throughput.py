@@ -8,13 +8,15 @@ and gradient clipping at 1.0:
   `stitch.train.trainer.train_step` (token-weighted loss over the step's micro-batches, clipping, the
   non-finite check), on micro-batches made by `stitch.data.collate.collate` (and, with `--packed`,
   `stitch.data.packing.pack_greedy_stream`), exactly what `stitch train` feeds it. Activation checkpointing
-  is the trainer's (`train.activation_checkpointing`: every ViT and LLM layer recomputed in backward).
+  is the trainer's (`train.activation_checkpointing`: every ViT and LLM layer recomputed in backward, or with
+  `--checkpointing vision|llm` one part's layers); `--compile` is `train.compile` (per-block, dynamic sizes for
+  packed rows).
 - hf: `transformers.InternVLForConditionalGeneration` built from the `InternVLConfig` that
   `stitch.checkpoint.hf.vlm_config_to_hf` writes for the same preset (so shapes match by construction; the
   parameter counts are checked equal), `attn_implementation="sdpa"`, HF's own random init, and the plain HF
   loop: forward with `labels` and `num_items_in_batch` (HF's token-weighted loss), backward, clip, step.
   Activation checkpointing is HF's (`activation_checkpointing_enable`, formerly
-  `gradient_checkpointing_enable`: every ViT and LLM layer, non-reentrant).
+  `gradient_checkpointing_enable`: every ViT and LLM layer, non-reentrant; one part: that part's own switch).
 
 Data (identical samples for both sides, a pure function of (seed, step, index)):
 - fixed (default): each sample is one 5-tile image (5 x 256 = 1280 image tokens at 448 px) followed by 768
@@ -28,7 +30,9 @@ The timed region is one optimizer step on micro-batches already on the device (f
 AdamW), between `torch.cuda.synchronize()` calls, summed over `--steps` steps after `--warmup` steps.
 Each (configuration, side) builds a fresh model and optimizer; an out-of-memory error is recorded as "OOM"
 and the next one starts from a freed device. Peak memory is `torch.cuda.max_memory_allocated` (GiB) over
-build + warm-up + timed steps, so it includes weights, gradients and AdamW state.
+build + warm-up + timed steps, so it includes weights, gradients and AdamW state. Each row also records every
+step's time (`step_times_s`, warm-up included: compilation shows there) and the time inside `optimizer.step()`
+(`optimizer_s`, per timed step). CUDA starts with expandable segments (`PYTORCH_CUDA_ALLOC_CONF`) on both sides.
 
   python bench/train_throughput.py --preset internvl-2b --batch 4 8 16 --checkpointing both
   python bench/train_throughput.py --preset internvl-2b --batch 8 16 --packed --micro-batch 4
