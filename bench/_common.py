@@ -56,11 +56,16 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def name_slug(name: str) -> str:
+    """A file-name-safe form of a device name: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def device_slug(device: torch.device) -> str:
-    """A file-name-safe device name: 'NVIDIA H200' -> 'nvidia-h200'; every CPU is just 'cpu'."""
+    """`name_slug` of the device's name; every CPU is just 'cpu'."""
     if device.type != "cuda":
         return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or "cuda"
+    return name_slug(device_name(device)) or "cuda"
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import RESULTS_DIR
+from _common import RESULTS_DIR, name_slug, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "internvl-2b-sft-synthetic.yaml"
@@ -84,10 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                      else args.config),
                   overrides=extra, nproc=args.nproc, steps=args.steps, global_batch_single=args.global_batch,
                   efficiency=None if efficiency is None else round(efficiency, 4), single=single, multi=multi)
-    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    out = args.out or RESULTS_DIR / f"dp_scaling_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(args.out or RESULTS_DIR / f"dp_scaling_{name_slug(device)}.json", report)
     for name, r in (("1 process", single), (f"{args.nproc} processes", multi)):
         print(f"{name}: " + (f"{r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else
                              f"failed (exit {r['returncode']})\n{r['log_tail']}"))

@@ -287,17 +287,11 @@ def _dynamic_compile_options() -> dict[str, Any]:
 
     Inductor's mix-order reduction (it fuses RMSNorm's backward reductions) decides from the sizes it first
     sees and guards on them (rows >= 4096, rows x width >= 5M), so packed rows crossing those lines recompiled
-    every block mid-run (7-10 s each, measured on an H200); without it one graph serves every size. Only options
-    this torch knows are passed (an unknown one is an error)."""
+    every block mid-run (7-10 s each, measured on an H200); without it one graph serves every size. Passed only
+    where this torch has the option (an unknown one is an error)."""
     import torch._inductor.config as inductor
 
-    wanted = {"triton.mix_order_reduction": False}
-    options = {}
-    for name, value in wanted.items():
-        scope, _, leaf = name.rpartition(".")
-        if hasattr(getattr(inductor, scope, None) if scope else inductor, leaf):
-            options[name] = value
-    return options
+    return {"triton.mix_order_reduction": False} if hasattr(inductor.triton, "mix_order_reduction") else {}
 
 
 def set_dropout(model: VLM, llm: float | None, vision: float | None) -> None:
