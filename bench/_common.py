@@ -10,6 +10,7 @@ import gc
 import json
 import platform
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,70 @@ def write_json(path: str | Path, report: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def profile_call(fn, device: torch.device, path: str | Path, rows: int = 40) -> Path:
+    """Run `fn()` once under `torch.profiler` and write where its time went to `path` (text).
+
+    The file opens with the wall time, the device's busy time (summed kernel time, so idle gaps from host
+    overhead or syncs show as the difference) and the kernel time by family (matmul, attention, ...), then
+    the `rows` ops with the most device time (CPU time on a CPU).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities, record_shapes=False) as prof:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time_total for e in kernels)
+    families: dict[str, float] = {}
+    for e in kernels:
+        families[kernel_family(e.name)] = families.get(kernel_family(e.name), 0.0) + e.device_time_total
+    lines = [f"wall {wall * 1e3:.1f} ms"]
+    if device.type == "cuda":
+        lines[0] += f"; device busy {busy_us / 1e3:.1f} ms ({len(kernels)} kernels)"
+    lines += [f"  {name:<12} {us / 1e3:9.1f} ms" for name, us in sorted(families.items(), key=lambda kv: -kv[1])]
+    lines += idle_gaps(kernels)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    lines += ["", prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=90)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def idle_gaps(kernels: list, top: int = 12, min_us: float = 50.0) -> list[str]:
+    """Where the device sat idle between kernels: the total of gaps over `min_us` and the longest ones, each
+    named by the kernels either side (a host sync or a slow host region shows up as a long gap)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
+    gaps, end, before = [], None, ""
+    for start, stop, name in spans:
+        if end is not None and start - end > min_us:
+            gaps.append((start - end, before, name))
+        if end is None or stop > end:
+            end, before = stop, name
+    if not gaps:
+        return []
+    lines = [f"idle gaps over {min_us:g} us: {len(gaps)}, {sum(g for g, _, _ in gaps) / 1e3:.1f} ms in all; longest:"]
+    for gap, prev, nxt in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {gap / 1e3:7.2f} ms  after {prev[:70]}  before {nxt[:70]}")
+    return lines
+
+
+_FAMILIES = (  # first match wins; lower-case substrings of a CUDA kernel's name
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("triton", ("triton",)),
+    ("copy/cast", ("copy", "cast", "convert", "fill", "memset", "memcpy")),
+    ("reduce", ("reduce", "norm", "softmax", "cross_entropy", "nll")),
+)
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    return next((family for family, keys in _FAMILIES if any(k in low for k in keys)), "other")

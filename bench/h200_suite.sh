@@ -3,9 +3,10 @@
 # so one slow or hanging configuration cannot eat the rest. JSON goes to $OUT (or bench/results when $OUT is
 # unset), one log per run beside it (torch.compile recompiles are logged there).
 #   bash bench/h200_suite.sh train        # packed 2B compiled vs HF; 8B compiled: ViT-only checkpointing batch 3, none batch 2
-#   bash bench/h200_suite.sh packed       # packed 2B compiled vs HF over 10 timed steps
+#   bash bench/h200_suite.sh packed       # packed 2B compiled vs HF over 10 timed steps, rows of 8k and 16k tokens
 #   bash bench/h200_suite.sh train-more   # 2B compiled batch 12; 8B compiled batch 1/2 without checkpointing
 #   bash bench/h200_suite.sh generate     # compiled decode: 2B batch 1/16/64, 8B batch 16
+#   bash bench/h200_suite.sh attention    # SDPA backends: steady time and cost of a new shape; one packed step profiled
 #   bash bench/h200_suite.sh dp2          # data-parallel scaling on two GPUs (bench/dp_scaling.py)
 set -u
 cd "$(dirname "$0")"
@@ -29,8 +30,15 @@ train)
         --steps 4 --warmup 3 --sides stitch --out "$out/train_8b_compile.json"
     ;;
 packed)
-    run train2b_packed_compile_long 330 train_throughput.py --packed --batch 16 --micro-batch 4 --compile \
+    run train2b_packed_compile_long 250 train_throughput.py --packed --batch 16 --micro-batch 4 --compile \
         --checkpointing off --warmup 5 --steps 10 --out "$out/train_2b_packed_compile_long.json"
+    run train2b_packed_compile_16k 250 train_throughput.py --packed --batch 16 --micro-batch 4 --compile \
+        --checkpointing off --warmup 5 --steps 10 --row-tokens 16384 --out "$out/train_2b_packed_compile_16k.json"
+    ;;
+attention)
+    run attention_backends 120 attention_backends.py --out "$out/attention_backends.json"
+    run train2b_packed_profile 200 train_throughput.py --packed --batch 16 --compile --checkpointing off --warmup 5 \
+        --steps 2 --sides stitch --profile "$out/profile" --out "$out/train_2b_packed_profiled.json"
     ;;
 train-more)
     run train2b_compile_b12 130 train_throughput.py --compile --batch 12 --checkpointing off --sides stitch \
@@ -46,5 +54,5 @@ generate)
     run gen8b_compile 200 generate_throughput.py --compile --preset internvl-8b --batch-sizes 16 \
         --out "$out/generate_8b_compile.json"
     ;;
-*) echo "usage: $0 train|packed|train-more|dp2|generate" >&2; exit 2 ;;
+*) echo "usage: $0 train|packed|train-more|dp2|generate|attention" >&2; exit 2 ;;
 esac

@@ -62,7 +62,18 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import torch.nn.functional as F
-from _common import RESULTS_DIR, device_slug, free_memory, is_oom, machine_info, peak_memory_gib, sync, write_json
+from _common import (
+    RESULTS_DIR,
+    device_slug,
+    free_memory,
+    is_oom,
+    machine_info,
+    name_slug,
+    peak_memory_gib,
+    profile_call,
+    sync,
+    write_json,
+)
 from torch import nn
 
 from stitch.checkpoint.hf import vlm_config_to_hf
@@ -411,6 +422,12 @@ def measure(side_name: str, run: RunConfig, cfg: VLMConfig, spec: DataSpec, args
         padded += sum(int(mb["input_ids"].numel()) for mb in micro)
         micro_count += len(micro)
         flops += side.shapes.flops(lens, sum(s.pixel_values.shape[0] for s in samples))
+    if args.profile:  # one more step, untimed, under the profiler
+        samples = step_samples(cfg, spec, run.batch, args.warmup + args.steps, args.seed)
+        micro = to_device(side.batches(samples), device)
+        path = Path(args.profile) / f"{name_slug(run.label)}_{side_name}.txt"
+        where = profile_call(lambda: side.step(micro), device, path)
+        print(f"profile of one step: {where}", flush=True)
     tflops = flops / seconds / 1e12
     peak = peak_memory_gib(device)
     return dict(
@@ -519,6 +536,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"MFU denominator (default {PEAK_TFLOPS_H200:g} on CUDA; no MFU on a CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="Stitch compiles each block (train.compile: true)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the timed steps, profile one more step per side (torch.profiler) and write where "
+                         "the time went to DIR/<config>_<side>.txt (not part of the timed figures)")
     ap.add_argument("--fresh", action="store_true",
                     help="overwrite --out instead of merging with the rows of an earlier run of the same setup")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/train_throughput_<device>_"

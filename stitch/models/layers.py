@@ -93,12 +93,31 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 CPU_MATH_ATTENTION_MAX_KEYS = 256
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """`F.scaled_dot_product_attention`, on the faster kernel for short rows on a CPU (see above)."""
+# On CUDA, SDPA picks cuDNN's attention on Hopper: the fastest once warm (2B shapes on an H200, forward+backward:
+# ViT 2.7 vs 4.4 ms for flash, LLM 1.2 vs 1.8 ms), but it builds an execution plan for every new shape (~140 ms
+# each, fwd and bwd; bench/attention_backends.py). Where shapes keep changing (packed rows: tiles per row) a model
+# can keep to the kernels that take any shape: `any_shape=True` here, `set_any_shape_attention` on a model.
+ANY_SHAPE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, any_shape: bool = False, **kwargs) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` on the faster kernel for short rows on a CPU, and with `any_shape` on
+    CUDA without cuDNN's per-shape plans (see above)."""
     if q.device.type == "cpu" and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if any_shape and q.device.type == "cuda":
+        with sdpa_kernel(ANY_SHAPE_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def set_any_shape_attention(model: nn.Module, on: bool) -> None:
+    """Switch every attention module of `model` (those with an `any_shape_kernels` flag) to, or back from, the
+    kernels that need no per-shape plan (see above): for runs whose batch shapes keep changing."""
+    for module in model.modules():
+        if hasattr(module, "any_shape_kernels"):
+            module.any_shape_kernels = on
 
 
 def attention(
@@ -108,8 +127,9 @@ def attention(
     mask: torch.Tensor | None,
     is_causal: bool,
     dropout: float = 0.0,
+    any_shape: bool = False,
 ) -> torch.Tensor:
-    """SDPA with grouped-query heads. q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D].
+    """SDPA with grouped-query heads (`any_shape`: see `sdpa`). q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D].
 
     `mask` is boolean (True = attend) broadcastable to [B, 1, T, S]. Three paths, all exact:
     - no mask: SDPA's own GQA support with its fused causal kernel (training, plain prefill);
@@ -120,17 +140,17 @@ def attention(
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     if hkv == hq:
-        return sdpa(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout)
+        return sdpa(q, k, v, any_shape, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout)
     rep = hq // hkv
     if mask is None:
-        return sdpa(q, k, v, is_causal=is_causal, dropout_p=dropout, enable_gqa=True)
+        return sdpa(q, k, v, any_shape, is_causal=is_causal, dropout_p=dropout, enable_gqa=True)
     if t * rep <= 64:
         folded = mask.expand(b, 1, t, mask.shape[-1])[:, :, None].expand(b, 1, rep, t, -1).reshape(b, 1, rep * t, -1)
-        out = sdpa(q.reshape(b, hkv, rep * t, d), k, v, attn_mask=folded, dropout_p=dropout)
+        out = sdpa(q.reshape(b, hkv, rep * t, d), k, v, any_shape, attn_mask=folded, dropout_p=dropout)
         return out.reshape(b, hq, t, d)
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
-    return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return sdpa(q, k, v, any_shape, attn_mask=mask, dropout_p=dropout)
 
 
 def _find_varlen_kernel():

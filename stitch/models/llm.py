@@ -75,6 +75,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.dropout = cfg.dropout
+        self.any_shape_kernels = False  # see stitch.models.layers.set_any_shape_attention
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
@@ -90,7 +91,8 @@ class Attention(nn.Module):
         if ctx.cu_seqlens is not None:
             out = varlen_causal_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen)
         else:
-            out = attention(q, k, v, ctx.mask, ctx.is_causal, self.dropout if self.training else 0.0)
+            out = attention(q, k, v, ctx.mask, ctx.is_causal, self.dropout if self.training else 0.0,
+                            self.any_shape_kernels)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

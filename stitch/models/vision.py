@@ -139,6 +139,7 @@ class VisionAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
+        self.any_shape_kernels = False  # see stitch.models.layers.set_any_shape_attention
         self.q_proj = nn.Linear(c, c, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(c, c, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(c, c, bias=cfg.qkv_bias)
@@ -153,7 +154,7 @@ class VisionAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (y.view(n, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))  # [N, H, T, D]
         dropout = self.dropout if self.training else 0.0
-        out = sdpa(q, k, v, dropout_p=dropout)  # [N, H, T, D]
+        out = sdpa(q, k, v, self.any_shape_kernels, dropout_p=dropout)  # [N, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(n, t, -1))  # [N, T, C]
 
 

@@ -59,8 +59,12 @@ def test_tiny_both_sides_both_checkpointing_modes(tmp_path):
 
 def test_tiny_packed(tmp_path):
     report = tt.main(["--tiny", "--steps", "1", "--warmup", "1", "--checkpointing", "off", "--packed",
-                      "--batch", "6", "--micro-batch", "3", "--out", str(tmp_path / "packed.json")])
+                      "--batch", "6", "--micro-batch", "3", "--out", str(tmp_path / "packed.json"),
+                      "--profile", str(tmp_path / "profile")])
     _check_pairs(report, configs=1)
+    for side in ("stitch", "hf"):  # one extra step per side under the profiler, outside the timed figures
+        text = (tmp_path / "profile" / f"b6-mb3-packed_{side}.txt").read_text()
+        assert text.startswith("wall ") and "aten::mm" in text
     by = {r["side"]: r for r in report["results"]}
     assert by["stitch"]["padded_tokens_per_step"] == by["stitch"]["tokens_per_step"]  # packed rows: no padding
     assert by["hf"]["padded_tokens_per_step"] > by["hf"]["tokens_per_step"]  # padded to the longest sample
@@ -126,3 +130,23 @@ def test_dp_scaling_tiny(tmp_path):
     assert multi["global_batch_size"] == 2 * single["global_batch_size"]
     assert report["efficiency"] == pytest.approx(multi["tokens_per_s"] / (2 * single["tokens_per_s"]), abs=1e-4)
     assert json.loads(out.read_text())["nproc"] == 2
+
+
+def test_idle_gaps_name_the_kernels_around_the_longest_gap():
+    """The profile's idle-gap summary, on CPU ops standing in for kernels (same `time_range` fields)."""
+    import time
+
+    from _common import idle_gaps, kernel_family
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        a @ a
+        time.sleep(0.02)
+        a + a
+    ops = [e for e in prof.events() if e.name in ("aten::mm", "aten::add")]
+    lines = idle_gaps(ops, min_us=1000)
+    assert lines[0].startswith("idle gaps over 1000 us: 1,")
+    assert "after aten::mm" in lines[1] and "before aten::add" in lines[1] and float(lines[1].split()[0]) >= 19
+    assert kernel_family("sm90_xmma_gemm_bf16") == "matmul" and kernel_family("flash_fwd_kernel") == "attention"
+    assert kernel_family("some_new_kernel") == "other"

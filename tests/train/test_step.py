@@ -146,6 +146,9 @@ def test_per_part_checkpointing_and_dynamic_compile_give_the_eager_step(small_ck
     configure_layers(llm_only, "llm")
     assert vision_only.vision.gradient_checkpointing and not vision_only.llm.gradient_checkpointing
     assert llm_only.llm.gradient_checkpointing and not llm_only.vision.gradient_checkpointing
+    flags = [m.any_shape_kernels for m in vision_only.modules() if hasattr(m, "any_shape_kernels")]
+    assert len(flags) == len(eager.vision.layers) + len(eager.llm.layers) and all(flags)  # shapes vary: no plans
+    assert not any(m.any_shape_kernels for m in llm_only.modules() if hasattr(m, "any_shape_kernels"))
     samples = _synthetic_samples(small_ckpt, eager, 5)
     steps = [[collate(samples[:2], pack=True)], [collate(samples[2:], pack=True)]]  # two row lengths
     assert steps[0][0]["input_ids"].shape[1] != steps[1][0]["input_ids"].shape[1]
