@@ -263,19 +263,20 @@ def init_for_training(model: VLM, std: float = 0.02) -> None:
 
 
 def configure_layers(model: VLM, activation_checkpointing: bool | str, compile_layers: bool = False,
-                     dynamic_shapes: bool = False) -> None:
+                     dynamic_shapes: bool = False, shapes_vary: bool | None = None) -> None:
     """Per-block activation checkpointing and torch.compile, applied from outside the model as torchtitan
     does: every ViT and LLM block is compiled on its own (its graph is reused by all layers of the same shape)
     and, with checkpointing, recomputed in backward.
 
-    `activation_checkpointing`: True (both parts), "vision" or "llm" (one part), False. `dynamic_shapes`: the
-    batches vary in length (packed rows, tiles per row), so the blocks are compiled for symbolic sizes from
-    the first call instead of once per new size (each a compile of seconds, and past dynamo's recompile limit
-    a silent fall back to eager), and attention keeps to kernels without per-shape plans (cuDNN's cost ~140 ms
-    per new shape: in a 15-step packed run on an H200, 24.5k -> 25.6k tokens/s without them)."""
+    `activation_checkpointing`: True (both parts), "vision" or "llm" (one part), False. `dynamic_shapes`:
+    packed rows, whose length and tile count change every micro-batch, so the blocks are compiled for symbolic
+    sizes from the first call instead of once per new size (each a compile of seconds, and past dynamo's
+    recompile limit a silent fall back to eager). `shapes_vary` (default: `dynamic_shapes`): batch shapes change
+    from step to step, so attention keeps to kernels without per-shape plans (cuDNN's cost ~140 ms per new
+    shape: in a 15-step packed run on an H200, 24.5k -> 25.6k tokens/s without them)."""
     model.llm.gradient_checkpointing = activation_checkpointing in (True, "llm")
     model.vision.gradient_checkpointing = activation_checkpointing in (True, "vision")
-    set_any_shape_attention(model, dynamic_shapes)
+    set_any_shape_attention(model, dynamic_shapes if shapes_vary is None else shapes_vary)
     if compile_layers:
         # All layers of a part share one code object, so its variants (first ViT layer's fp32 input, size
         # ranges inductor specialises on) add up; dynamo's default limit of 8 is meant for one function.
@@ -283,6 +284,13 @@ def configure_layers(model: VLM, activation_checkpointing: bool | str, compile_l
         options = _dynamic_compile_options() if dynamic_shapes else None
         for layer in (*model.llm.layers, *model.vision.layers):
             layer.compile(dynamic=True if dynamic_shapes else None, options=options)
+
+
+def batch_shapes_vary(cfg: TrainConfig) -> bool:
+    """Whether this run's micro-batches change shape from step to step: all but unpacked synthetic samples of one
+    length (their tiles per sample are fixed too). Real data varies in length and tiles, padded or packed."""
+    synthetic = cfg.synthetic
+    return cfg.data.pack or not (synthetic.enabled and synthetic.min_tokens == synthetic.max_tokens)
 
 
 def _dynamic_compile_options() -> dict[str, Any]:
@@ -458,7 +466,8 @@ class Trainer:
             model.config.tile_tags = cfg.model.tile_tags
         self.lora_base = self._lora_base(model, resume_from)
         self.counts = apply_stage(model, cfg)  # LoRA layers are added here when cfg.lora.enabled
-        configure_layers(model, cfg.train.activation_checkpointing, cfg.train.compile, dynamic_shapes=cfg.data.pack)
+        configure_layers(model, cfg.train.activation_checkpointing, cfg.train.compile, dynamic_shapes=cfg.data.pack,
+                         shapes_vary=batch_shapes_vary(cfg))
         model.train()
         self.model = model
         self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model

@@ -170,3 +170,21 @@ def test_activation_checkpointing_accepts_a_part_and_refuses_others(small_ckpt):
     assert load_config(None, set_part, data=cfg).train.activation_checkpointing == "vision"
     with pytest.raises(Exception, match="activation_checkpointing"):
         load_config(None, ["train.activation_checkpointing=encoder"], data=cfg)
+
+
+@pytest.mark.parametrize(("sections", "vary"), [
+    ({"synthetic": {"min_tokens": 20, "max_tokens": 20}}, False),  # one length, fixed tiles: shapes repeat
+    ({}, True),  # synthetic lengths 12-28
+    ({"synthetic": {"min_tokens": 20, "max_tokens": 20}, "data": {"pack": True}}, True),  # rows of changing length
+])
+def test_attention_kernels_follow_whether_batch_shapes_vary(small_ckpt, tmp_path, sections, vary):
+    """Runs whose batch shapes change keep attention to kernels without per-shape plans; fixed shapes keep
+    SDPA's own (fastest) choice. Checked on the model `Trainer.setup` builds."""
+    from stitch.train.trainer import batch_shapes_vary
+
+    cfg = load_config(None, [], data=tiny_config(small_ckpt, tmp_path / "run", **sections))
+    assert batch_shapes_vary(cfg) is vary
+    trainer = Trainer(cfg)
+    trainer.setup()
+    flags = {m.any_shape_kernels for m in trainer.model.modules() if hasattr(m, "any_shape_kernels")}
+    assert flags == {vary}
