@@ -9,7 +9,8 @@ How a batch runs:
 3. Decode steps feed one token per row. Every step has the same shapes (cache [L, B, H, S, D], mask [B, S],
    tokens/positions [B, 1], cache_position [1]) and is a pure function of those buffers, so it can be
    `torch.compile`d and captured once as a CUDA graph, then replayed. Batch size and cache length are rounded
-   up to buckets on CUDA so graphs are reused across calls.
+   up to buckets on CUDA so graphs are reused across calls. A shape's graph is captured after its first
+   prefill, once the first tokens are out: capture costs ~0.1 s (far more when compiling), not TTFT's to pay.
 4. The host never waits for the step it just launched: step t+1 is queued before the tokens of step t are
    read back (pinned memory, an event), so EOS, stop strings and streaming run while the GPU works. Finished
    rows keep their slot (static shapes) but their tokens are ignored; the batch ends when every row is done.
@@ -31,6 +32,7 @@ import torch
 
 from stitch.infer.sampling import BatchSampler, SamplingParams
 from stitch.infer.text import TextStream
+from stitch.models.layers import any_shape_attention
 from stitch.models.llm import KVCache
 
 __all__ = ["Request", "Event", "Completion", "Engine", "RequestHandle", "eos_token_ids"]
@@ -263,6 +265,10 @@ class Engine:
 
     compile: `torch.compile` the decode step. cuda_graphs: capture decode steps as CUDA graphs (default: on
     CUDA). max_graphs: how many (batch, length) shapes keep their graph and KV cache between calls.
+    any_shape_attention: prefill on attention kernels that need no per-shape plan (on by default): every batch
+    of prompts brings a new length and tile count, and cuDNN's attention builds a plan for each new shape
+    (~70-140 ms, and seconds for the first; `bench/serve_latency.py` measures it), which lands on the time to
+    first token. Off: SDPA's own choice, ~1.6x faster attention once a shape has been seen.
     """
 
     def __init__(
@@ -276,6 +282,7 @@ class Engine:
         max_graphs: int = 4,
         eos_ids: Iterable[int] | None = None,
         batch_wait_s: float = 0.005,
+        any_shape_attention: bool = True,
     ):
         self.model = model
         self.processor = processor
@@ -292,6 +299,7 @@ class Engine:
         self.eos_ids = set(eos_ids) if eos_ids is not None else eos_token_ids(model, processor)
         self.pad_id = processor.pad_token_id
         self.batch_wait_s = batch_wait_s
+        self.any_shape_attention = any_shape_attention
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -397,13 +405,19 @@ class Engine:
             state = _DecodeState(self, batch, length)
             state.busy = True
             self._states[key] = state
+        return state
+
+    def _capture(self, state: _DecodeState) -> None:
+        """Record `state`'s decode step as a CUDA graph (once per cached state). Called after the prefill, so the
+        first token does not wait for it: capturing runs three eager steps first (~0.1 s for the 2B shape, tens
+        of seconds when compiling). Their key/value writes go to the slot the first real step overwrites."""
         try:
             state.capture()
         except BaseException:
             with self._lock:
-                self._states.pop(key, None)
+                if self._states.get(key := (state.mask.shape[0], state.mask.shape[1])) is state:
+                    del self._states[key]
             raise
-        return state
 
     def _run_batch(self, batch: list[tuple[int, Request]], track_text: bool) -> Iterator[Event]:
         """Prefill + decode one batch; yields events (outside inference mode, so nothing leaks to the caller)."""
@@ -421,7 +435,15 @@ class Engine:
                 state = self._state(size, length)
                 sampler, tok = self._prefill(state, batch)
             rows = [_Row(i, r, self.eos_ids, self.processor.tokenizer, track_text, start) for i, r in batch]
-            pending = _HostCopy(tok)
+            pending: _HostCopy | None = _HostCopy(tok)
+            if self.cuda_graphs and state.graph is None and steps > 1:
+                # A shape without its graph yet: hand out the first tokens, then capture.
+                yield from self._push(rows, pending.get())
+                if all(row.done for row in rows):
+                    return
+                with torch.inference_mode():
+                    self._capture(state)
+                pending = None
             for step in range(1, steps + 1):
                 nxt = None
                 with torch.inference_mode():
@@ -431,16 +453,20 @@ class Engine:
                         state.positions.add_(1)
                         state.cache_position.add_(1)
                         nxt = _HostCopy(tok)
-                tokens = pending.get()
-                events = [e for row, t in zip(rows, tokens) if (e := row.push(t)) is not None]
-                yield from events
-                if all(row.done for row in rows):
-                    break
+                if pending is not None:
+                    yield from self._push(rows, pending.get())
+                    if all(row.done for row in rows):
+                        break
                 pending = nxt
         finally:
             if state is not None:
                 state.busy = False
             self.model.train(was_training)
+
+    @staticmethod
+    def _push(rows: list[_Row], tokens: list[int]) -> list[Event]:
+        """Each row's new token, as the events it produces."""
+        return [e for row, t in zip(rows, tokens) if (e := row.push(t)) is not None]
 
     def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]]) -> tuple[BatchSampler, torch.Tensor]:
         """Left-pad the prompts into `state`'s cache and mask, run them (images and all) and sample the first
@@ -463,11 +489,12 @@ class Engine:
         # The cache is empty: attention runs over the prompt's own keys, with no mask at all (the fused causal
         # kernel) when no row is padded.
         padded = size > len(batch) or min(lengths) < prompt_len
-        out = model(
-            ids.to(device), pixel_values, attention_mask=state.mask if padded else None,
-            position_ids=position_ids.to(device), kv_cache=state.cache,
-            cache_position=torch.arange(prompt_len, device=device), logits_to_keep=1, fresh_cache=True,
-        )
+        with any_shape_attention(model, self.any_shape_attention):
+            out = model(
+                ids.to(device), pixel_values, attention_mask=state.mask if padded else None,
+                position_ids=position_ids.to(device), kv_cache=state.cache,
+                cache_position=torch.arange(prompt_len, device=device), logits_to_keep=1, fresh_cache=True,
+            )
         sampler = BatchSampler(
             [r.params for _, r in batch], size, out.logits.shape[-1], device, [r.input_ids for _, r in batch]
         )

@@ -6,8 +6,10 @@ logits at 1e-5; anything faster must keep that.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -118,6 +120,21 @@ def set_any_shape_attention(model: nn.Module, on: bool) -> None:
     for module in model.modules():
         if hasattr(module, "any_shape_kernels"):
             module.any_shape_kernels = on
+
+
+@contextlib.contextmanager
+def any_shape_attention(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """`set_any_shape_attention` for the duration of a block, then each module's own setting again (an engine
+    serving a model that is also being trained leaves the trainer's choice alone)."""
+    modules = [m for m in model.modules() if hasattr(m, "any_shape_kernels")]
+    before = [m.any_shape_kernels for m in modules]
+    for m in modules:
+        m.any_shape_kernels = on
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, before):
+            m.any_shape_kernels = flag
 
 
 def attention(

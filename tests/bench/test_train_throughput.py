@@ -117,6 +117,18 @@ def test_decode_step_tiny(tmp_path):
     assert all(r["step_ms"] > 0 and r["ttft_s"] > 0 for r in report["results"])
 
 
+def test_serve_latency_tiny(tmp_path):
+    """bench/serve_latency.py: every request a new shape, each system timed over both passes."""
+    import serve_latency
+
+    report = serve_latency.main(["--tiny", "--requests", "3", "--new-tokens", "2", "--out", str(tmp_path / "s.json")])
+    assert len({(r["tiles"], r["text_tokens"]) for r in report["requests"]}) == 3  # three different shapes
+    assert [r["system"] for r in report["results"]] == ["stitch", "stitch-sdpa-choice", "hf"]
+    for row in report["results"]:
+        for name in ("first", "again"):
+            assert len(row[name]["each_s"]) == 3 and 0 < row[name]["median_s"] <= row[name]["max_s"]
+
+
 @pytest.mark.dist
 def test_dp_scaling_tiny(tmp_path):
     """bench/dp_scaling.py: `stitch train` alone and under torchrun (gloo, 2 processes, dp 2, twice the global

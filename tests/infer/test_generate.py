@@ -234,3 +234,21 @@ def test_compiled_decode_step_gives_the_eager_tokens(loaded):
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     want = [c.token_ids for c in eager.generate(requests(eager, params))]
     assert [c.token_ids for c in compiled.generate(requests(compiled, params))] == want
+
+
+@pytest.mark.parametrize("any_shape", [True, False])
+def test_prefill_attention_kernels_are_the_engines_choice_and_restored(loaded, any_shape):
+    """The engine's prefill runs with its own any-shape setting (each prompt batch is a new shape); the model's
+    attention modules get their own setting back afterwards, so a model also being trained keeps its choice."""
+    model, processor = loaded
+    modules = [m for m in model.modules() if hasattr(m, "any_shape_kernels")]
+    assert len(modules) == model.config.vision.num_layers + model.config.llm.num_layers
+    seen: list[bool] = []
+    hook = modules[0].register_forward_pre_hook(lambda m, args: seen.append(m.any_shape_kernels))
+    try:
+        engine = Engine(model, processor, any_shape_attention=any_shape)
+        engine.generate(requests(engine, SamplingParams(max_new_tokens=3, ignore_eos=True))[:1])
+    finally:
+        hook.remove()
+    assert seen and seen[0] is any_shape  # the ViT's first layer runs in the prefill only
+    assert not any(m.any_shape_kernels for m in modules)
