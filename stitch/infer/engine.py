@@ -415,7 +415,7 @@ class Engine:
             state.capture()
         except BaseException:
             with self._lock:
-                if self._states.get(key := (state.mask.shape[0], state.mask.shape[1])) is state:
+                if self._states.get(key := tuple(state.mask.shape)) is state:
                     del self._states[key]
             raise
 

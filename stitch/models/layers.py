@@ -117,16 +117,19 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, any_shape: bool = Fa
 def set_any_shape_attention(model: nn.Module, on: bool) -> None:
     """Switch every attention module of `model` (those with an `any_shape_kernels` flag) to, or back from, the
     kernels that need no per-shape plan (see above): for runs whose batch shapes keep changing."""
-    for module in model.modules():
-        if hasattr(module, "any_shape_kernels"):
-            module.any_shape_kernels = on
+    for module in _attention_modules(model):
+        module.any_shape_kernels = on
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "any_shape_kernels")]
 
 
 @contextlib.contextmanager
 def any_shape_attention(model: nn.Module, on: bool = True) -> Iterator[None]:
     """`set_any_shape_attention` for the duration of a block, then each module's own setting again (an engine
     serving a model that is also being trained leaves the trainer's choice alone)."""
-    modules = [m for m in model.modules() if hasattr(m, "any_shape_kernels")]
+    modules = _attention_modules(model)
     before = [m.any_shape_kernels for m in modules]
     for m in modules:
         m.any_shape_kernels = on
@@ -157,17 +160,18 @@ def attention(
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     if hkv == hq:
-        return sdpa(q, k, v, any_shape, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout)
+        return sdpa(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout,
+                    any_shape=any_shape)
     rep = hq // hkv
     if mask is None:
-        return sdpa(q, k, v, any_shape, is_causal=is_causal, dropout_p=dropout, enable_gqa=True)
+        return sdpa(q, k, v, is_causal=is_causal, dropout_p=dropout, enable_gqa=True, any_shape=any_shape)
     if t * rep <= 64:
         folded = mask.expand(b, 1, t, mask.shape[-1])[:, :, None].expand(b, 1, rep, t, -1).reshape(b, 1, rep * t, -1)
-        out = sdpa(q.reshape(b, hkv, rep * t, d), k, v, any_shape, attn_mask=folded, dropout_p=dropout)
+        out = sdpa(q.reshape(b, hkv, rep * t, d), k, v, attn_mask=folded, dropout_p=dropout, any_shape=any_shape)
         return out.reshape(b, hq, t, d)
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
-    return sdpa(q, k, v, any_shape, attn_mask=mask, dropout_p=dropout)
+    return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, any_shape=any_shape)
 
 
 def _find_varlen_kernel():

@@ -154,7 +154,7 @@ class VisionAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (y.view(n, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))  # [N, H, T, D]
         dropout = self.dropout if self.training else 0.0
-        out = sdpa(q, k, v, self.any_shape_kernels, dropout_p=dropout)  # [N, H, T, D]
+        out = sdpa(q, k, v, dropout_p=dropout, any_shape=self.any_shape_kernels)  # [N, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(n, t, -1))  # [N, T, C]
 
 
