@@ -11,7 +11,7 @@ from PIL import Image
 
 import stitch
 from stitch.cli import main
-from stitch.infer.engine import Engine, _bucket_batch, _bucket_len
+from stitch.infer.engine import Engine, Request, _bucket_batch, _bucket_len
 from stitch.infer.generate import build_conversation, generate, generate_batch
 from stitch.infer.sampling import SamplingParams
 
@@ -252,3 +252,59 @@ def test_prefill_attention_kernels_are_the_engines_choice_and_restored(loaded, a
         hook.remove()
     assert seen and seen[0] is any_shape  # the ViT's first layer runs in the prefill only
     assert not any(m.any_shape_kernels for m in modules)
+
+
+class _IdsOnly:
+    """A processor for requests given as ids: the engine needs a pad id and a tokenizer to decode."""
+
+    pad_token_id = 0
+
+    class tokenizer:  # noqa: N801 - stands in for an attribute holding a tokenizer
+        eos_token_id = None
+        chat_template = None
+
+        @staticmethod
+        def decode(ids, skip_special_tokens: bool = True) -> str:
+            return " ".join(map(str, ids))
+
+        @staticmethod
+        def get_vocab() -> dict:
+            return {}
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(7, 1), (14, 2)])
+def test_greedy_equals_transformers_with_seven_query_heads_per_kv_head(tmp_path, heads, kv_heads):
+    """The 8B shape's grouping (Qwen2.5-7B: 28 query heads over 4 K/V heads) at tiny width: a left-padded batch of
+    two image prompts gives `transformers`' greedy tokens (prefill, then decode steps on the folded-GQA path)."""
+    import json
+
+    import transformers
+
+    from stitch.checkpoint.hf import vlm_config_to_hf, vlm_state_to_hf
+    from stitch.checkpoint.io import save_tensors
+    from stitch.checkpoint.store import build_model, model_state
+    from stitch.models.presets import vlm_preset
+
+    cfg = vlm_preset("vlm-tiny")
+    cfg.llm = type(cfg.llm)(**{**cfg.llm.model_dump(), "family": "qwen2", "attention_bias": True, "rope_theta": 1e6,
+                               "hidden_size": 112, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": None})
+    cfg.image_token_id = cfg.llm.vocab_size - 1
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.llm.layers[0].self_attn.k_proj.out_features == kv_heads * 112 // heads
+    (tmp_path / "config.json").write_text(json.dumps(vlm_config_to_hf(cfg, "internvl")))
+    save_tensors(vlm_state_to_hf(model_state(model), cfg, "internvl"), tmp_path)
+    hf = transformers.InternVLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    gen = torch.Generator().manual_seed(1)
+    image = torch.full((cfg.tokens_per_tile,), cfg.image_token_id)
+    prompts = [torch.cat([torch.randint(10, 1000, (n,), generator=gen), image, torch.randint(10, 1000, (5,))])
+               for n in (3, 9)]
+    pixels = [torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen) for _ in prompts]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    got = Engine(model, _IdsOnly(), eos_ids=()).generate([Request(p, x, params) for p, x in zip(prompts, pixels)])
+    for prompt, pix, completion in zip(prompts, pixels, got):
+        with torch.no_grad():
+            ref = hf.generate(input_ids=prompt[None], pixel_values=pix, max_new_tokens=10, min_new_tokens=10,
+                              do_sample=False, pad_token_id=0)
+        assert completion.token_ids == ref[0, prompt.numel():].tolist()
+        assert len(set(completion.token_ids)) > 3  # not a degenerate repetition
