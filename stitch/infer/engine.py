@@ -21,11 +21,12 @@ same whatever it is batched with.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +191,9 @@ class _Row:
         self.done = False
         self.start = start
         self.ttft: float | None = None
+        # Batch steps whose sampled tokens are this row's: 0 (the prefill) to max_new_tokens - 1, unless it joined
+        # a running batch (`Engine._join` moves them).
+        self.first_step, self.last_step = 0, request.params.max_new_tokens - 1
 
     def push(self, token: int) -> Event | None:
         """Take this step's token; returns what is new for the caller (None when nothing is)."""
@@ -269,6 +273,10 @@ class Engine:
     of prompts brings a new length and tile count, and cuDNN's attention builds a plan for each new shape
     (~70-140 ms, and seconds for the first; `bench/serve_latency.py` measures it), which lands on the time to
     first token. Off: SDPA's own choice, ~1.6x faster attention once a shape has been seen.
+    continuous_batching: requests from `submit` join a running batch (a finished or spare row) instead of waiting
+    for it to end: each is prefilled alone into its row, its prompt ending where the batch's next token goes.
+    Such batches get every row of `max_batch_size` and twice the cache length of their first requests, so later
+    ones fit (a prompt longer than the tokens already in the cache, or one that would outrun the cache, waits).
     """
 
     def __init__(
@@ -283,6 +291,7 @@ class Engine:
         eos_ids: Iterable[int] | None = None,
         batch_wait_s: float = 0.005,
         any_shape_attention: bool = True,
+        continuous_batching: bool = False,
     ):
         self.model = model
         self.processor = processor
@@ -300,6 +309,8 @@ class Engine:
         self.pad_id = processor.pad_token_id
         self.batch_wait_s = batch_wait_s
         self.any_shape_attention = any_shape_attention
+        self.continuous_batching = continuous_batching
+        self._stop_requested = False  # close() was seen while admitting requests into a running batch
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -343,28 +354,64 @@ class Engine:
         self._states.clear()
 
     def _serve_forever(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
+        waiting: deque = deque()  # (request, handle) taken from the queue, not running yet
+        stop = self._stop_requested = False
+        while not (stop and not waiting):
+            if not waiting:
+                item = self._queue.get()
+                if item is None:
+                    return
+                waiting.append(item)
             deadline = time.perf_counter() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
+            while not stop and len(waiting) < self.max_batch_size:
                 try:
                     nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._queue.put(None)  # finish this batch, then stop
+                    stop = True  # finish what is waiting, then stop
                     break
-                batch.append(nxt)
-            handles = [h for _, h in batch]
+                waiting.append(nxt)
+            batch = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch_size))]
+            handles = [h for _, h in batch]  # joined requests are appended: event.index is their place
             try:
-                for event in self._run([r for r, _ in batch], track_text=True):
+                if self.continuous_batching and not stop:
+                    admit = functools.partial(self._admit, waiting, handles)
+                    events = self._run_batch(list(enumerate(r for r, _ in batch)), True, admit)
+                else:
+                    events = self._run([r for r, _ in batch], track_text=True)
+                for event in events:
                     handles[event.index]._put(event)
             except Exception as e:  # noqa: BLE001 - delivered to every waiting caller
                 for h in handles:
                     h._put(e)
+            stop = stop or self._stop_requested
+
+    def _admit(self, waiting: deque, handles: list, free: int, cache_position: int, length: int
+               ) -> list[tuple[int, Request]]:
+        """Up to `free` waiting requests that fit a running batch whose next token goes to cache slot
+        `cache_position` of `length`: the prompt fits before it, the new tokens after it. First come, first in;
+        one that does not fit keeps its place for the next batch."""
+        while not self._stop_requested:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._stop_requested = True
+            else:
+                waiting.append(item)
+        joining, keep = [], deque()
+        for request, handle in waiting:
+            prompt, new = int(request.input_ids.numel()), request.params.max_new_tokens
+            if len(joining) < free and prompt <= cache_position and cache_position + new - 1 <= length:
+                joining.append((len(handles), request))
+                handles.append(handle)
+            else:
+                keep.append((request, handle))
+        waiting.clear()
+        waiting.extend(keep)
+        return joining
 
     # ------------------------------------------------------------------ batching
     def _run(self, requests: Sequence[Request], track_text: bool, max_batch_size: int | None = None
@@ -419,86 +466,146 @@ class Engine:
                     del self._states[key]
             raise
 
-    def _run_batch(self, batch: list[tuple[int, Request]], track_text: bool) -> Iterator[Event]:
-        """Prefill + decode one batch; yields events (outside inference mode, so nothing leaks to the caller)."""
+    def _run_batch(self, batch: list[tuple[int, Request]], track_text: bool, admit: Callable | None = None
+                   ) -> Iterator[Event]:
+        """Prefill + decode one batch; yields events (outside inference mode, so nothing leaks to the caller).
+        `admit(free_rows, cache_position, length)`: requests to join the running batch (continuous batching)."""
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
         prompt_len = max(int(r.input_ids.numel()) for _, r in batch)
         steps = max(r.params.max_new_tokens for _, r in batch)
         size, length = len(batch), prompt_len + steps
+        if admit is not None:  # room for requests that join later
+            size, length = max(size, self.max_batch_size), 2 * length
         if self.cuda_graphs:
             size, length = _bucket_batch(size), _bucket_len(length)
         state = None
         try:
             with torch.inference_mode():
                 state = self._state(size, length)
-                sampler, tok = self._prefill(state, batch)
-            rows = [_Row(i, r, self.eos_ids, self.processor.tokenizer, track_text, start) for i, r in batch]
+                sampler, tok = self._prefill(state, batch, spare_rows_empty=admit is not None)
+            rows: list[_Row | None] = [_Row(i, r, self.eos_ids, self.processor.tokenizer, track_text, start)
+                                       for i, r in batch]
+            rows += [None] * (size - len(rows))
             pending: _HostCopy | None = _HostCopy(tok)
             if self.cuda_graphs and state.graph is None and steps > 1:
                 # A shape without its graph yet: hand out the first tokens, then capture.
-                yield from self._push(rows, pending.get())
-                if all(row.done for row in rows):
+                yield from self._push(rows, pending.get(), 0)
+                if all(row is None or row.done for row in rows):
                     return
                 with torch.inference_mode():
                     self._capture(state)
                 pending = None
-            for step in range(1, steps + 1):
+            pending_step, step = 0, 1
+            while True:
+                slot = prompt_len + step - 1  # the cache slot step `step` writes
+                if admit is not None and slot < length:
+                    tok = yield from self._join(state, sampler, rows, tok, step, slot, admit, track_text)
+                last = max((row.last_step for row in rows if row is not None and not row.done), default=0)
                 nxt = None
-                with torch.inference_mode():
-                    if step < steps:  # queue the next step before reading this one back
+                if step <= last and slot < length:
+                    with torch.inference_mode():  # queue the next step before reading this one back
                         state.tokens.copy_(tok[:, None])
                         tok = sampler(state.step(), step)
                         state.positions.add_(1)
                         state.cache_position.add_(1)
                         nxt = _HostCopy(tok)
                 if pending is not None:
-                    yield from self._push(rows, pending.get())
-                    if all(row.done for row in rows):
-                        break
-                pending = nxt
+                    yield from self._push(rows, pending.get(), pending_step)
+                if nxt is None or all(row is None or row.done for row in rows):
+                    break
+                pending, pending_step, step = nxt, step, step + 1
         finally:
             if state is not None:
                 state.busy = False
             self.model.train(was_training)
 
     @staticmethod
-    def _push(rows: list[_Row], tokens: list[int]) -> list[Event]:
-        """Each row's new token, as the events it produces."""
-        return [e for row, t in zip(rows, tokens) if (e := row.push(t)) is not None]
+    def _push(rows: list[_Row | None], tokens: list[int], step: int) -> list[Event]:
+        """The tokens batch step `step` sampled, as the events of the rows they belong to."""
+        return [e for row, t in zip(rows, tokens)
+                if row is not None and row.first_step <= step and (e := row.push(t)) is not None]
 
-    def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]]) -> tuple[BatchSampler, torch.Tensor]:
+    def _join(self, state: _DecodeState, sampler: BatchSampler, rows: list[_Row | None], tok: torch.Tensor,
+              step: int, slot: int, admit: Callable, track_text: bool) -> Generator[Event, None, torch.Tensor]:
+        """Give finished and spare rows to requests `admit` lets in before step `step`, which writes cache slot
+        `slot`: each prompt is prefilled alone into its row's cache at the slots just before `slot`, its first
+        token is handed out and becomes the row's input to step `step`. Returns the batch's next input tokens."""
+        free = [r for r, row in enumerate(rows) if row is None or row.done]
+        if not free:
+            return tok
+        for r, (index, request) in zip(free, admit(len(free), slot, state.mask.shape[1])):
+            with torch.inference_mode():
+                first = self._prefill_row(state, r, request, slot)
+                history = torch.cat([request.input_ids.reshape(-1), first.cpu()])
+                sampler.replace_row(r, request.params, history, step - 1)
+                tok[r] = first[0]
+            row = _Row(index, request, self.eos_ids, self.processor.tokenizer, track_text, time.perf_counter())
+            row.first_step, row.last_step = step, step + request.params.max_new_tokens - 2
+            rows[r] = row
+            if (event := row.push(int(first[0]))) is not None:
+                yield event
+        return tok
+
+    def _prefill_row(self, state: _DecodeState, row: int, request: Request, slot: int) -> torch.Tensor:
+        """Run one prompt into row `row` of a running batch, ending just before cache slot `slot` (the slots
+        before it are masked out), and sample its first token ([1])."""
+        device, n = self.device, int(request.input_ids.numel())
+        state.mask[row, : slot - n] = 0
+        state.mask[row, slot - n :] = 1
+        state.positions[row] = n
+        pixels = request.pixel_values
+        pixels = pixels.to(device) if pixels is not None and pixels.numel() else None
+        with any_shape_attention(self.model, self.any_shape_attention):
+            out = self.model(
+                request.input_ids.reshape(1, -1).to(device), pixels,
+                position_ids=torch.arange(n, device=device)[None], kv_cache=state.cache.rows(row, row + 1),
+                cache_position=torch.arange(slot - n, slot, device=device), logits_to_keep=1, fresh_cache=True,
+            )
+        sampler = BatchSampler([request.params], 1, out.logits.shape[-1], device, [request.input_ids.reshape(-1)])
+        return sampler(out.logits[:, -1], 0)
+
+    def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]], spare_rows_empty: bool = False
+                 ) -> tuple[BatchSampler, torch.Tensor]:
         """Left-pad the prompts into `state`'s cache and mask, run them (images and all) and sample the first
-        token of every row; leaves `state.positions`/`cache_position` pointing at that token."""
+        token of every row; leaves `state.positions`/`cache_position` pointing at that token.
+
+        Rows beyond the batch (bucket padding) run as all-padding rows, or with `spare_rows_empty` (continuous
+        batching keeps them for requests that join) not at all: their mask is all ones, so their idle decode
+        steps attend to something and stay finite."""
         model, device = self.model, self.device
         size, length = state.mask.shape
         lengths = [int(r.input_ids.numel()) for _, r in batch]
         prompt_len = max(lengths)
-        # [pad ... pad, prompt] per row; rows beyond the batch (bucket padding) are all padding.
-        ids = torch.full((size, prompt_len), self.pad_id, dtype=torch.long)
+        run = len(batch) if spare_rows_empty else size  # rows prefilled
+        # [pad ... pad, prompt] per row
+        ids = torch.full((run, prompt_len), self.pad_id, dtype=torch.long)
         mask = torch.ones(size, length, dtype=torch.long)
-        mask[:, :prompt_len] = 0
+        mask[:run, :prompt_len] = 0
         for row, ((_, req), n_tok) in enumerate(zip(batch, lengths)):
             ids[row, prompt_len - n_tok :] = req.input_ids.reshape(-1)
             mask[row, prompt_len - n_tok : prompt_len] = 1
         state.mask.copy_(mask)
-        position_ids = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
+        position_ids = (mask[:run, :prompt_len].cumsum(-1) - 1).clamp(min=0)
         tiles = [r.pixel_values for _, r in batch if r.pixel_values is not None and r.pixel_values.numel()]
         pixel_values = torch.cat([t.to(device) for t in tiles]) if tiles else None
         # The cache is empty: attention runs over the prompt's own keys, with no mask at all (the fused causal
         # kernel) when no row is padded.
-        padded = size > len(batch) or min(lengths) < prompt_len
+        padded = run > len(batch) or min(lengths) < prompt_len
         with any_shape_attention(model, self.any_shape_attention):
             out = model(
-                ids.to(device), pixel_values, attention_mask=state.mask if padded else None,
-                position_ids=position_ids.to(device), kv_cache=state.cache,
+                ids.to(device), pixel_values, attention_mask=state.mask[:run] if padded else None,
+                position_ids=position_ids.to(device), kv_cache=state.cache if run == size else state.cache.rows(0, run),
                 cache_position=torch.arange(prompt_len, device=device), logits_to_keep=1, fresh_cache=True,
             )
+        logits = out.logits[:, -1]
+        if run < size:
+            logits = torch.cat([logits, logits.new_zeros(size - run, logits.shape[-1])])
         sampler = BatchSampler(
-            [r.params for _, r in batch], size, out.logits.shape[-1], device, [r.input_ids for _, r in batch]
+            [r.params for _, r in batch], size, logits.shape[-1], device, [r.input_ids for _, r in batch]
         )
-        tok = sampler(out.logits[:, -1], 0)
+        tok = sampler(logits, 0)
         state.positions.copy_(torch.tensor(lengths + [0] * (size - len(batch)), device=device)[:, None])
         state.cache_position.fill_(prompt_len)
         return sampler, tok

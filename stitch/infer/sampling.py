@@ -95,12 +95,27 @@ class BatchSampler:
         prompts: Sequence[torch.Tensor] | None = None,
     ):
         pad = [SamplingParams()] * (batch_size - len(params))
-        rows = list(params) + pad
+        self.rows = list(params) + pad
         self.device = device
         self.vocab_size = vocab_size
+        rng = random.SystemRandom()
+        self._seeds = [_fold_seed(p.seed if p.seed is not None else rng.getrandbits(64)) for p in self.rows]
+        self._columns()
+        self.seen: torch.Tensor | None = None
+        if self.use_penalty:
+            self.seen = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device)
+            for row, ids in enumerate(prompts or []):
+                self.seen[row, ids.to(device)] = True
+        # Per row, the batch step at which a row handed to a later request (`replace_row`) took its step 0.
+        self.step_offsets: torch.Tensor | None = None
+        self._token_keys: torch.Tensor | None = None
+
+    def _columns(self) -> None:
+        """The per-row parameters as [B, 1] device columns, and the switches that skip unused work."""
+        rows = self.rows
 
         def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+            return torch.tensor(values, dtype=dtype, device=self.device)[:, None]
 
         self.all_greedy = all(p.greedy for p in rows)
         self.greedy_rows = column([p.greedy for p in rows], torch.bool)
@@ -111,22 +126,31 @@ class BatchSampler:
         self.top_p = column([p.top_p for p in rows], torch.float32)
         self.use_penalty = any(p.repetition_penalty != 1.0 for p in rows)
         self.penalty = column([p.repetition_penalty for p in rows], torch.float32)
-        rng = random.SystemRandom()
-        seeds = [_fold_seed(p.seed if p.seed is not None else rng.getrandbits(64)) for p in rows]
-        self.seed_keys = _mix32(torch.tensor(seeds, dtype=torch.long, device=device))[:, None]  # [B, 1]
-        self.seen: torch.Tensor | None = None
-        if self.use_penalty:
-            self.seen = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device)
-            for row, ids in enumerate(prompts or []):
-                self.seen[row, ids.to(device)] = True
-        self._token_keys: torch.Tensor | None = None
+        self.seed_keys = _mix32(torch.tensor(self._seeds, dtype=torch.long, device=self.device))[:, None]  # [B, 1]
+
+    def replace_row(self, row: int, params: SamplingParams, history: torch.Tensor, step: int) -> None:
+        """Hand `row` to another request mid-batch (continuous batching): its parameters and seed, its
+        repetition history (prompt and tokens so far), and `step`, the batch step that is its own step 0, so
+        its seeded draws are the ones it gets alone."""
+        self.rows[row] = params
+        self._seeds[row] = _fold_seed(params.seed if params.seed is not None else random.SystemRandom().getrandbits(64))
+        self._columns()
+        if self.use_penalty and self.seen is None:
+            self.seen = torch.zeros(len(self.rows), self.vocab_size, dtype=torch.bool, device=self.device)
+        if self.seen is not None:
+            self.seen[row] = False
+            self.seen[row, history.to(self.device)] = True
+        if self.step_offsets is None:
+            self.step_offsets = torch.zeros(len(self.rows), 1, dtype=torch.long, device=self.device)
+        self.step_offsets[row] = step
 
     def _uniform(self, step: int) -> torch.Tensor:
-        """[B, V] uniforms in (0, 1) from (seed, step, token id) alone."""
+        """[B, V] uniforms in (0, 1) from (seed, the row's own step, token id) alone."""
         if self._token_keys is None:
             vocab = torch.arange(self.vocab_size, device=self.device, dtype=torch.long)
             self._token_keys = _mix32(vocab * 2 + 1)[None]  # [1, V]
-        step_key = ((step + 1) * 0x2545F491) & _M32
+        own_step = step if self.step_offsets is None else step - self.step_offsets  # int, or [B, 1]
+        step_key = ((own_step + 1) * 0x2545F491) & _M32
         x = _mix32(_mix32(self.seed_keys ^ step_key) ^ self._token_keys)  # [B, V]
         return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 

@@ -712,6 +712,9 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: 32)")
+    parser.add_argument("--continuous-batching", action="store_true",
+                        help="requests join a running batch (a finished or spare row) instead of waiting for it "
+                             "to end")
     parser.add_argument("--max-request-mb", type=float, default=d.max_body_bytes / MiB,
                         help=f"largest request body (default: {d.max_body_bytes // MiB})")
     parser.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / MiB,
@@ -806,7 +809,8 @@ def serve(args: argparse.Namespace) -> int:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise StitchError(f"{ckpt}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
-    engine = get_engine(model, processor, max_batch_size=args.max_batch_size, compile=args.compile)
+    engine = get_engine(model, processor, max_batch_size=args.max_batch_size, compile=args.compile,
+                        continuous_batching=args.continuous_batching)
     name = args.model_name or ckpt.resolve().name
     app = create_app(model, processor, model_name=name, limits=limits, api_key=args.api_key,
                      local_images=local, engine=engine)

@@ -59,6 +59,15 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.max_len = max_len
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """The same cache seen through rows [start, stop): writes land in this cache (a prompt prefilled alone
+        into its own row of a running batch)."""
+        view = object.__new__(KVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.max_len = self.max_len
+        return view
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
         self.k[layer].index_copy_(2, cache_position, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(2, cache_position, v.to(self.v[layer].dtype))
@@ -175,7 +184,8 @@ class LLM(nn.Module):
         precision (`max_seqlen`, the longest sample, saves a host sync when the caller knows it); elsewhere,
         and with attention dropout, a block-diagonal mask gives the same result.
 
-        `fresh_cache`: `kv_cache` holds nothing yet and `cache_position` is `arange(T)` (a prompt's prefill).
+        `fresh_cache`: the prompt attends to nothing already in `kv_cache` (a prefill; `cache_position`, the T
+        slots it fills, is `arange(T)`, or for a prompt joining a running batch the T slots before the batch's next).
         The keys are still written to the cache, but attention runs over these T keys instead of the whole
         cache buffer: a [B, 1, T, T] mask from `attention_mask[:, :T]` (left padding), or with no
         `attention_mask` none at all, so SDPA takes its fused causal kernel.

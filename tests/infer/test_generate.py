@@ -308,3 +308,94 @@ def test_greedy_equals_transformers_with_seven_query_heads_per_kv_head(tmp_path,
                               do_sample=False, pad_token_id=0)
         assert completion.token_ids == ref[0, prompt.numel():].tolist()
         assert len(set(completion.token_ids)) > 3  # not a degenerate repetition
+
+
+def _join_at(calls: list, when: int, joiners: list):
+    """An `admit` for `Engine._run_batch` that lets `joiners` in at its `when`-th call, where they fit."""
+
+    def admit(free: int, cache_position: int, length: int):
+        calls.append((free, cache_position, length))
+        if len(calls) != when:
+            return []
+        fits = [(i, r) for i, r in joiners
+                if r.input_ids.numel() <= cache_position and cache_position + r.params.max_new_tokens - 1 <= length]
+        assert len(fits) == len(joiners) <= free
+        return fits
+
+    return admit
+
+
+def test_requests_joining_a_running_batch_get_their_own_tokens(loaded):
+    """Continuous batching: requests admitted mid-batch (into a spare row, and into the row of a request that has
+    finished) produce what they produce alone, greedy and seeded sampling with repetition penalty alike, and the
+    rows already running are unchanged."""
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch_size=2, continuous_batching=True)
+    first = engine.prepare(build_conversation(*CASES[0][:1], 2), CASES[0][1],
+                           SamplingParams(max_new_tokens=24, ignore_eos=True))
+    short = engine.prepare(build_conversation("Hi", 0), [], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    sampled = engine.prepare(build_conversation("?", 1), CASES[3][1], SamplingParams(
+        max_new_tokens=8, temperature=0.9, top_k=30, repetition_penalty=1.3, seed=4, ignore_eos=True))
+    greedy = engine.prepare(build_conversation("Describe it.", 1), CASES[1][1],
+                            SamplingParams(max_new_tokens=6, ignore_eos=True))
+    alone = {i: engine.generate([r])[0].token_ids for i, r in enumerate((first, short, sampled, greedy))}
+
+    calls: list = []
+    current = [_join_at(calls, 2, [(1, short)])]  # at step 2: into the spare row
+    events = []
+    for event in engine._run_batch([(0, first)], track_text=False, admit=lambda *a: current[0](*a)):
+        events.append(event)
+        if event.finished and event.index == 1:  # the short one is done: its row takes the sampled one
+            current[0] = _join_at([], 2, [(2, sampled)])
+    done = {e.index: e.completion.token_ids for e in events if e.finished}
+    assert done == {0: alone[0], 1: alone[1], 2: alone[2]}
+    assert calls[0][:2] == (1, first.input_ids.numel())  # one spare row; step 1 writes the slot after the prompt
+
+    # A full batch asks for nobody until a row is free: here after the short request's last token.
+    calls = []
+    events = list(engine._run_batch([(0, greedy), (1, short)], track_text=False, admit=_join_at(calls, 99, [])))
+    prompt_len = max(greedy.input_ids.numel(), short.input_ids.numel())
+    assert calls and all(free == 1 for free, _, _ in calls) and calls[0][1] > prompt_len + 1
+    assert {e.index: e.completion.token_ids for e in events if e.finished} == {0: alone[3], 1: alone[1]}
+
+
+def test_admission_takes_what_fits_first_come_first_in(loaded):
+    """A waiting request joins when its prompt fits before the batch's next cache slot and its new tokens after
+    it, in arrival order up to the free rows; the others keep their place, in order."""
+    from collections import deque
+
+    model, processor = loaded
+    engine = Engine(model, processor, continuous_batching=True)
+
+    def req(prompt: int, new: int) -> Request:
+        return Request(torch.ones(prompt, dtype=torch.long), None, SamplingParams(max_new_tokens=new))
+
+    waiting = deque([(req(50, 10), "a"), (req(120, 10), "too long"), (req(40, 100), "outruns"), (req(30, 61), "b"),
+                     (req(20, 5), "no row left")])
+    handles = ["running"]
+    joining = engine._admit(waiting, handles, free=2, cache_position=100, length=160)
+    assert [(i, r.input_ids.numel()) for i, r in joining] == [(1, 50), (2, 30)]
+    assert handles == ["running", "a", "b"]
+    assert [h for _, h in waiting] == ["too long", "outruns", "no row left"]
+
+
+def test_continuous_batching_server_path_answers_as_one_by_one(loaded):
+    """`submit` with continuous batching: a request sent while a long one runs joins it (a row prefill, not a new
+    batch) and both answer as they do alone."""
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch_size=4, continuous_batching=True)
+    long = engine.prepare(build_conversation(*CASES[0][:1], 2), CASES[0][1],
+                          SamplingParams(max_new_tokens=40, ignore_eos=True))
+    quick = engine.prepare(build_conversation("Hi", 0), [], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    want = [engine.generate([r])[0].token_ids for r in (long, quick)]
+    joins = []
+    prefill_row = engine._prefill_row
+    engine._prefill_row = lambda *a: joins.append(a[1]) or prefill_row(*a)
+    handle = engine.submit(long)
+    events = iter(handle)
+    next(events)  # the long request is running
+    second = engine.submit(quick)
+    assert second.result().token_ids == want[1]
+    assert [t for e in events for t in e.token_ids][-1] == want[0][-1] and handle.result().token_ids == want[0]
+    assert joins == [1]  # the quick request was prefilled into row 1 of the running batch
+    engine.close()

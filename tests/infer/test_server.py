@@ -8,6 +8,7 @@ and answer as they do one at a time, and the command line itself.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -524,6 +525,54 @@ def test_32_concurrent_requests_are_batched_and_match_sequential(served, images_
     print(f"\n32 requests x {MAX_TOKENS} tokens (tiny model, CPU): sequential {t_seq:.2f} s "
           f"({tokens / t_seq:.0f} tok/s), concurrent {t_con:.2f} s ({tokens / t_con:.0f} tok/s), "
           f"speed-up {t_seq / t_con:.1f}x, batches {sizes}")
+
+
+def test_continuous_batching_server_answers_as_sequential(ckpt, images_dir):
+    """`--continuous-batching`: concurrent requests of mixed lengths (streamed and not) answer exactly as the same
+    server answers them one at a time, and requests sent while a batch runs join it where they fit."""
+    from stitch.infer.engine import Engine
+
+    model, processor = stitch.load(ckpt)
+    engine = Engine(model, processor, max_batch_size=4, continuous_batching=True)
+    joins: list[int] = []
+    prefill_row = engine._prefill_row
+    engine._prefill_row = lambda *a: joins.append(a[1]) or prefill_row(*a)
+    limits = dataclasses.replace(LIMITS, max_tokens=400)
+    app = create_app(model, processor, model_name="m", limits=limits, api_key=API_KEY, engine=engine)
+    server = Server(app)
+    try:
+        client = server.client()
+        red = data_url((images_dir / "red.png").read_bytes(), "image/png")
+        long_ask = user(image_part(red), "Describe the picture at length.")
+        asks = [(user(f"Short question {i}?"), 2 + i % 4) for i in range(7)]
+
+        def ask(item):
+            messages, max_tokens = item
+            r = client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, temperature=0)
+            return r.choices[0].message.content, r.usage.completion_tokens
+
+        def stream_long(started: threading.Event) -> str:
+            chunks = client.chat.completions.create(model="m", messages=long_ask, max_tokens=400, temperature=0,
+                                                    stream=True)
+            text = ""
+            for chunk in chunks:
+                text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+                started.set()
+            return text
+
+        sequential = [ask(a) for a in asks]
+        long_alone = stream_long(threading.Event())
+        assert not joins  # one request at a time: nothing to join
+        started = threading.Event()
+        with ThreadPoolExecutor(8) as pool:
+            long_text = pool.submit(stream_long, started)
+            assert started.wait(60)  # the long one is decoding (400 tokens): the short ones join it
+            rest = list(pool.map(ask, asks))
+        assert rest == sequential and long_text.result() == long_alone
+        assert joins, "no request joined the running batch"
+    finally:
+        server.stop()
+        engine.close()
 
 
 # ------------------------------------------------------------------------------------------ command line
