@@ -165,7 +165,8 @@ def stitch_build(
     if llm_state is not None:
         state.update({f"llm.{k}": v for k, v in llm_state.items() if k in model.llm.state_dict()})
     model = load_weights(build_model(cfg, device="meta"), state, f"{vision} + {llm}", dtype=dtype)
-    with atomic_dir(out) as tmp:
+    sources = [p for p in (vision, llm, tokenizer) if p is not None and Path(p).exists()]
+    with atomic_dir(out, inputs=sources) as tmp:
         cfg.save(tmp / "config.json")
         save_tensors(model_state(model), tmp)
         tok.save_pretrained(str(tmp))
@@ -187,7 +188,7 @@ def import_hf(args: argparse.Namespace) -> int:
     model = load_model(args.hf_dir)
     tok = load_tokenizer(args.hf_dir)
     model.config.image_token = tok.convert_ids_to_tokens(model.config.image_token_id)
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, inputs=[args.hf_dir]) as tmp:
         model.config.save(tmp / "config.json")
         save_tensors(model_state(model), tmp)
         tok.save_pretrained(str(tmp))
@@ -237,7 +238,7 @@ def export_to_hf(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
     hf_cfg = vlm_config_to_hf(cfg, fmt)
     state = vlm_state_to_hf(model_state(model), cfg, fmt)
     tok = load_tokenizer(checkpoint)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, inputs=[checkpoint]) as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         save_tensors(state, Path(tmp))
         tok.save_pretrained(str(tmp))

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -104,14 +104,22 @@ def save_tensors(state: Mapping[str, torch.Tensor], out_dir: Path, prefix: str =
     (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+# Files whose presence marks a folder as one a Stitch command writes (a checkpoint, a resharded layout, an HF
+# export, a peft adapter): only such a folder, or an empty one, is replaced wholesale by a new output.
+OUTPUT_MARKERS = ("config.json", "layout.json", "adapter_config.json")
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = True):
+def atomic_dir(out: str | Path, overwrite: bool = True, inputs: Sequence[str | Path] = ()):
     """Yield a temporary sibling folder that becomes `out` only if the block succeeds.
 
     On any error the temporary folder is removed and `out` is left as it was (absent or untouched), so a
-    failed command leaves nothing behind and a crash never leaves a half-written checkpoint.
+    failed command leaves nothing behind and a crash never leaves a half-written checkpoint. An existing `out`
+    is replaced only when that loses nothing the user did not ask to replace: it must not be (or hold) one of
+    `inputs`, and it must be empty or an earlier output (see `OUTPUT_MARKERS`), never a folder of other files.
     """
     out = Path(out)
+    _check_replaceable(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -131,6 +139,28 @@ def atomic_dir(out: str | Path, overwrite: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(out: Path, overwrite: bool, inputs: Sequence[str | Path]) -> None:
+    """Refuse, before any work, an output folder whose replacement would destroy something else."""
+    if not out.name or out.resolve() == Path.cwd().resolve() or out.resolve() == out.resolve().parent:
+        raise CheckpointError(f"{out}: name a new folder for the output, not the current or root folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if not overwrite:
+        raise CheckpointError(f"{out}: already exists")
+    target = out.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if src == target or target in src.parents:
+            raise CheckpointError(f"{out}: the output would replace the input {src}; choose another folder")
+    if any(out.iterdir()) and not any((out / name).exists() for name in OUTPUT_MARKERS):
+        raise CheckpointError(
+            f"{out}: exists and holds other files (no {' / '.join(OUTPUT_MARKERS)}), so it is not an earlier "
+            "output to replace; remove it or choose another folder"
+        )
 
 
 def read_json(path: Path) -> dict:

@@ -320,7 +320,7 @@ def reshard_checkpoint(
         source.check_tied_copy()
     else:
         source = TensorSource(src)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, inputs=[src]) as tmp:
         _copy_side_files(src, tmp)
         return write_layout(source, cfg, tmp, tp, pp, vision_tp, layers_per_stage, vision_padded_heads, str(src))
 

@@ -535,7 +535,7 @@ def export_peft(checkpoint: str | Path, fmt: str, out: str | Path, base_model_na
         raise CheckpointError(f"{checkpoint}: not a LoRA checkpoint (no {LORA_FILE}); nothing to export as peft")
     tensors, config = peft_adapter(load_lora_model(checkpoint), fmt)
     config["base_model_name_or_path"] = base_model_name_or_path
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, inputs=[checkpoint]) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out)

@@ -77,3 +77,26 @@ def test_build_from_hf_vision_folder(tmp_path, kind):
     # the patch embedding came from the HF file, not from a fresh init
     patch = next(v for k, v in hf_state.items() if k.endswith("patch_embedding.weight"))
     assert any(torch.equal(v, patch) for v in ours.values())
+
+
+def test_outputs_never_replace_inputs_or_folders_of_other_files(tmp_path, capsys):
+    """`--out` naming the input, a folder holding it, or a folder of other files is refused before any work, and
+    everything there survives; an earlier output folder is replaced as before."""
+    runs = tmp_path / "runs"
+    ckpt = runs / "ckpt"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "llama-tiny", "--out", str(ckpt)]) == 0
+    (runs / "notes.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for args in (["reshard", str(ckpt), "--tp", "2", "--out", str(runs)],
+                 ["export-hf", str(ckpt), "--format", "internvl", "--out", str(ckpt)],
+                 ["export-hf", str(ckpt), "--format", "internvl", "--out", str(runs)]):
+        capsys.readouterr()
+        assert main(args) != 0
+        err = capsys.readouterr().err
+        assert str(runs) in err and ("replace the input" in err or "other files" in err), err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (runs / "notes.txt").read_text() == "keep me" and stitch.load(ckpt)
+    hf = tmp_path / "hf"
+    for _ in range(2):  # the second export replaces the first
+        assert main(["export-hf", str(ckpt), "--format", "internvl", "--out", str(hf)]) == 0
+    assert (hf / "config.json").exists() and not list(tmp_path.glob(".hf.*"))
