@@ -33,8 +33,8 @@ class LLMConfig(_Base):
     num_heads: int = Field(gt=0)
     num_kv_heads: int = Field(gt=0)
     head_dim: int | None = None
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rms_norm_eps: float = Field(default=1e-6, gt=0)
+    rope_theta: float = Field(default=10000.0, gt=0)
     # HF-style rope scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None for plain RoPE.
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
@@ -54,7 +54,34 @@ class LLMConfig(_Base):
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        _check_rope_scaling(self.rope_scaling)
         return self
+
+
+# The rope_scaling types Stitch implements (`stitch.models.layers.rope_inv_freq`) and the keys each needs.
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(scaling: dict[str, Any] | None) -> None:
+    """A clear error at load time for a rope_scaling the model cannot run (instead of a KeyError at build)."""
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling type '{kind}' is not supported (supported: {', '.join(ROPE_SCALING_KEYS)})")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling type '{kind}' needs {', '.join(missing)}")
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"rope_scaling.{key} must be a positive number, got {value!r}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError("rope_scaling.high_freq_factor must be greater than low_freq_factor")
 
 
 class VisionConfig(_Base):
@@ -176,13 +203,22 @@ class ProjectorConfig(_Base):
     """`mlp`: pixel shuffle + LayerNorm + Linear-GELU-Linear (InternVL/NVLM). `linear` / `mlp2x_gelu`: LLaVA."""
 
     kind: Literal["mlp", "linear", "mlp2x_gelu"] = "mlp"
-    downsample_ratio: float = 0.5  # token-grid scale (0.5: 2x2 blocks -> 1 token); only for kind="mlp"
+    # Token-grid scale (0.5: 2x2 blocks -> 1 token); only for kind="mlp". 1/ratio must be a whole block side.
+    downsample_ratio: float = Field(default=0.5, gt=0, le=1)
     # How kind="mlp" shrinks the grid: InternVL's pixel shuffle folds each block into channels (nothing lost,
     # input width C/ratio^2); "avg_pool" averages each block (width C; LLaVA-OneVision-style pooling), which
     # hands a from-scratch encoder's features to the LLM translation-invariantly. HF export needs pixel_shuffle.
     downsample: Literal["pixel_shuffle", "avg_pool"] = "pixel_shuffle"
-    hidden_size: int | None = None  # intermediate width; default = LLM hidden size
+    hidden_size: int | None = Field(default=None, gt=0)  # intermediate width; default = LLM hidden size
     layer_norm_eps: float = 1e-5
+
+    @model_validator(mode="after")
+    def _check(self) -> ProjectorConfig:
+        block = 1 / self.downsample_ratio
+        if abs(block - round(block)) > 1e-6:
+            raise ValueError(f"downsample_ratio {self.downsample_ratio}: 1/ratio must be a whole number "
+                             "(0.5, 0.25, ...)")
+        return self
 
     def input_width(self, vision_width: int) -> int:
         """Width of each token entering the first Linear: pixel shuffle folds 1/ratio^2 patches into one."""
@@ -210,6 +246,11 @@ class VLMConfig(_Base):
     # HF export target this model was imported from / is shaped for; informational.
     source_format: Literal["stitch", "internvl", "llava"] = "stitch"
 
+    @model_validator(mode="after")
+    def _check(self) -> VLMConfig:
+        self.tokens_per_tile  # noqa: B018 - raises when the projector cannot fold the encoder's token grid
+        return self
+
     @property
     def tokens_per_tile(self) -> int:
         """Embeddings one tile contributes after the projector (256 for a 448px InternViT tile)."""
@@ -218,7 +259,11 @@ class VLMConfig(_Base):
             side = int(round(n**0.5))
             if side * side != n:
                 raise StitchConfigError(f"pixel shuffle needs a square token grid, got {n} tokens")
-            return int(round(side * self.projector.downsample_ratio)) ** 2
+            block = int(round(1 / self.projector.downsample_ratio))
+            if side % block:
+                raise StitchConfigError(f"projector.downsample_ratio {self.projector.downsample_ratio}: blocks of "
+                                        f"{block}x{block} do not tile the vision encoder's {side}x{side} token grid")
+            return (side // block) ** 2
         return n
 
     def save(self, path: str | Path) -> None:

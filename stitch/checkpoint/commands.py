@@ -16,7 +16,7 @@ from stitch.checkpoint.gguf import bundled_smollm2, load_gguf_llm, load_gguf_tok
 from stitch.checkpoint.hf import load_hf_llm, vlm_config_to_hf, vlm_state_to_hf
 from stitch.checkpoint.io import TensorSource, atomic_dir, read_json, save_tensors
 from stitch.checkpoint.store import build_model, load_model, load_weights, model_state
-from stitch.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from stitch.config import LLMConfig, VisionConfig, VLMConfig, validate
 from stitch.errors import CheckpointError, StitchError
 from stitch.models.presets import LLM_PRESETS, llm_preset, vision_preset
 
@@ -140,13 +140,13 @@ def stitch_build(
     vision_cfg, vision_state = resolve_vision(vision)
     llm_cfg, llm_state, tok_src = resolve_llm(llm)
     tok = load_tokenizer(tokenizer or tok_src or default_tokenizer_source())
-    cfg = VLMConfig(
-        vision=vision_cfg, llm=llm_cfg,
-        projector=ProjectorConfig(kind=projector, hidden_size=projector_hidden, downsample_ratio=downsample_ratio,
-                                  downsample=downsample),
+    cfg = validate(VLMConfig, dict(
+        vision=vision_cfg.model_dump(), llm=llm_cfg.model_dump(),
+        projector=dict(kind=projector, hidden_size=projector_hidden, downsample_ratio=downsample_ratio,
+                       downsample=downsample),
         tile_tags=tile_tags, image_wrapper=image_wrapper or ("nvlm" if tile_tags == "nvlm" else "internvl"),
         max_tiles=max_tiles, use_thumbnail=use_thumbnail,
-    )
+    ), source="stitch build")
     cfg.image_token_id = ensure_image_token(tok, cfg.image_token)
     if len(tok) > cfg.llm.vocab_size:
         padded = -(-len(tok) // 64) * 64  # a multiple of 64 keeps the output matmul on fast GPU kernels

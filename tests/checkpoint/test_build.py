@@ -100,3 +100,34 @@ def test_outputs_never_replace_inputs_or_folders_of_other_files(tmp_path, capsys
     for _ in range(2):  # the second export replaces the first
         assert main(["export-hf", str(ckpt), "--format", "internvl", "--out", str(hf)]) == 0
     assert (hf / "config.json").exists() and not list(tmp_path.glob(".hf.*"))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c["llm"].update(rope_theta=-1), "rope_theta"),
+    (lambda c: c["llm"].update(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+    (lambda c: c["llm"].update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+    (lambda c: c["projector"].update(downsample_ratio=0), "downsample_ratio"),
+    (lambda c: c["projector"].update(downsample_ratio=0.3), "downsample_ratio"),
+    (lambda c: c["projector"].update(downsample_ratio=0.125), "do not tile"),
+])
+def test_configs_the_model_cannot_run_are_refused_at_load(tmp_path, edit, message):
+    """Values that passed validation but broke later (NaN logits, a KeyError at build, a reshape error at the
+    first image) are refused when the config is read, naming the field."""
+    out = tmp_path / "ckpt"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "llama-tiny", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(stitch.errors.StitchConfigError, match=message) as info:
+        stitch.load(out)
+    assert "config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("flag", [["--downsample-ratio", "0.3"], ["--downsample-ratio", "0"],
+                                  ["--projector-hidden", "-5"], ["--max-tiles", "0"]])
+def test_build_refuses_bad_flags_in_one_line(tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "llama-tiny", *flag, "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
