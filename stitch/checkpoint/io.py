@@ -28,14 +28,11 @@ class TensorSource(Mapping):
     def __init__(self, path: str | Path):
         path = Path(path)
         self.root = path if path.is_dir() else path.parent
+        weight_map: dict[str, str] | None = None
         if path.is_file():
             files = [path]
         elif (path / "model.safetensors.index.json").exists():
-            index_path = path / "model.safetensors.index.json"
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from e
+            weight_map = _read_weight_map(path / "model.safetensors.index.json")
             files = sorted({path / f for f in weight_map.values()})
         else:
             files = sorted(path.glob("*.safetensors"))
@@ -49,10 +46,23 @@ class TensorSource(Mapping):
                 raise CheckpointError(f"{f}: listed in the index but missing")
             try:
                 with safe_open(f, framework="pt") as handle:
-                    for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                        self._where[name] = f
+                    names = list(handle.keys())
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from e
+            for name in names:
+                if weight_map is not None:
+                    if weight_map.get(name) == f.name:  # the index says which file holds a tensor
+                        self._where[name] = f
+                elif name in self._where:
+                    raise CheckpointError(f"{path}: tensor '{name}' is in both {self._where[name].name} and {f.name}"
+                                          " (which one is meant? remove the other file)")
+                else:
+                    self._where[name] = f
+        if weight_map is not None:
+            lost = [n for n in weight_map if n not in self._where]
+            if lost:
+                raise CheckpointError(f"{path / weight_map[lost[0]]}: the index lists '{lost[0]}' in it but the "
+                                      f"file does not hold it ({len(lost)} such tensors)")
 
     def file_of(self, name: str) -> Path:
         return self._where[name]
@@ -107,6 +117,19 @@ def save_tensors(state: Mapping[str, torch.Tensor], out_dir: Path, prefix: str =
 # Files whose presence marks a folder as one a Stitch command writes (a checkpoint, a resharded layout, an HF
 # export, a peft adapter): only such a folder, or an empty one, is replaced wholesale by a new output.
 OUTPUT_MARKERS = ("config.json", "layout.json", "adapter_config.json")
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    """An index's tensor -> file map, checked: a mapping of names to plain file names in the same folder."""
+    try:
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_path}: not a safetensors index ({type(e).__name__}: {e})") from e
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file names in this folder")
+    return weight_map
 
 
 @contextlib.contextmanager
@@ -164,9 +187,13 @@ def _check_replaceable(out: Path, overwrite: bool, inputs: Sequence[str | Path])
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a CheckpointError naming the file."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: not found (is this a checkpoint folder?)") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

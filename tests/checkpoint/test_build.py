@@ -131,3 +131,35 @@ def test_build_refuses_bad_flags_in_one_line(tmp_path, capsys, flag):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_tensor_files_are_unambiguous(tmp_path):
+    """A tensor in two files is an error naming both (no silent last-file-wins); with an index, the index decides
+    and a tensor it lists in a file that lacks it is named; a config that is not a JSON object is named."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "ckpt"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "llama-tiny", "--out", str(out)]) == 0
+    state = load_file(out / "model.safetensors")
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    save_file(zeros, out / "model.zbackup.safetensors")
+    with pytest.raises(stitch.errors.CheckpointError, match="in both model.safetensors and model.zbackup"):
+        stitch.load(out)
+    weight_map = dict.fromkeys(state, "model.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model, _ = stitch.load(out)  # the index names model.safetensors: the zero copies are not read
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("embed_tokens.weight"))
+    weight_map["llm.norm.weight"] = "model.zbackup.safetensors"
+    del zeros["llm.norm.weight"]
+    save_file(zeros, out / "model.zbackup.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(stitch.errors.CheckpointError, match="lists 'llm.norm.weight'"):
+        stitch.load(out)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": []}))
+    with pytest.raises(stitch.errors.CheckpointError, match="weight_map"):
+        stitch.load(out)
+    (out / "model.safetensors.index.json").unlink()
+    (out / "model.zbackup.safetensors").unlink()
+    (out / "config.json").write_text("[]")
+    with pytest.raises(stitch.errors.CheckpointError, match="config.json: expected a JSON object"):
+        stitch.load(out)
