@@ -420,12 +420,10 @@ def eval_cmd(args: argparse.Namespace) -> int:
     )
 
     started = time.time()
-    unreadable: set[str] = set()
-    if todo:
-        unreadable = _generate(args, task.name, todo, pred_path, max_new_tokens)
-    if unreadable:
-        data.samples = [s for s in data.samples if s.id not in unreadable]
-        data.skipped["unreadable image"] += len(unreadable)
+    skipped = _generate(args, task.name, todo, pred_path, max_new_tokens) if todo else {}
+    for reason, ids in skipped.items():
+        data.samples = [s for s in data.samples if s.id not in ids]
+        data.skipped[reason] += len(ids)
 
     preds = read_predictions(pred_path, task=task.name) if pred_path.is_file() else Predictions({})
     extra = {
@@ -434,7 +432,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
         "max_new_tokens": max_new_tokens,
         "batch_size": args.batch_size,
         "generation_seconds": round(time.time() - started, 2),
-        "generated": len(todo) - len(unreadable),
+        "generated": len(todo) - sum(len(ids) for ids in skipped.values()),
     }
     _finish(data, preds, args, extra)
     return 0
@@ -456,15 +454,27 @@ def _load_model(args: argparse.Namespace):
     return model, processor
 
 
-def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_tokens: int) -> set[str]:
-    """Generate answers for `todo`, appending one JSONL row per sample; returns the ids whose images could
-    not be decoded (skipped and counted by the caller)."""
+def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_tokens: int) -> dict[str, set[str]]:
+    """Generate answers for `todo`, appending one JSONL row per sample; returns the ids it could not run, by
+    reason (an unreadable image, a sample the processor refuses, one longer than the model's context): those
+    are skipped and counted by the caller, and the rest of their batch still runs."""
+    from stitch.data.skips import SampleError
+
     try:
         from stitch.infer.generate import generate_batch
     except ImportError as e:
         raise StitchError(f"stitch eval needs stitch.infer.generate.generate_batch ({e})") from e
     model, processor = _load_model(args)
-    unreadable: set[str] = set()
+    skipped: dict[str, set[str]] = {}
+
+    def skip(sample: Sample, reason: str, detail: object) -> None:
+        skipped.setdefault(reason, set()).add(sample.id)
+        print(f"skipping sample {sample.id}: {reason} ({detail})", file=sys.stderr)
+
+    def answer(samples: list[Sample], images: list[list]) -> list[str]:
+        return generate_batch(model, processor, [s.conversation for s in samples], images,
+                              max_new_tokens=max_new_tokens, temperature=0.0)
+
     pred_path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     last_report = time.time()
@@ -477,18 +487,22 @@ def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_toke
                     images.append([open_image(ref) for ref in s.images])
                     ready.append(s)
                 except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
-                    unreadable.add(s.id)
-                    print(f"skipping sample {s.id}: unreadable image ({e})", file=sys.stderr)
+                    skip(s, "unreadable image", e)
             if not ready:
                 continue
-            texts = generate_batch(
-                model,
-                processor,
-                [s.conversation for s in ready],
-                images,
-                max_new_tokens=max_new_tokens,
-                temperature=0.0,
-            )
+            try:
+                texts = answer(ready, images)
+            except StitchError:  # one sample the model cannot take: run the batch one by one, skipping it
+                kept, texts = [], []
+                for s, imgs in zip(ready, images):
+                    try:
+                        texts += answer([s], [imgs])
+                        kept.append(s)
+                    except SampleError as e:
+                        skip(s, e.reason.replace("_", " "), e.detail)
+                    except StitchError as e:
+                        skip(s, "cannot generate", e)
+                ready = kept
             if len(texts) != len(ready):
                 raise StitchError(f"generate_batch returned {len(texts)} answers for {len(ready)} prompts")
             for s, text in zip(ready, texts):
@@ -499,4 +513,4 @@ def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_toke
             if time.time() - last_report > 10 or written == len(todo):
                 print(f"  {written}/{len(todo)} generated", file=sys.stderr)
                 last_report = time.time()
-    return unreadable
+    return skipped

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stitch.errors import StitchError
 from stitch.infer.sampling import BatchSampler, SamplingParams
 from stitch.infer.text import TextStream
 from stitch.models.layers import any_shape_attention
@@ -335,8 +336,19 @@ class Engine:
         """`Event`s with text pieces for all `requests`, interleaved; a request's pieces join to its text."""
         yield from self._run(requests, track_text=True, max_batch_size=max_batch_size)
 
+    def check_fits(self, request: Request, what: str = "the request") -> None:
+        """A StitchError when the prompt plus its new tokens run past the model's context: positions beyond
+        `max_position_embeddings` give output no one trained the model for."""
+        context = self.model.config.llm.max_position_embeddings
+        prompt, new = int(request.input_ids.numel()), request.params.max_new_tokens
+        if prompt + new > context:
+            raise StitchError(f"{what}: {prompt} prompt tokens + {new} new tokens exceed the model's context of "
+                              f"{context} tokens (shorten the prompt or ask for fewer tokens)")
+
     def submit(self, request: Request) -> RequestHandle:
-        """Queue a request from any thread; a background thread batches waiting requests together."""
+        """Queue a request from any thread; a background thread batches waiting requests together. A request
+        that does not fit the model's context is refused here (StitchError), before it can join a batch."""
+        self.check_fits(request)
         handle = RequestHandle()
         self._queue.put((request, handle))
         with self._lock:
@@ -417,6 +429,8 @@ class Engine:
     def _run(self, requests: Sequence[Request], track_text: bool, max_batch_size: int | None = None
              ) -> Iterator[Event]:
         """Split into batches of at most `max_batch_size`, similar lengths together (less padding)."""
+        for i, request in enumerate(requests):
+            self.check_fits(request, f"request {i}")
         size = max_batch_size or self.max_batch_size
         order = sorted(range(len(requests)), key=lambda i: requests[i].input_ids.numel())
         for start in range(0, len(order), size):

@@ -15,8 +15,10 @@ Order of the logit transforms follows `transformers`: repetition penalty, temper
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +32,8 @@ _M32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. `temperature == 0` is greedy; `stop` strings end generation (and are cut)."""
+    """How one request is decoded. `temperature` 0 (or below 1e-5) is greedy; `stop` strings end generation (and
+    are cut)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -47,21 +50,44 @@ class SamplingParams:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
+        stop = tuple(stop) if isinstance(stop, Iterable) else None
+        if stop is None or not all(isinstance(s, str) for s in stop):
+            raise StitchError(f"stop must be a string or a list of strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise StitchError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise StitchError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise StitchError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise StitchError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise StitchError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise StitchError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise StitchError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.top_k == -1:  # vLLM's spelling of "off"
+            object.__setattr__(self, "top_k", 0)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise StitchError(f"top_k must be an integer >= 0 (0 or -1: off), got {self.top_k!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise StitchError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise StitchError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise StitchError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures this small are greedy decoding: logits / T would overflow float32 (vLLM's rule too)."""
+        return self.temperature < GREEDY_BELOW
+
+
+# Temperatures below this decode greedily (vLLM uses the same bound).
+GREEDY_BELOW = 1e-5
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    """A finite real number (not a bool, not NaN or infinite)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -185,6 +185,11 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from e
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {_type_name(data)}", code="invalid_json")
+    try:  # a "\ud800" escape decodes to a lone surrogate, which no tokenizer or file system takes
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, "the request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
+                       "which is not text", code="invalid_json") from e
     return data
 
 
@@ -210,16 +215,16 @@ def parse_chat_request(body: bytes, model_name: str, limits: Limits,
 
     conversation, images = _parse_messages(data.get("messages"), limits, local_images)
 
-    if "max_tokens" in data and "max_completion_tokens" in data:
+    if data.get("max_tokens") is not None and data.get("max_completion_tokens") is not None:
         raise _bad("max_tokens", "give max_tokens or max_completion_tokens, not both", "invalid_value")
-    key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
+    key = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(data, key, 1, limits.max_tokens)
 
     sampling: dict[str, Any] = {
         "temperature": _number(data, "temperature", 0.0, 2.0, default=1.0),  # OpenAI's default is 1
         "top_p": _number(data, "top_p", 0.0, 1.0, lo_open=True, default=1.0),
         "repetition_penalty": _number(data, "repetition_penalty", 0.0, 10.0, lo_open=True, default=1.0),
-        "top_k": _integer(data, "top_k", 0, 1 << 20) or 0,
+        "top_k": max(_integer(data, "top_k", -1, 1 << 20) or 0, 0),  # -1: off, as vLLM spells it
         "seed": _integer(data, "seed", -(1 << 63), (1 << 64) - 1),
         "stop": _parse_stop(data.get("stop"), limits),
     }

@@ -257,3 +257,24 @@ def test_eval_end_to_end_tiny_model(tmp_path):
     assert main(argv) == 0  # resume: nothing left to generate
     assert json.loads(out.read_text())["generated"] == 0
     assert len(read_jsonl(tmp_path / "easy.predictions.jsonl")) == 3
+
+
+def test_eval_skips_a_sample_the_model_cannot_take_and_runs_the_rest_of_its_batch(tmp_path):
+    """A row the processor refuses (more <image> tags than images) is skipped and counted by reason; the good
+    row in the same batch is still answered, and the run finishes."""
+    from eval_fixtures import png, write_json
+
+    ckpt = tmp_path / "tiny"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "llama-tiny", "--out", str(ckpt)]) == 0
+    for i in range(3):
+        png(tmp_path / "d" / "images" / f"{i}.png")
+    write_json(tmp_path / "d" / "questions.json",
+               [["what shape?", "circle", 0], ["is there a <image> here?", "no", 1], ["what color?", "red", 2]])
+    out = tmp_path / "s.json"
+    argv = ["eval", str(ckpt), "--task", "easy-vqa", "--data", str(tmp_path / "d"), "--batch-size", "2",
+            "--max-new-tokens", "3", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(out.read_text())
+    assert summary["samples"] == 2 and summary["generated"] == 2
+    assert summary["skipped"] == {"image count mismatch": 1}
+    assert [r["id"] for r in read_jsonl(tmp_path / "s.predictions.jsonl")] == ["0", "2"]

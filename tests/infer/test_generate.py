@@ -399,3 +399,39 @@ def test_continuous_batching_server_path_answers_as_one_by_one(loaded):
     assert [t for e in events for t in e.token_ids][-1] == want[0][-1] and handle.result().token_ids == want[0]
     assert joins == [1]  # the quick request was prefilled into row 1 of the running batch
     engine.close()
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"top_k": 2.5}, "top_k"), ({"temperature": "0.5"}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"seed": 1.5}, "seed"), ({"seed": "abc"}, "seed"),
+    ({"stop": 5}, "stop"), ({"stop": ["ok", 3]}, "stop"), ({"top_p": float("nan")}, "top_p"),
+    ({"max_new_tokens": True}, "max_new_tokens"), ({"ignore_eos": "yes"}, "ignore_eos"),
+])
+def test_sampling_params_refuse_wrong_types_naming_the_field(kwargs, field):
+    """A wrongly typed or non-finite value is refused when the parameters are made, so it cannot fail the other
+    requests of a batch later (a float top_k used to fail the whole batch inside torch.topk)."""
+    with pytest.raises(stitch.errors.StitchError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_tiny_temperatures_decode_greedily_and_top_k_minus_one_is_off(loaded):
+    """Temperatures below 1e-5 are greedy (logits / T would overflow float32 into garbage); top_k -1 is off."""
+    model, processor = loaded
+    engine = Engine(model, processor)
+    req = requests(engine, SamplingParams(max_new_tokens=6, ignore_eos=True))[1]
+    greedy = engine.generate([req])[0].token_ids
+    for params in (SamplingParams(max_new_tokens=6, temperature=1e-40, seed=1, ignore_eos=True),
+                   SamplingParams(max_new_tokens=6, temperature=1e-6, top_k=-1, ignore_eos=True)):
+        assert engine.generate([Request(req.input_ids, req.pixel_values, params)])[0].token_ids == greedy
+    assert SamplingParams(top_k=-1).top_k == 0
+
+
+def test_requests_longer_than_the_context_are_refused(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor)
+    context = model.config.llm.max_position_embeddings
+    too_long = Request(torch.ones(context - 3, dtype=torch.long), None, SamplingParams(max_new_tokens=4))
+    with pytest.raises(stitch.errors.StitchError, match=f"request 0: {context - 3} prompt tokens \\+ 4 new"):
+        engine.generate([too_long])
+    with pytest.raises(stitch.errors.StitchError, match="context"):
+        engine.submit(too_long)

@@ -251,7 +251,7 @@ def hostile_bodies(model: str, context: int) -> list[tuple[str, bytes | dict]]:
         "model": [123, None, ["x"]], "messages": ["hi", {}, [], [1], None, [[]]],
         "max_tokens": ["10", 1.5, True, 0, -1, 10**6, 2**80], "max_completion_tokens": [0, "5", 10**4],
         "temperature": ["hot", -0.1, 2.5, True, [1], {}], "top_p": [0, -1, 1.5, "0.9"],
-        "top_k": [-1, 1.5, "3"], "repetition_penalty": [0, -1, 100, "x"],
+        "top_k": [-2, 1.5, "3"], "repetition_penalty": [0, -1, 100, "x"],
         "seed": ["x", 1.5, 2**80, True], "stop": [5, [1], ["a"] * 5, "x" * 1000, {"a": 1}],
         "stream": ["yes", 1, [True]], "stream_options": [{"include_usage": True}],
         "n": [2, 0, "1"], "logprobs": [True], "top_logprobs": [3], "tools": [[{"type": "function"}]],
