@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stitch.data.collate import Sample, collate
@@ -62,7 +64,7 @@ STATE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- blend files
-def load_blend(path: str | Path, split: str = "train") -> list[DatasetSpec]:
+def load_blend(path: str | Path, split: str = "train", _chain: tuple[Path, ...] = ()) -> list[DatasetSpec]:
     """The datasets of `split` in a metadataset YAML (seed-system/Energon layout), paths made absolute.
 
     Layout: `splits: {train: {datasets: [{weight, path, subflavors}, ...]}, val: {...}}` (`__module__` and
@@ -72,10 +74,15 @@ def load_blend(path: str | Path, split: str = "train") -> list[DatasetSpec]:
     split, limit, name.
     """
     path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise DataError(f"{path}: the blend includes itself ({cycle})")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise DataError(f"{path}: blend file not found") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("splits"), dict):
@@ -96,13 +103,17 @@ def load_blend(path: str | Path, split: str = "train") -> list[DatasetSpec]:
             weight = float(entry.pop("weight", 1.0))
         except (TypeError, ValueError) as e:
             raise DataError(f"{where}: weight must be a number") from e
-        if weight <= 0:
-            raise DataError(f"{where}: weight must be > 0, got {weight}")
+        if not math.isfinite(weight) or weight <= 0:
+            raise DataError(f"{where}: weight must be a finite number > 0, got {weight}")
         entry_path = str(entry["path"])
         if not entry_path.startswith("easy-vqa") and not Path(entry_path).is_absolute():
             entry_path = str((path.parent / entry_path).resolve())
         if entry_path.endswith((".yaml", ".yml")):  # nested metadataset
-            inner = load_blend(entry_path, split)
+            ignored = sorted(set(entry) - {"path", "__module__", "__class__", "subflavors"})
+            if ignored:
+                raise DataError(f"{where}: a nested blend entry takes only path and weight; {ignored[0]!r} would be "
+                                "ignored (set it on the inner blend's datasets)")
+            inner = load_blend(entry_path, split, (*_chain, path.resolve()))
             total = sum(d.weight for d in inner)
             out.extend(d.model_copy(update={"weight": weight * d.weight / total}) for d in inner)
             continue
@@ -114,8 +125,11 @@ def load_blend(path: str | Path, split: str = "train") -> list[DatasetSpec]:
         entry["subflavors"] = entry.get("subflavors") or {}
         try:
             out.append(DatasetSpec.model_validate(entry))
-        except Exception as e:  # pydantic ValidationError: name the entry
-            raise DataError(f"{where}: {e}".splitlines()[0]) from e
+        except ValidationError as e:  # name the entry and the field
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "entry"
+            more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+            raise DataError(f"{where}.{field}: {first['msg']}{more}") from e
     return out
 
 

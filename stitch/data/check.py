@@ -67,26 +67,31 @@ def check(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- inputs
 def load_data_config(source: str):
-    """(DataConfig, base folder for relative paths) from a blend YAML, a config YAML or a dataset path."""
+    """(DataConfig, None) from a blend YAML, a training config or a dataset path, resolved as `stitch train`
+    resolves it: a training config with its `base:` files read through `stitch.train.config.load_config`, and
+    relative paths taken from the current folder (a blend's own entries from the blend's folder)."""
     from stitch.data.config import DataConfig
 
     path = Path(source)
     if path.suffix in (".yaml", ".yml"):
         try:
-            doc = yaml.safe_load(path.read_text())
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise DataError(f"{path}: no such file") from e
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
         except yaml.YAMLError as e:
             raise DataError(f"{path}: not valid YAML ({e})") from e
         if isinstance(doc, dict) and "splits" in doc:
-            return DataConfig(blend=str(path)), path.parent
-        section = doc.get("data") if isinstance(doc, dict) and "data" in doc else doc
-        if not isinstance(section, dict):
+            return DataConfig(blend=str(path)), None
+        if isinstance(doc, dict) and ("data" in doc or "base" in doc):  # a training config: the data it trains on
+            from stitch.train.config import read_config_yaml
+
+            section = read_config_yaml(path).get("data", {})
+            return DataConfig.from_dict(section, source=f"{path}: data"), None
+        if not isinstance(doc, dict):
             raise DataError(f"{path}: expected a metadataset (splits:) or a config with a 'data' section")
-        cfg = DataConfig.from_dict(section, source=f"{path}: data")
-        if cfg.blend and not Path(cfg.blend).is_absolute():
-            cfg = cfg.model_copy(update={"blend": str(path.parent / cfg.blend)})
-        return cfg, path.parent
+        return DataConfig.from_dict(doc, source=f"{path}: data"), None
     return DataConfig(datasets=[{"path": source}]), None
 
 

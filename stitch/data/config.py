@@ -35,7 +35,7 @@ class DatasetSpec(_Base):
     """
 
     path: str
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     kind: SourceKind = "auto"
     # Energon passes subflavors to its task encoder; we keep them (and read our own keys from them, so a
     # seed-system blend can carry `prompt_task` etc. without new fields).

@@ -128,7 +128,25 @@ def load_image(src: ImageInput, max_pixels: int = 64_000_000) -> Image.Image:
         raise SampleError("decompression_bomb", f"{_name(src)}: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises OSError("image file is truncated ...")
         raise SampleError("truncated_image", f"{_name(src)}: {e}") from e
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with high-bit-depth grayscale (16/32-bit integer, float) rescaled to 8 bits: PIL's own convert
+    clips those at 255, turning a 16-bit photo black-and-white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F" and arr.size and arr.min() >= 0 and arr.max() <= 1:
+        arr = arr * 255.0  # a 0..1 float image
+    elif img.mode == "F" or (arr.size and arr.min() < 0):
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    elif arr.size and arr.max() > 255:
+        arr = arr * (255.0 / (65535.0 if arr.max() <= 65535 else float(2**32 - 1)))  # 16-bit or 32-bit range
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 def tile_image(image: Image.Image, grid: tuple[int, int], image_size: int, use_thumbnail: bool) -> np.ndarray:

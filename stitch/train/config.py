@@ -374,9 +374,11 @@ def _read_yaml(path: Path, prov: _Provenance, chain: tuple[Path, ...] = ()) -> d
     if path in chain:
         raise StitchConfigError(f"{path}: 'base' includes itself ({' -> '.join(str(p) for p in chain)})")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise StitchConfigError(f"{path}: no such config file") from e
+    except UnicodeDecodeError as e:
+        raise StitchConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
         raise StitchConfigError(f"{path}: not valid YAML ({e})") from e
     if data is None:
@@ -384,11 +386,20 @@ def _read_yaml(path: Path, prov: _Provenance, chain: tuple[Path, ...] = ()) -> d
     if not isinstance(data, dict):
         raise StitchConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
     bases = data.pop("base", None)
+    bases = [bases] if isinstance(bases, str) else bases or []
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise StitchConfigError(f"{path}: 'base' must be a config file name or a list of them")
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else (bases or []):
+    for base in bases:
         merged = _merge(merged, _read_yaml(path.parent / base, prov, (*chain, path)))
     prov.mark(data, str(path))
     return _merge(merged, data)
+
+
+def read_config_yaml(path: str | Path) -> dict:
+    """A config file as a dict, its `base:` files merged underneath it (unvalidated; for tools that read one
+    section of a recipe, such as `stitch data check`)."""
+    return _read_yaml(Path(path), _Provenance())
 
 
 def _field_annotation(path: list[str]) -> Any:

@@ -70,7 +70,7 @@ def test_seed_metadataset_loads_as_is(tmp_path, processor):
 def test_blend_file_errors(tmp_path):
     p = tmp_path / "b.yaml"
     p.write_text("splits:\n  train:\n    datasets:\n      - weight: -1\n        path: x.jsonl\n")
-    with pytest.raises(DataError, match=r"b.yaml: splits.train.datasets\[0\]: weight must be > 0"):
+    with pytest.raises(DataError, match=r"b.yaml: splits.train.datasets\[0\]: weight must be a finite number > 0"):
         load_blend(p)
     p.write_text("splits:\n  train:\n    datasets: []\n")
     with pytest.raises(DataError, match="non-empty list"):
@@ -206,3 +206,38 @@ def test_data_config_options_reach_the_processor(tmp_path, processor):
     assert all(s.key.endswith("#1") for s in drawn)  # the 300x200 image is over max_image_pixels: skipped
     assert stream.stats.skipped[str(data)]["decompression_bomb"] >= 1
     assert processor.system_prompt is None  # the caller's processor is untouched
+
+
+def _blend_file(path: Path, datasets: list) -> Path:
+    path.write_text(yaml.safe_dump({"splits": {"train": {"datasets": datasets}}}))
+    return path
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"path": "a.jsonl", "weight": float("inf")}, "weight must be a finite number"),
+    ({"path": "a.jsonl", "kind": "foo"}, "datasets[0].kind:"),
+    ({"path": "a.jsonl", "limit": 0}, "datasets[0].limit:"),
+    ({"path": "a.jsonl", "prompt_taks": "x"}, "datasets[0].prompt_taks:"),
+    ({"path": "inner.yaml", "limit": 3}, "'limit' would be ignored"),
+])
+def test_bad_blend_entries_name_the_entry_and_field(tmp_path, entry, message):
+    _blend_file(tmp_path / "inner.yaml", [{"path": "a.jsonl"}])
+    from stitch.errors import DataError
+
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_blend(_blend_file(tmp_path / "b.yaml", [entry]))
+
+
+def test_blend_that_includes_itself_and_non_utf8_files_are_clear_errors(tmp_path):
+    from stitch.errors import DataError
+
+    _blend_file(tmp_path / "a.yaml", [{"path": "b.yaml"}])
+    _blend_file(tmp_path / "b.yaml", [{"path": "a.yaml"}])
+    with pytest.raises(DataError, match="includes itself"):
+        load_blend(tmp_path / "a.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("splits: {train: {datasets: [{path: caf\xe9.jsonl}]}}".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_blend(tmp_path / "latin1.yaml")
+    assert DataConfig(datasets=[{"path": "a.jsonl", "weight": 2}]).datasets[0].weight == 2
+    with pytest.raises(Exception, match="finite"):
+        DataConfig(datasets=[{"path": "a.jsonl", "weight": float("inf")}])

@@ -65,12 +65,21 @@ def test_check_rich_output_and_ok_status(tmp_path, ckpt, capsys):
     assert "datasets" in out and "tokens per sample" in out and "OK" in out and "Hello!" in out
 
 
-def test_check_reads_a_config_data_section(tmp_path, ckpt, capsys, blend):
-    cfg = tmp_path / "train.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"blend": "blend.yaml", "seq_length": 300, "max_skip_fraction": 0.9}}))
-    code = main(["data", "check", str(cfg), "--checkpoint", str(ckpt), "--samples", "12", "--json"])
+def test_check_reads_a_config_data_section(tmp_path, ckpt, capsys, blend, monkeypatch):
+    """A training config is checked as `stitch train` reads it: its `base:` applied, relative paths from the
+    current folder (the blend's own entries from the blend's folder)."""
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "base.yaml").write_text(yaml.safe_dump({"data": {"seq_length": 300}}))
+    cfg = tmp_path / "cfgs" / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"base": "base.yaml", "data": {"blend": "blend.yaml", "max_skip_fraction": 0.9}}))
+    monkeypatch.chdir(tmp_path)
+    code = main(["data", "check", "cfgs/train.yaml", "--checkpoint", str(ckpt), "--samples", "12", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["seq_length"] == 300 and report["max_skip_fraction"] == 0.9
+    (tmp_path / "sub").mkdir()  # a blend in a subfolder, named by a relative path
+    (tmp_path / "sub" / "blend.yaml").write_text(blend.read_text().replace("path: ", "path: ../"))
+    code = main(["data", "check", "sub/blend.yaml", "--checkpoint", str(ckpt), "--samples", "12", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["ok"]
 
 
 def test_check_user_errors_are_one_line(tmp_path, ckpt, capsys):

@@ -184,3 +184,21 @@ def test_bad_images_raise_reasons(tmp_path):
     assert load_image(good.read_bytes()).size == (200, 150)
     rgba = Image.new("RGBA", (10, 10))
     assert load_image(rgba).mode == "RGB"
+
+
+def test_high_bit_depth_grayscale_keeps_its_tones(tmp_path):
+    """16-bit PNGs and float TIFFs are rescaled to 8 bits, not clipped (PIL's convert made them black-and-white)."""
+    import numpy as np
+    from PIL import Image
+
+    from stitch.data.image import load_image
+
+    ramp16 = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")
+    ramp01 = np.tile(np.linspace(0, 1, 256).astype(np.float32), (4, 1))
+    Image.fromarray(ramp01, mode="F").save(tmp_path / "f.tiff")
+    for name in ("g16.png", "f.tiff"):
+        arr = np.asarray(load_image(tmp_path / name))
+        assert arr.shape == (4, 256, 3) and arr.dtype == np.uint8
+        assert abs(int(arr[0, 128, 0]) - 128) <= 1 and arr[0, 0, 0] == 0 and arr[0, 255, 0] == 255
+        assert len(np.unique(arr)) > 200  # a ramp, not two tones

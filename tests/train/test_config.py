@@ -77,3 +77,18 @@ def test_recipes_validate(recipe):
         assert cfg.parallel.pp == (1 if "pretrain" in recipe else 4)
         assert cfg.train.global_batch_size == (2048 if "pretrain" in recipe else 256)
         assert (cfg.optim.lr, cfg.schedule.min_lr) == ((1e-4, 2.5e-5) if "pretrain" in recipe else (2e-6, 2.5e-7))
+
+
+@pytest.mark.parametrize("base", [5, [5], ""])
+def test_a_base_that_is_not_a_file_name_is_named(tmp_path, base):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"base": base, "output_dir": "x"}))
+    with pytest.raises(StitchConfigError, match="'base' must be a config file name"):
+        load_config(cfg)
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(StitchConfigError, match="run.yaml: not UTF-8"):
+        load_config(cfg)
