@@ -136,5 +136,12 @@ def load(path: str | Path, device="cpu", dtype: torch.dtype | None = None, merge
         from stitch.train.lora import merge_lora as _merge  # noqa: PLC0415
 
         model = _merge(model)
-    processor = Processor.from_pretrained(path)
+    if is_stitch_checkpoint(path) or (path / "lora.json").is_file():
+        processor = Processor.from_pretrained(path)
+    else:  # an HF InternVL / LLaVA folder: its tokenizer, and the config its weights were read with
+        from stitch.checkpoint.commands import load_tokenizer  # noqa: PLC0415
+
+        tokenizer = load_tokenizer(path)
+        model.config.image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+        processor = Processor(tokenizer, model.config)
     return model.eval(), processor

@@ -460,8 +460,10 @@ class DataStream:
         }
         while True:
             slot = self.next_slot
-            sample = streams[slot].next_sample()
-            self.slot_states[slot] = streams[slot].state()
+            try:
+                sample = streams[slot].next_sample()
+            finally:  # a stream that gave up (nothing usable) keeps the counts of what it tried, for the report
+                self.slot_states[slot] = streams[slot].state()
             self.next_slot = (slot + 1) % self.num_slots
             yield sample
 

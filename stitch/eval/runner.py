@@ -407,7 +407,16 @@ def eval_cmd(args: argparse.Namespace) -> int:
     out = Path(args.out or f"eval-{task.name}.json")
     args.out = str(out)
     pred_path = Path(args.predictions) if args.predictions else out.with_name(out.stem + ".predictions.jsonl")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise StitchError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    for flag, path in (("--predictions", pred_path), ("--out", out)):
+        if path.is_dir():
+            raise StitchError(f"{flag} {path}: is a folder; give a file path")
+    if args.device is not None:
+        from stitch.infer.generate import resolve_device
+
+        resolve_device(args.device)  # before the data and the model load
 
     data = load_task(task.name, args.data, limit=args.limit)
     done = _resume(pred_path, task.name)
@@ -442,11 +451,12 @@ def _load_model(args: argparse.Namespace):
     import torch
 
     import stitch
+    from stitch.infer.generate import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = dtypes.get(args.dtype)
-    if dtype is None and str(device).startswith("cuda"):
+    if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
     model, processor = stitch.load(args.ckpt, device=device, dtype=dtype)
     if hasattr(model, "eval"):

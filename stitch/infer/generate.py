@@ -140,6 +140,23 @@ def generate_batch(
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """`--device` as a torch.device (default: cuda when there is one), checked before anything loads."""
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as e:
+        raise StitchError(f"--device {name!r}: not a device ({str(e).splitlines()[0]})") from e
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StitchError(f"--device {name!r}: this torch has no CUDA device (use --device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise StitchError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif resolved.type not in ("cpu", "mps"):
+        raise StitchError(f"--device {name!r}: Stitch runs on cpu or cuda")
+    return resolved
+
+
 def generate_cmd_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a Stitch checkpoint folder (or an HF InternVL/LLaVA folder)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -171,11 +188,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
     for path in args.image:
         if not Path(path).is_file():
             raise StitchError(f"{path}: no such image file")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as e:
-        raise StitchError(f"--device {device!r}: {e}") from e
+    torch_device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
     try:
         model, processor = stitch.load(args.checkpoint, device=torch_device, dtype=dtype)

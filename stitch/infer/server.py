@@ -34,10 +34,12 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -350,11 +352,15 @@ def decode_image(url: str, where: str, limits: Limits, local_images: Path | None
 
     Sizes are checked at each stage before the next one costs anything: the base64 length before decoding it,
     the file size before reading it, the pixel count from the header before decompressing."""
-    if url.startswith("data:"):
-        raw = _data_url_bytes(url, where, limits)
-    elif url.startswith(("http://", "https://")):
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", url)
+    scheme = scheme.group(1).lower() if scheme and len(scheme.group(1)) > 1 else None  # "C:" is a drive
+    if scheme == "data":
+        raw = _data_url_bytes("data:" + url[5:], where, limits)
+    elif scheme in ("http", "https"):
         raise _bad(where, "remote image URLs are not fetched by this server; send the image as a base64 data: URL",
                    "unsupported_image_url")
+    elif scheme not in (None, "file"):
+        raise _bad(where, f"unsupported URL scheme {scheme!r} (send a base64 data: URL)", "unsupported_image_url")
     else:
         raw = _local_file_bytes(url, where, limits, local_images)
     with warnings.catch_warnings():
@@ -389,6 +395,7 @@ def _data_url_bytes(url: str, where: str, limits: Limits) -> bytes:
     if not comma:
         raise _bad(where, "malformed data: URL (no comma)", "invalid_image_url")
     mime, *params = header[len("data:"):].split(";")
+    params = [p.strip().lower() for p in params]
     if "base64" not in params:
         raise _bad(where, "only base64 data: URLs are supported (data:image/png;base64,...)", "invalid_image_url")
     if mime and not mime.lower().startswith("image/"):
@@ -412,7 +419,7 @@ def _local_file_bytes(url: str, where: str, limits: Limits, local_images: Path |
     if local_images is None:
         raise _bad(where, "expected a base64 data: URL (local image paths are off; the server enables them "
                    "with --allow-local-images DIR)", "invalid_image_url")
-    path_text = url[len("file://"):] if url.startswith("file://") else url
+    path_text = urllib.parse.unquote(url[len("file://"):]) if url[:7].lower() == "file://" else url
     if "\x00" in path_text:
         raise _bad(where, "invalid path", "invalid_image_url")
     root = local_images.resolve()
@@ -788,7 +795,7 @@ def serve(args: argparse.Namespace) -> int:
     import torch
 
     import stitch
-    from stitch.infer.generate import DTYPES, get_engine
+    from stitch.infer.generate import DTYPES, get_engine, resolve_device
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
@@ -806,7 +813,7 @@ def serve(args: argparse.Namespace) -> int:
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                     max_tokens=args.max_tokens_limit, max_pending=args.max_pending)
     sock = listen_socket(args.host, args.port)  # before loading: a taken port fails fast
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model, processor = stitch.load(ckpt, device=device, dtype=dtype)

@@ -163,3 +163,20 @@ def test_tensor_files_are_unambiguous(tmp_path):
     (out / "config.json").write_text("[]")
     with pytest.raises(stitch.errors.CheckpointError, match="config.json: expected a JSON object"):
         stitch.load(out)
+
+
+def test_an_hf_folder_loads_with_its_processor_and_generates(tmp_path):
+    """`stitch.load` on an HF InternVL folder (what `generate --help` promises): the model and a processor built
+    from the folder's tokenizer and config; a text prompt answers as the Stitch checkpoint it came from."""
+    from PIL import Image
+
+    from stitch.infer.generate import generate
+
+    ckpt, hf = tmp_path / "ckpt", tmp_path / "hf"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "llama-tiny", "--out", str(ckpt)]) == 0
+    assert main(["export-hf", str(ckpt), "--format", "internvl", "--out", str(hf)]) == 0
+    (m1, p1), (m2, p2) = stitch.load(ckpt), stitch.load(hf)
+    assert m2.config.image_token_id == p2.tokenizer.convert_tokens_to_ids(m2.config.image_token)
+    assert generate(m1, p1, None, "hello", max_new_tokens=6) == generate(m2, p2, None, "hello", max_new_tokens=6)
+    assert isinstance(generate(m2, p2, [Image.new("RGB", (60, 40), (200, 10, 10))], "what is it?", max_new_tokens=3),
+                      str)

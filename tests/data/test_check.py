@@ -90,6 +90,8 @@ def test_check_user_errors_are_one_line(tmp_path, ckpt, capsys):
     assert main(["data", "check", str(all_bad), "--checkpoint", str(ckpt), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert "nothing usable" in report["fatal"]
+    (row,) = report["datasets"]  # the counts of the attempts that failed are kept, with examples
+    assert row["attempted"] > 0 and row["skipped"] and row["skip_fraction"] == 1.0 and report["skip_examples"]
 
 
 def test_help_has_example(capsys):

@@ -278,3 +278,17 @@ def test_eval_skips_a_sample_the_model_cannot_take_and_runs_the_rest_of_its_batc
     assert summary["samples"] == 2 and summary["generated"] == 2
     assert summary["skipped"] == {"image count mismatch": 1}
     assert [r["id"] for r in read_jsonl(tmp_path / "s.predictions.jsonl")] == ["0", "2"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--device", "bogus"], "--device 'bogus'"),
+    (["--predictions", "PREDDIR"], "is a folder"),
+])
+def test_eval_refuses_bad_flags_before_loading(tmp_path, capsys, extra, message):
+    (tmp_path / "PREDDIR").mkdir()
+    extra = [str(tmp_path / e) if e == "PREDDIR" else e for e in extra]
+    rc = main(["eval", str(tmp_path / "no-such-ckpt"), "--task", "easy-vqa", "--limit", "1",
+               "--out", str(tmp_path / "s.json"), *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and len(err.strip().splitlines()) == 1, err

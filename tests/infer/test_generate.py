@@ -435,3 +435,10 @@ def test_requests_longer_than_the_context_are_refused(loaded):
         engine.generate([too_long])
     with pytest.raises(stitch.errors.StitchError, match="context"):
         engine.submit(too_long)
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99" if torch.cuda.is_available() else "cuda"])
+def test_bad_device_is_a_one_line_error(ckpt, capsys, device):
+    assert main(["generate", str(ckpt), "--prompt", "hi", "--device", device]) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"--device {device!r}" in err and len(err.splitlines()) == 1, err

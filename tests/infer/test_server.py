@@ -617,3 +617,16 @@ def test_stitch_serve_command(ckpt):
             assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
         finally:
             proc.kill()
+
+
+def test_image_urls_schemes_and_percent_encoded_file_urls(images_dir, tmp_path):
+    """file:// URLs are percent-decoded, schemes are case-insensitive, and an unsupported scheme is named."""
+    from stitch.infer.server import APIError, decode_image
+
+    picture().save(tmp_path / "a b.png")
+    raw = (images_dir / "red.png").read_bytes()
+    assert decode_image(f"file://{tmp_path}/a%20b.png", "img", LIMITS, tmp_path).size == picture().size
+    upper = data_url(raw, "image/png").replace("data:", "DATA:").replace(";base64", ";BASE64")
+    assert decode_image(upper, "img", LIMITS).mode == "RGB"
+    with pytest.raises(APIError, match="unsupported URL scheme 'ftp'"):
+        decode_image("ftp://x/y.png", "img", LIMITS, tmp_path)
