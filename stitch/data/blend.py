@@ -245,6 +245,7 @@ class ConsumerStream:
             epoch, index = self.index_of(d, self.pos[d])
             self.pos[d] += 1
             key = sample_seed(self.seed, name, epoch, index)
+            record = None
             try:
                 record = source.get(index, key)
                 sample = self.processor.encode(
@@ -252,6 +253,8 @@ class ConsumerStream:
                     dataset=name, key=f"{name}#{index}",
                 )
             except SampleError as e:
+                if record is not None and record.key and not e.detail.startswith(record.key):
+                    e = SampleError(e.reason, f"{record.key}: {e.detail}")  # where the rendered record came from
                 failures += 1
                 self.stats.record_skip(name, e)
                 self.stats.check(name, self.cfg.max_skip_fraction, self.cfg.skip_check_after)

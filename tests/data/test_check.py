@@ -99,3 +99,12 @@ def test_help_has_example(capsys):
         main(["data", "check", "--help"])
     out = capsys.readouterr().out
     assert "Example:" in out and "--samples" in out and "--checkpoint" in out
+
+
+def test_skip_examples_name_the_record(tmp_path, ckpt, capsys):
+    """A record refused while rendering (turns out of order) is reported with its file and line."""
+    rows = [{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}] * 3
+    bad = write_jsonl(tmp_path / "order.jsonl", rows)
+    main(["data", "check", str(bad), "--checkpoint", str(ckpt), "--samples", "2", "--json"])
+    examples = json.loads(capsys.readouterr().out)["skip_examples"]
+    assert any(str(bad) + ":" in text and "expected 'user'" in text for text in examples.values()), examples
