@@ -6,6 +6,7 @@ checkpoint never allocates a random-initialised copy first.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -55,9 +56,16 @@ def load_weights(model: VLM, state: dict[str, torch.Tensor], source: str, device
     extra = [n for n in state if n not in expected]
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor '{extra[0]}'")
+    odd = [n for n in expected if not state[n].is_floating_point()]
+    if odd:
+        raise CheckpointError(f"{source}: tensor '{odd[0]}' is {state[odd[0]].dtype}; weights must be floating point")
+    if dtype is None:  # one dtype for the whole model: the one most of its weights have (a stray fp16 tensor
+        # among fp32 ones would otherwise fail the first matmul, naming nothing)
+        counts = Counter(t.dtype for t in state.values())
+        dtype = counts.most_common(1)[0][0] if len(counts) > 1 else None
     converted = {}
     for name, tensor in state.items():
-        want = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        want = dtype if dtype is not None else tensor.dtype
         converted[name] = tensor.to(device=device, dtype=want)
     model.load_state_dict(converted, strict=False, assign=True)
     if model.config.llm.tie_word_embeddings:

@@ -180,3 +180,22 @@ def test_an_hf_folder_loads_with_its_processor_and_generates(tmp_path):
     assert generate(m1, p1, None, "hello", max_new_tokens=6) == generate(m2, p2, None, "hello", max_new_tokens=6)
     assert isinstance(generate(m2, p2, [Image.new("RGB", (60, 40), (200, 10, 10))], "what is it?", max_new_tokens=3),
                       str)
+
+
+def test_a_stray_dtype_is_cast_and_a_non_float_weight_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "ckpt"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "llama-tiny", "--out", str(out)]) == 0
+    state = load_file(out / "model.safetensors")
+    name = "llm.layers.0.mlp.up_proj.weight"
+    state[name] = state[name].half()
+    save_file(state, out / "model.safetensors")
+    model, _ = stitch.load(out)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the majority's dtype
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    state[name] = state[name].long()
+    save_file(state, out / "model.safetensors")
+    with pytest.raises(stitch.errors.CheckpointError, match=f"'{name}' is torch.int64"):
+        stitch.load(out)
