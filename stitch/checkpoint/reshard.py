@@ -88,9 +88,27 @@ class DiskLayout:
             raise CheckpointError(f"{root / LAYOUT_FILE}: not a Stitch TP/PP layout (format {data.get('format')!r})")
         data.pop("ranks", None)
         try:
-            return cls(**data)
+            layout = cls(**data)
         except TypeError as e:
             raise CheckpointError(f"{root / LAYOUT_FILE}: unexpected layout fields ({e})") from e
+        layout._check(root / LAYOUT_FILE)
+        return layout
+
+    def _check(self, where: Path) -> None:
+        """Field types and ranges, so a hand-edited layout fails here and not inside tensor assembly."""
+        def positive_int(value) -> bool:
+            return type(value) is int and value >= 1
+
+        for key in ("tp", "pp", "vision_tp", "vision_num_heads", "vision_padded_heads"):
+            if not positive_int(getattr(self, key)):
+                raise CheckpointError(f"{where}: {key} must be a positive integer, got {getattr(self, key)!r}")
+        stages = self.layers_per_stage
+        if not isinstance(stages, list) or len(stages) != self.pp or not all(
+                type(n) is int and n >= 0 for n in stages):
+            raise CheckpointError(f"{where}: layers_per_stage must list {self.pp} layer counts (one per pipeline "
+                                  f"stage), got {stages!r}")
+        if self.tp % self.vision_tp:
+            raise CheckpointError(f"{where}: vision_tp {self.vision_tp} must divide tp {self.tp}")
 
 
 class ReshardedSource(Mapping):
@@ -110,6 +128,14 @@ class ReshardedSource(Mapping):
         self._where: dict[str, tuple[int, str]] = {}
         ranges = lay.ranges
         for p in range(lay.pp):
+            names = set(self._source(0, p))
+            for t in range(1, lay.tp):  # every tensor-parallel rank of a stage holds the same names
+                other = set(self._source(t, p))
+                if other != names:
+                    odd = sorted(other ^ names)[0]
+                    raise CheckpointError(f"{self.root / rank_dir(t, p)}: tensor '{odd}' is "
+                                          f"{'extra' if odd in other else 'missing'} (compared with "
+                                          f"{rank_dir(0, p)})")
             for local in self._source(0, p):
                 name = global_name(local, ranges[p])
                 if lay.tie_word_embeddings and lay.pp > 1 and name == "llm.lm_head.weight":

@@ -119,7 +119,11 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
         cfg = load_config(path)
         if (path / LAYOUT_FILE).exists():  # per-rank tp{t}_pp{p}/ folders from `stitch reshard`: merge on read
             source = open_weights(path)
-            state = {name: source[name] for name in model_state(build_model(cfg, device="meta"))}
+            expected = model_state(build_model(cfg, device="meta"))
+            extra = [name for name in source if name not in expected]
+            if extra:
+                raise CheckpointError(f"{path}: unexpected tensor '{extra[0]}'")
+            state = {name: source[name] for name in expected}
         else:
             source = TensorSource(path)
             state = {name: source[name] for name in source}

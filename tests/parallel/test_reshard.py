@@ -114,3 +114,39 @@ def test_load_model_reads_a_resharded_folder(tmp_path):
     loaded = model_state(load_model(tmp_path / "r"))
     for name, tensor in model_state(model).items():
         assert torch.equal(loaded[name], tensor), name
+
+
+def test_every_rank_folder_and_the_layout_are_checked(tmp_path):
+    """An extra or missing tensor in any rank's folder (not only tp0's), a tensor the model does not have, and a
+    hand-edited layout.json are clear errors naming the file."""
+    import shutil
+
+    from stitch.checkpoint.store import load_model
+
+    model = build(tiny_config())
+    save(model, tmp_path / "orig")
+    reshard_checkpoint(tmp_path / "orig", tmp_path / "r", tp=2, pp=2)
+
+    def variant(name: str):
+        shutil.copytree(tmp_path / "r", tmp_path / name)
+        return tmp_path / name
+
+    bad = variant("extra_tp1")
+    weights = load_file(bad / "tp1_pp1" / "model.safetensors")
+    save_file({**weights, "llm.bogus": torch.zeros(2)}, bad / "tp1_pp1" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"tp1_pp1: tensor 'llm.bogus' is extra"):
+        load_model(bad)
+    bad = variant("extra_everywhere")
+    for t in range(2):
+        f = bad / f"tp{t}_pp0" / "model.safetensors"
+        save_file({**load_file(f), "vision.bogus": torch.zeros(2)}, f)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'vision.bogus'"):
+        load_model(bad)
+    for edit, message in (({"tp": "2"}, "tp must be a positive integer"),
+                          ({"layers_per_stage": [2]}, "layers_per_stage must list 2"),
+                          ({"vision_tp": 0}, "vision_tp must be a positive integer")):
+        bad = variant(f"layout_{next(iter(edit))}_{len(message)}")
+        layout = json.loads((bad / "layout.json").read_text())
+        (bad / "layout.json").write_text(json.dumps({**layout, **edit}))
+        with pytest.raises(CheckpointError, match=message):
+            load_model(bad)
