@@ -414,7 +414,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
         if path.is_dir():
             raise StitchError(f"{flag} {path}: is a folder; give a file path")
     if args.device is not None:
-        from stitch.infer.generate import resolve_device
+        from stitch.device import resolve_device
 
         resolve_device(args.device)  # before the data and the model load
 
@@ -451,7 +451,7 @@ def _load_model(args: argparse.Namespace):
     import torch
 
     import stitch
-    from stitch.infer.generate import resolve_device
+    from stitch.device import resolve_device
 
     device = resolve_device(args.device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

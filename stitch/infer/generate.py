@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from stitch.device import resolve_device
 from stitch.errors import StitchError
 from stitch.infer.engine import Completion, Engine, Event, Request, RequestHandle, eos_token_ids
 from stitch.infer.sampling import SamplingParams
@@ -139,22 +140,6 @@ def generate_batch(
 # ------------------------------------------------------------------------------------------- command line
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def resolve_device(device: str | None) -> torch.device:
-    """`--device` as a torch.device (default: cuda when there is one), checked before anything loads."""
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(name)
-    except RuntimeError as e:
-        raise StitchError(f"--device {name!r}: not a device ({str(e).splitlines()[0]})") from e
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise StitchError(f"--device {name!r}: this torch has no CUDA device (use --device cpu)")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise StitchError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
-    elif resolved.type not in ("cpu", "mps"):
-        raise StitchError(f"--device {name!r}: Stitch runs on cpu or cuda")
-    return resolved
 
 
 def generate_cmd_arguments(parser: argparse.ArgumentParser) -> None:

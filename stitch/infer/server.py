@@ -795,7 +795,8 @@ def serve(args: argparse.Namespace) -> int:
     import torch
 
     import stitch
-    from stitch.infer.generate import DTYPES, get_engine, resolve_device
+    from stitch.device import resolve_device
+    from stitch.infer.generate import DTYPES, get_engine
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
