@@ -68,7 +68,7 @@ def check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- inputs
 def load_data_config(source: str):
     """(DataConfig, None) from a blend YAML, a training config or a dataset path, resolved as `stitch train`
-    resolves it: a training config with its `base:` files read through `stitch.train.config.load_config`, and
+    resolves it: a training config with its `base:` files merged (`stitch.train.config.read_config_yaml`), and
     relative paths taken from the current folder (a blend's own entries from the blend's folder)."""
     from stitch.data.config import DataConfig
 
