@@ -101,13 +101,15 @@ def validate_conversation(conversation: Sequence[dict], for_generation: bool) ->
         if not content.strip():
             raise SampleError("empty_conversation", f"message {i} ({role}) is empty")
         out.append({"role": role, "content": content})
-    body = out[1:] if out[0]["role"] == "system" else out
+    offset = 1 if out[0]["role"] == "system" else 0
+    body = out[offset:]
     if not body:
         raise SampleError("empty_conversation", "only a system message")
     for i, msg in enumerate(body):
         want = "user" if i % 2 == 0 else "assistant"
         if msg["role"] != want:
-            raise SampleError("bad_roles", f"turn {i} is {msg['role']!r}, expected {want!r} (turns must alternate)")
+            raise SampleError("bad_roles", f"message {i + offset} is {msg['role']!r}, expected {want!r} (after an "
+                              "optional system message, user and assistant turns alternate)")
     if for_generation:
         if body[-1]["role"] != "user":
             raise SampleError("bad_roles", "a generation prompt must end with a user turn")

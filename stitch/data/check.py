@@ -50,7 +50,9 @@ def check(args: argparse.Namespace) -> int:
     """
     data_cfg, base_dir = load_data_config(args.source)
     updates: dict[str, Any] = {"num_workers": 0}
-    if args.seq_length:
+    if args.seq_length is not None:
+        if args.seq_length < 1:
+            raise DataError(f"--seq-length must be at least 1, got {args.seq_length}")
         updates["seq_length"] = args.seq_length
     if args.split:
         updates["split"] = args.split

@@ -199,3 +199,13 @@ def test_a_stray_dtype_is_cast_and_a_non_float_weight_is_named(tmp_path):
     save_file(state, out / "model.safetensors")
     with pytest.raises(stitch.errors.CheckpointError, match=f"'{name}' is torch.int64"):
         stitch.load(out)
+
+
+def test_peft_out_on_a_plain_checkpoint_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(["build", "--vision", "internvit-tiny", "--llm", "llama-tiny", "--out", str(out)]) == 0
+    args = ["export-hf", str(out), "--format", "internvl", "--out", str(tmp_path / "hf"), "--peft-out",
+            str(tmp_path / "peft")]
+    assert main(args) != 0
+    assert "not a LoRA checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "peft").exists()

@@ -310,3 +310,10 @@ def test_plain_format_is_bos_images_then_answer_and_eos(processor, tmp_path):
     assert processor.tokenizer.chat_template == template
     with pytest.raises(StitchConfigError, match="chat_format"):
         processor.with_options(chat_format="fancy")
+
+
+def test_role_order_errors_count_messages_as_given():
+    """The index in the message is the position in the list the caller sent (a system message counts)."""
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(SampleError, match="message 2 is 'user', expected 'assistant'"):
+        validate_conversation(conv, for_generation=False)
