@@ -396,9 +396,14 @@ class EnergonSource(Source):
         splits = _load_meta(meta, ("split.yaml", "split.json"))
         ds = _load_meta(meta, ("dataset.yaml", "dataset.json"))
         split = spec.option("split") or "train"
-        parts = (splits.get("split_parts") or {}).get(split)
+        split_parts = splits.get("split_parts") or {}
+        if not isinstance(split_parts, dict):
+            raise DataError(f"{meta}/split.yaml: split_parts must map split names to lists of shards")
+        parts = split_parts.get(split)
         if parts is None:
-            raise DataError(f"{meta}/split.yaml: no split part {split!r} (have {list(splits.get('split_parts', {}))})")
+            raise DataError(f"{meta}/split.yaml: no split part {split!r} (have {list(split_parts)})")
+        if not isinstance(parts, list) or not all(isinstance(x, str) for x in parts):
+            raise DataError(f"{meta}/split.yaml: split_parts.{split} must be a list of shard names, got {parts!r}")
         excludes = {x for e in splits.get("exclude", []) or [] for x in braceexpand(e)}
         shard_names = [n for p in parts for n in braceexpand(p) if n not in excludes]
         counts = info.get("shard_counts", {})
@@ -457,9 +462,12 @@ def _load_meta(meta: Path, names: Sequence[str]) -> dict:
         p = meta / name
         if p.is_file():
             try:
-                data = yaml.safe_load(p.read_text()) if p.suffix == ".yaml" else json.loads(p.read_text())
-            except (yaml.YAMLError, json.JSONDecodeError) as e:
+                text = p.read_text(encoding="utf-8")
+                data = yaml.safe_load(text) if p.suffix == ".yaml" else json.loads(text)
+            except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{p}: cannot parse ({e})") from e
+            if data is not None and not isinstance(data, dict):
+                raise DataError(f"{p}: expected a mapping of keys, got {type(data).__name__}")
             return data or {}
     raise DataError(f"{meta}: missing {' or '.join(names)} (is this an Energon-prepared dataset?)")
 
@@ -469,6 +477,8 @@ def _energon_type(ds: dict, meta: Path) -> str | None:
     name = st.get("__class__") if isinstance(st, dict) else ds.get("__class__")
     if name is None:
         return None
+    if not isinstance(name, str):
+        raise DataError(f"{meta}/dataset.yaml: __class__ must be a class name, got {name!r}")
     for type_name, kind in _ENERGON_TYPES.items():
         if name.startswith(type_name.replace("Sample", "")):
             return kind
@@ -482,6 +492,8 @@ def _energon_loader(ds: dict, meta: Path):
     spec = ds.get("sample_loader")
     if not spec:
         return None
+    if not isinstance(spec, str):
+        raise DataError(f"{meta}/dataset.yaml: sample_loader must be 'file.py:function', got {spec!r}")
     file, _, func = spec.partition(":")
     path = meta / file
     mod_spec = importlib.util.spec_from_file_location(f"_energon_loader_{abs(hash(str(path)))}", path)
@@ -489,7 +501,19 @@ def _energon_loader(ds: dict, meta: Path):
         raise DataError(f"{meta}/dataset.yaml: sample_loader file {path} not found")
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
-    return getattr(module, func or "sample_loader")
+    name = func or "sample_loader"
+    loader = getattr(module, name, None)
+    if not callable(loader):
+        raise DataError(f"{meta}/dataset.yaml: sample_loader {spec!r}: {path.name} has no function {name!r}")
+
+    def checked(members: dict) -> dict:
+        fields = loader(members)
+        if not isinstance(fields, dict):
+            raise SampleError("malformed_record", f"{members.get('__key__')}: sample_loader {spec!r} returned "
+                              f"{type(fields).__name__}, not a dict of fields")
+        return fields
+
+    return checked
 
 
 # --------------------------------------------------------------------------- easy-vqa

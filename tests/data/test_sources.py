@@ -231,3 +231,35 @@ def test_bad_data_is_skipped_counted_and_bounded(tmp_path, processor):
     with pytest.raises(DataError, match=r"bad.jsonl: \d+ of \d+ samples skipped .*max_skip_fraction 50.0%"):
         for _ in range(10):
             next(iter(stream))
+
+
+def test_malformed_energon_metadata_is_named(tmp_path):
+    """Hand-edited `.nv-meta` files and a misbehaving sample_loader give errors naming the file and key (they
+    were AttributeErrors), and a loader returning nothing skips its sample instead of crashing mid-run."""
+    import shutil
+
+    img = png_bytes(tmp_path)
+    base = write_energon(tmp_path / "base", tmp_path, "CaptioningSample", {"image": "jpg", "caption": "txt"},
+                         {"0.jpg": img, "0.txt": b"first", "1.jpg": img, "1.txt": b"second"})
+
+    def variant(name: str, file: str, text: str) -> Path:
+        root = tmp_path / name
+        shutil.copytree(base, root)
+        (root / ".nv-meta" / file).write_text(text)
+        return root
+
+    cases = [
+        (variant("a", "split.yaml", "- a\n"), "split.yaml: expected a mapping"),
+        (variant("b", ".info.yaml", "[1]\n"), ".info.yaml: expected a mapping"),
+        (variant("c", "dataset.yaml", "__class__: 5\n"), "__class__ must be a class name"),
+        (variant("d", "split.yaml", "split_parts: {train: parts/train-0.tar}\n"), "must be a list of shard names"),
+        (variant("e", "dataset.yaml", "sample_loader: ld.py:nofunc\n"), "has no function 'nofunc'"),
+    ]
+    (tmp_path / "e" / ".nv-meta" / "ld.py").write_text("def other(m):\n    return {}\n")
+    for root, message in cases:
+        with pytest.raises(DataError, match=message):
+            open_source(DatasetSpec(path=str(root)), PROMPTS)
+    none = variant("f", "dataset.yaml", "sample_loader: ld.py:load\n")
+    (none / ".nv-meta" / "ld.py").write_text("def load(m):\n    return None\n")
+    with pytest.raises(SampleError, match="returned NoneType"):
+        open_source(DatasetSpec(path=str(none)), PROMPTS).get(0)
