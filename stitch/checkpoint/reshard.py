@@ -309,7 +309,8 @@ def write_layout(
     return disk
 
 
-_SKIP = {LAYOUT_FILE, "model.safetensors.index.json", "train_state"}
+LORA_FILE = "lora.json"  # stitch.train.lora's marker of an adapter checkpoint (not imported: it imports us)
+_SKIP = {LAYOUT_FILE, LORA_FILE, "model.safetensors.index.json", "train_state"}
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -341,7 +342,12 @@ def reshard_checkpoint(
     if not is_stitch_checkpoint(src):
         raise CheckpointError(f"{src}: not a Stitch checkpoint (convert HF folders with `stitch import-hf` first)")
     cfg = load_config(src)
-    if (src / LAYOUT_FILE).exists():
+    if (src / LORA_FILE).is_file():  # adapters + a pointer to their base: the merged weights are what shards
+        from stitch.checkpoint.store import load_model
+        from stitch.train.lora import merge_lora
+
+        source = model_state(merge_lora(load_model(src)))
+    elif (src / LAYOUT_FILE).exists():
         source: Mapping = ReshardedSource(src, cfg)
         source.check_tied_copy()
     else:
@@ -378,6 +384,7 @@ def reshard(args: argparse.Namespace) -> int:
     checkpoint. Stage 0 gets the ViT, projector and embeddings, the last stage the final norm and output
     layer; decoder layers are renumbered from 0 in each stage. The ViT's heads are zero-padded to a multiple
     of its TP degree (InternViT-6B: 25 -> 32 at TP 8) and the padding is removed, checked zero, on merge.
+    A LoRA checkpoint is merged into its base first (the layout holds plain weights).
     Lossless: merging a split gives back the same tensors, bit for bit.
 
     Example:

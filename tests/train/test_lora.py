@@ -139,6 +139,13 @@ def test_lora_checkpoint_loads_merges_and_exports_to_transformers_and_peft(tiny_
         torch.testing.assert_close(adapted(input_ids=ids, pixel_values=pixels).logits, ref, atol=1e-5, rtol=0)
     assert (before - ref).abs().max() > 1e-3  # the adapters (and projector) do change the output
 
+    # reshard merges the adapters first: a tp2 layout of the merged weights, which loads with the same logits
+    assert main(["reshard", str(lora_dir), "--tp", "2", "--out", str(tmp_path / "tp2")]) == 0
+    assert not (tmp_path / "tp2" / LORA_FILE).exists()
+    resharded, _ = stitch.load(tmp_path / "tp2")
+    with torch.no_grad():
+        torch.testing.assert_close(resharded(ids, pixel_values=pixels).logits, ref, atol=1e-5, rtol=0)
+
 
 # ------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
