@@ -219,11 +219,9 @@ def export_hf(args: argparse.Namespace) -> int:
     if args.out is None and args.peft_out is None:
         raise StitchError("nothing to write: give --out DIR (the HF model) and/or --peft-out DIR (LoRA adapters)")
     if args.peft_out is not None:
-        from stitch.train.lora import LORA_FILE, is_lora_checkpoint  # noqa: PLC0415
+        from stitch.train.lora import require_lora_checkpoint  # noqa: PLC0415
 
-        if not is_lora_checkpoint(args.checkpoint):  # checked before --out is written: nothing half done
-            raise CheckpointError(f"{args.checkpoint}: not a LoRA checkpoint (no {LORA_FILE}); --peft-out has no "
-                                  "adapters to write")
+        require_lora_checkpoint(args.checkpoint)  # before --out is written: nothing half done
     if args.out is not None:
         export_to_hf(args.checkpoint, args.format, args.out)
         print(f"wrote {args.out}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from stitch.checkpoint.io import TensorSource, atomic_dir, read_json, save_tensors
+from stitch.checkpoint.io import LORA_FILE, TensorSource, atomic_dir, read_json, save_tensors
 from stitch.checkpoint.store import build_model, is_stitch_checkpoint, load_config, model_state
 from stitch.config import VLMConfig
 from stitch.errors import CheckpointError, StitchConfigError
@@ -309,7 +309,6 @@ def write_layout(
     return disk
 
 
-LORA_FILE = "lora.json"  # stitch.train.lora's marker of an adapter checkpoint (not imported: it imports us)
 _SKIP = {LAYOUT_FILE, LORA_FILE, "model.safetensors.index.json", "train_state"}
 
 

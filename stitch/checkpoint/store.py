@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stitch.checkpoint.io import TensorSource, atomic_dir, read_json, save_tensors
+from stitch.checkpoint.io import LORA_FILE, TensorSource, atomic_dir, read_json, save_tensors
 from stitch.config import VLMConfig, validate
 from stitch.errors import CheckpointError
 from stitch.models.layers import RotaryEmbedding
@@ -109,7 +109,7 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
-    if (path / "lora.json").is_file():  # LoRA adapters + a pointer to their base: base + adapters, unmerged
+    if (path / LORA_FILE).is_file():  # LoRA adapters + a pointer to their base: base + adapters, unmerged
         from stitch.train.lora import load_lora_model  # noqa: PLC0415
 
         return load_lora_model(path, device=device, dtype=dtype)
@@ -148,7 +148,7 @@ def load(path: str | Path, device="cpu", dtype: torch.dtype | None = None, merge
         from stitch.train.lora import merge_lora as _merge  # noqa: PLC0415
 
         model = _merge(model)
-    if is_stitch_checkpoint(path) or (path / "lora.json").is_file():
+    if is_stitch_checkpoint(path) or (path / LORA_FILE).is_file():
         processor = Processor.from_pretrained(path)
     else:  # an HF InternVL / LLaVA folder: its tokenizer, and the config its weights were read with
         from stitch.checkpoint.commands import load_tokenizer  # noqa: PLC0415

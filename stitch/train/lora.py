@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from stitch.checkpoint.io import LORA_FILE, atomic_dir, read_json
 from stitch.errors import CheckpointError, StitchConfigError
 from stitch.models.vlm import VLM
 from stitch.train.config import LoRAConfig
@@ -56,6 +57,7 @@ __all__ = [
     "write_adapter_files",
     "save_lora_checkpoint",
     "is_lora_checkpoint",
+    "require_lora_checkpoint",
     "read_lora_meta",
     "load_lora_model",
     "peft_adapter",
@@ -67,7 +69,6 @@ __all__ = [
 
 ADAPTER_FILE = "adapter.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
-LORA_FILE = "lora.json"
 LORA_FORMAT, LORA_VERSION = "stitch-lora", 1
 
 # Module-name suffixes per part and kind, inside each (used) transformer layer.
@@ -364,8 +365,6 @@ def write_adapter_files(model: VLM, folder: str | Path, base: Mapping[str, str])
 
 def save_lora_checkpoint(model: VLM, out: str | Path, base: Mapping[str, str], tokenizer=None) -> Path:
     """A complete LoRA checkpoint folder, written atomically: config.json, the adapter files, tokenizer."""
-    from stitch.checkpoint.io import atomic_dir
-
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.config.save(tmp / "config.json")
@@ -379,9 +378,13 @@ def is_lora_checkpoint(path: str | Path) -> bool:
     return (Path(path) / LORA_FILE).is_file()
 
 
-def read_lora_meta(path: str | Path) -> dict[str, Any]:
-    from stitch.checkpoint.io import read_json
+def require_lora_checkpoint(path: str | Path) -> None:
+    """A CheckpointError unless `path` holds LoRA adapters (checked before a peft export writes anything)."""
+    if not is_lora_checkpoint(path):
+        raise CheckpointError(f"{path}: not a LoRA checkpoint (no {LORA_FILE}); nothing to export as peft")
 
+
+def read_lora_meta(path: str | Path) -> dict[str, Any]:
     meta = read_json(Path(path) / LORA_FILE)
     if meta.get("format") != LORA_FORMAT or meta.get("version") != LORA_VERSION:
         raise CheckpointError(f"{Path(path) / LORA_FILE}: not a {LORA_FORMAT} v{LORA_VERSION} file")
@@ -529,10 +532,7 @@ def peft_adapter(model: VLM, fmt: str = "internvl") -> tuple[dict[str, torch.Ten
 def export_peft(checkpoint: str | Path, fmt: str, out: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write a LoRA checkpoint's adapters as a peft adapter folder (`adapter_config.json` +
     `adapter_model.safetensors`), for `peft.PeftModel.from_pretrained(<the base exported with export-hf>, out)`."""
-    from stitch.checkpoint.io import atomic_dir
-
-    if not is_lora_checkpoint(checkpoint):
-        raise CheckpointError(f"{checkpoint}: not a LoRA checkpoint (no {LORA_FILE}); nothing to export as peft")
+    require_lora_checkpoint(checkpoint)
     tensors, config = peft_adapter(load_lora_model(checkpoint), fmt)
     config["base_model_name_or_path"] = base_model_name_or_path
     with atomic_dir(out, inputs=[checkpoint]) as tmp:
