@@ -571,14 +571,23 @@ class Engine:
         state.positions[row] = n
         pixels = request.pixel_values
         pixels = pixels.to(device) if pixels is not None and pixels.numel() else None
+        logits = self._prompt_logits(request.input_ids.reshape(1, -1), pixels, torch.arange(n)[None],
+                                     state.cache.rows(row, row + 1), slot - n)
+        sampler = BatchSampler([request.params], 1, logits.shape[-1], device, [request.input_ids.reshape(-1)])
+        return sampler(logits, 0)
+
+    def _prompt_logits(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, position_ids: torch.Tensor,
+                       cache: KVCache, first_slot: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-position logits [rows, V] of prompts written into `cache` from slot `first_slot` on; attention
+        runs over the prompts' own keys (`fresh_cache`), on the engine's choice of attention kernels."""
+        device = self.device
         with any_shape_attention(self.model, self.any_shape_attention):
             out = self.model(
-                request.input_ids.reshape(1, -1).to(device), pixels,
-                position_ids=torch.arange(n, device=device)[None], kv_cache=state.cache.rows(row, row + 1),
-                cache_position=torch.arange(slot - n, slot, device=device), logits_to_keep=1, fresh_cache=True,
+                ids.to(device), pixel_values, attention_mask=attention_mask, position_ids=position_ids.to(device),
+                kv_cache=cache, cache_position=torch.arange(first_slot, first_slot + ids.shape[1], device=device),
+                logits_to_keep=1, fresh_cache=True,
             )
-        sampler = BatchSampler([request.params], 1, out.logits.shape[-1], device, [request.input_ids.reshape(-1)])
-        return sampler(out.logits[:, -1], 0)
+        return out.logits[:, -1]
 
     def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]], spare_rows_empty: bool = False
                  ) -> tuple[BatchSampler, torch.Tensor]:
@@ -588,7 +597,7 @@ class Engine:
         Rows beyond the batch (bucket padding) run as all-padding rows, or with `spare_rows_empty` (continuous
         batching keeps them for requests that join) not at all: their mask is all ones, so their idle decode
         steps attend to something and stay finite."""
-        model, device = self.model, self.device
+        device = self.device
         size, length = state.mask.shape
         lengths = [int(r.input_ids.numel()) for _, r in batch]
         prompt_len = max(lengths)
@@ -607,13 +616,8 @@ class Engine:
         # The cache is empty: attention runs over the prompt's own keys, with no mask at all (the fused causal
         # kernel) when no row is padded.
         padded = run > len(batch) or min(lengths) < prompt_len
-        with any_shape_attention(model, self.any_shape_attention):
-            out = model(
-                ids.to(device), pixel_values, attention_mask=state.mask[:run] if padded else None,
-                position_ids=position_ids.to(device), kv_cache=state.cache if run == size else state.cache.rows(0, run),
-                cache_position=torch.arange(prompt_len, device=device), logits_to_keep=1, fresh_cache=True,
-            )
-        logits = out.logits[:, -1]
+        cache = state.cache if run == size else state.cache.rows(0, run)
+        logits = self._prompt_logits(ids, pixel_values, position_ids, cache, 0, state.mask[:run] if padded else None)
         if run < size:
             logits = torch.cat([logits, logits.new_zeros(size - run, logits.shape[-1])])
         sampler = BatchSampler(
