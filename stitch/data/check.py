@@ -48,7 +48,7 @@ def check(args: argparse.Namespace) -> int:
       stitch data check configs/sft_blend.yaml --samples 500 --show 3
       stitch data check data/train.jsonl --checkpoint runs/stitched --json
     """
-    data_cfg, base_dir = load_data_config(args.source)
+    data_cfg = load_data_config(args.source)
     updates: dict[str, Any] = {"num_workers": 0}
     if args.seq_length is not None:
         if args.seq_length < 1:
@@ -59,7 +59,7 @@ def check(args: argparse.Namespace) -> int:
     data_cfg = data_cfg.model_copy(update=updates)
     processor = load_processor(args.checkpoint, args.tokenizer)
     report = run_check(data_cfg, processor, samples=args.samples, show=args.show, seed=args.seed,
-                       base_dir=base_dir, source=args.source)
+                       source=args.source)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -69,7 +69,7 @@ def check(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- inputs
 def load_data_config(source: str):
-    """(DataConfig, None) from a blend YAML, a training config or a dataset path, resolved as `stitch train`
+    """The DataConfig of a blend YAML, a training config or a dataset path, resolved as `stitch train`
     resolves it: a training config with its `base:` files merged (`stitch.train.config.read_config_yaml`), and
     relative paths taken from the current folder (a blend's own entries from the blend's folder)."""
     from stitch.data.config import DataConfig
@@ -85,16 +85,16 @@ def load_data_config(source: str):
         except yaml.YAMLError as e:
             raise DataError(f"{path}: not valid YAML ({e})") from e
         if isinstance(doc, dict) and "splits" in doc:
-            return DataConfig(blend=str(path)), None
+            return DataConfig(blend=str(path))
         if isinstance(doc, dict) and ("data" in doc or "base" in doc):  # a training config: the data it trains on
             from stitch.train.config import read_config_yaml
 
             section = read_config_yaml(path).get("data", {})
-            return DataConfig.from_dict(section, source=f"{path}: data"), None
+            return DataConfig.from_dict(section, source=f"{path}: data")
         if not isinstance(doc, dict):
             raise DataError(f"{path}: expected a metadataset (splits:) or a config with a 'data' section")
-        return DataConfig.from_dict(doc, source=f"{path}: data"), None
-    return DataConfig(datasets=[{"path": source}]), None
+        return DataConfig.from_dict(doc, source=f"{path}: data")
+    return DataConfig(datasets=[{"path": source}])
 
 
 def default_config(vocab_size: int):
@@ -140,12 +140,12 @@ def load_processor(checkpoint: str | None, tokenizer: str | None):
 
 # --------------------------------------------------------------------------- the check itself
 def run_check(data_cfg, processor, samples: int = 200, show: int = 2, seed: int = 0,
-              base_dir: str | Path | None = None, source: str = "") -> dict[str, Any]:
+              source: str = "") -> dict[str, Any]:
     """Draw `samples` samples as training would and return the report (a JSON-ready dict)."""
     from stitch.data.blend import DataStream
 
     limit, min_attempts = data_cfg.max_skip_fraction, data_cfg.skip_check_after
-    specs = data_cfg.resolve_datasets(base_dir)
+    specs = data_cfg.resolve_datasets()
     # Judge skips here, after drawing, instead of stopping at the first dataset over the limit.
     lenient = data_cfg.model_copy(update={"max_skip_fraction": 1.0, "num_workers": 0})
     stream = DataStream(specs, processor, lenient, rank=0, world_size=1, seed=seed)

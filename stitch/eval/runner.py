@@ -413,10 +413,9 @@ def eval_cmd(args: argparse.Namespace) -> int:
     for flag, path in (("--predictions", pred_path), ("--out", out)):
         if path.is_dir():
             raise StitchError(f"{flag} {path}: is a folder; give a file path")
-    if args.device is not None:
-        from stitch.device import resolve_device
+    from stitch.device import resolve_device
 
-        resolve_device(args.device)  # before the data and the model load
+    args.device = resolve_device(args.device)  # checked before the data and the model load
 
     data = load_task(task.name, args.data, limit=args.limit)
     done = _resume(pred_path, task.name)
@@ -451,9 +450,8 @@ def _load_model(args: argparse.Namespace):
     import torch
 
     import stitch
-    from stitch.device import resolve_device
 
-    device = resolve_device(args.device)
+    device = args.device  # resolved by the caller
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = dtypes.get(args.dtype)
     if dtype is None and device.type == "cuda":
