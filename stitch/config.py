@@ -286,7 +286,12 @@ def validate(cls: type[BaseModel], data: Any, source: str) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise StitchConfigError(f"{source}: field '{loc}': {first['msg']}{more}") from e
+        loc, msg = first_error(e)
+        raise StitchConfigError(f"{source}: field '{loc or '<root>'}': {msg}") from e
+
+
+def first_error(e: ValidationError) -> tuple[str, str]:
+    """pydantic's first error as (dotted field path, message plus how many more errors there are)."""
+    first = e.errors()[0]
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return ".".join(str(p) for p in first["loc"]), f"{first['msg']}{more}"

@@ -42,6 +42,7 @@ import yaml
 from pydantic import ValidationError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stitch.config import first_error
 from stitch.data.collate import Sample, collate
 from stitch.data.config import DataConfig, DatasetSpec
 from stitch.data.packing import pack_greedy_stream
@@ -126,10 +127,8 @@ def load_blend(path: str | Path, split: str = "train", _chain: tuple[Path, ...] 
         try:
             out.append(DatasetSpec.model_validate(entry))
         except ValidationError as e:  # name the entry and the field
-            first = e.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "entry"
-            more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-            raise DataError(f"{where}.{field}: {first['msg']}{more}") from e
+            field, msg = first_error(e)
+            raise DataError(f"{where}.{field or 'entry'}: {msg}") from e
     return out
 
 
