@@ -28,6 +28,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "score": "stitch.eval.runner:score_cmd",
     "serve": "stitch.infer.server:serve",
     "quickstart": "stitch.quickstart:quickstart",
+    "env": "stitch.env:env",
 }
 
 

@@ -25,6 +25,7 @@ import collections
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,52 @@ from stitch.errors import StitchError
 SYSTEM_PROMPT = "Answer briefly."
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of a recipe: its share of the training time, batch, LR and what trains besides the projector."""
+
+    share: float
+    batch: int
+    lr: float
+    llm_last_layers: int = 0  # SFT: 0 = the whole LLM
+    train_vision: bool = True  # SFT: the from-scratch encoder and the projector keep training
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the quickstart runs on one kind of machine (the sweeps behind each: docs/quickstart.md)."""
+
+    name: str
+    pretrain: StagePlan
+    sft: StagePlan
+    image_tokens: int = 4  # per 64 px image: 4 (pixel shuffle 0.25) or 1 (0.125)
+    caption_style: str = "long"
+    eval_reserve_min: float = 1.6  # minutes kept for scoring 1,000 questions (and the demo answers)
+
+
+# Sweeps at these budgets chose each: stage 1 is where the encoder learns shape (through the frozen LLM's caption
+# loss), so on a CPU it gets the larger share. On a GPU both stages run batch 64 through the whole LLM.
+RECIPES = {
+    "gpu": Recipe("gpu", StagePlan(0.3, 64, 1e-3), StagePlan(0.7, 64, 1e-4), eval_reserve_min=0.1),
+    # A CPU with fast bf16: SFT trains the last 8 of SmolLM2's 30 layers (a 4x cheaper step than the whole LLM,
+    # whose 49k-row tied embedding alone dominates the optimizer) at batch 16 (0.87 s/step against 1.9 for 32).
+    "cpu-bf16": Recipe("cpu-bf16", StagePlan(0.63, 32, 1e-3), StagePlan(0.37, 16, 2e-4, llm_last_layers=8)),
+    # A CPU without fast bf16 (about 4x less compute): one image token and short captions halve a stage-1 row;
+    # SFT adapts the last 8 layers on the stage-1 encoder and projector, frozen (half the step: the backward
+    # stops at layer 22), so stage 1, where shape is learnt, keeps most of the time.
+    "cpu-fp32": Recipe("cpu-fp32", StagePlan(0.75, 32, 1e-3), StagePlan(0.25, 16, 2e-4, llm_last_layers=8,
+                                                                          train_vision=False),
+                       image_tokens=1, caption_style="short", eval_reserve_min=2.5),
+}
+
+
+def quickstart_recipe(device: str, precision: str) -> Recipe:
+    """The recipe for `device` computing in `precision` (see `stitch.device.compute_dtype`)."""
+    if device.startswith("cuda"):
+        return RECIPES["gpu"]
+    return RECIPES["cpu-bf16" if precision == "bf16" else "cpu-fp32"]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -61,16 +108,22 @@ def image_captions(records: list[tuple[str, str, str]]) -> dict[str, str]:
     return {p: f"A {d['color']} {d['shape']}." for p, d in info.items() if "color" in d and "shape" in d}
 
 
-def write_training_data(out: Path) -> dict[str, Any]:
-    """LLaVA-style JSONL for both stages: captions (stage 1) and questions (stage 2)."""
+def write_training_data(out: Path, caption_style: str = "long") -> dict[str, Any]:
+    """LLaVA-style JSONL for both stages: captions (stage 1) and questions (stage 2). `caption_style` "long"
+    writes "A red circle.", "short" writes "red circle" (half the caption tokens; a CPU without fast bf16 pays
+    for every token of the frozen LLM's forward and backward)."""
     from stitch.data.sources import easy_vqa_records
     from stitch.eval.tasks import SHORT_ANSWER
 
+    if caption_style not in ("long", "short"):
+        raise StitchError(f"caption_style must be 'long' or 'short', got {caption_style!r}")
     train = easy_vqa_records("train")
     out.mkdir(parents=True, exist_ok=True)
     captions = image_captions(train)
     with open(out / "captions.jsonl", "w") as f:
         for path, caption in captions.items():
+            if caption_style == "short":
+                caption = caption.removeprefix("A ").removesuffix(".")
             # LLaVA's plain pretraining format: the image alone, then the caption (data.chat_format=plain)
             turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]
             f.write(json.dumps({"image": path, "conversations": turns}) + "\n")
@@ -109,9 +162,10 @@ def evaluate(model, processor, limit: int, batch_size: int, out_json: Path | Non
 # ----------------------------------------------------------------------------------------------- stages
 def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps: int, batch: int, lr: float,
                  device: str, precision: str, seed: int, llm_last_layers: int = 0, vision_lr: float = 3e-4,
-                 projector_lr: float = 1e-3, max_minutes: float | None = None):
+                 projector_lr: float = 1e-3, max_minutes: float | None = None, train_vision: bool = True):
     """One stage's TrainConfig. The encoder is trained from scratch, so it keeps training in SFT too (with the
-    projector, at their stage-1 rates) while the LLM adapts at `lr`. The encoder's rate is lower than the
+    projector, at their stage-1 rates) while the LLM adapts at `lr`, unless `train_vision` is False (then SFT
+    trains the LLM alone, and its backward stops at the first trained layer). The encoder's rate is lower than the
     projector's: at 1e-3 the colour signal swamps it and shape is never learnt (a shape+colour classifier on
     it: 40% shape after 300 steps at 1e-3, 85% at 3e-4)."""
     from stitch.data.config import DataConfig, DatasetSpec
@@ -128,7 +182,8 @@ def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps:
                            system_prompt=SYSTEM_PROMPT,
                            chat_format="plain" if stage == "pretrain" else "template").model_dump(),
         # stage 1 trains the encoder from scratch with the projector; the LLM stays frozen
-        "unfreeze": {"vision": True, "llm_last_layers": llm_last_layers},
+        "unfreeze": {"vision": train_vision or stage == "pretrain", "projector": train_vision or stage == "pretrain",
+                     "llm_last_layers": llm_last_layers},
         "optim": {"lr": lr, "weight_decay": 0.0, "max_grad_norm": 1.0,
                   "part_lr": {"vision": vision_lr} if stage == "pretrain" else
                   {"vision": vision_lr, "projector": projector_lr}},
@@ -203,6 +258,7 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     import stitch
     from stitch.checkpoint.commands import stitch_build
     from stitch.checkpoint.gguf import bundled_smollm2
+    from stitch.device import compute_dtype
     from stitch.train.log import plot_losses
     from stitch.train.trainer import Trainer
 
@@ -228,14 +284,17 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     def mark(name: str, start: float) -> None:
         timings[name] = round(time.time() - start, 1)
 
+    compute = compute_dtype(device)
     console.rule("[bold]Stitch quickstart")
-    console.print(f"device: {device}; budget: {minutes:.1f} min; output: {out}")
+    recipe = quickstart_recipe(device, compute.precision)
+    console.print(f"device: {compute}; recipe {recipe.name}; budget: {minutes:.1f} min; output: {out}")
     start = time.time()
-    counts = write_training_data(out / "data")
+    counts = write_training_data(out / "data", caption_style=recipe.caption_style)
     console.print(f"data: {counts['captions']} captioned images (stage 1), {counts['questions']} questions (stage 2)")
     stitched = out / "stitched"
     stitch_build(vision="internvit-64px", llm=str(gguf), out=stitched, tile_tags="none", image_wrapper="none",
-                 max_tiles=1, use_thumbnail=False, seed=seed, downsample_ratio=0.25)
+                 max_tiles=1, use_thumbnail=False, seed=seed, downsample_ratio=0.25 if recipe.image_tokens == 4
+                 else 0.125)
     cfg_path = stitched / "config.json"  # the short system prompt travels with the checkpoint
     cfg = json.loads(cfg_path.read_text())
     cfg["system_prompt"] = SYSTEM_PROMPT
@@ -243,7 +302,7 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     mark("stitch", start)
 
     start = time.time()
-    dtype = torch.bfloat16 if on_gpu else None
+    dtype = compute.dtype
     model, processor = stitch.load(stitched, device=device, dtype=dtype)
     before = evaluate(model, processor, eval_before, eval_batch, out / "eval_before.json")
     del model
@@ -251,39 +310,33 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     console.print(f"accuracy before training: {before['mean']:.3f} on {before['samples']} questions")
 
     # Stage budgets: shares of what is left after a reserve for the final evaluation and demo answers.
-    reserve = (0.1 if on_gpu else 1.6) * eval_samples / 1000 + (0.1 if on_gpu else 0.3)
+    reserve = recipe.eval_reserve_min * eval_samples / 1000 + (0.1 if on_gpu else 0.3)
     if minutes - (time.time() - t0) / 60 - reserve < 0.5 and steps is None:
         raise StitchError(f"--minutes {minutes} leaves no time to train (set-up took {(time.time() - t0) / 60:.1f})")
-    precision = "bf16"
-    # Stage plans, chosen by sweeps at these budgets (`docs/quickstart.md`): (share of the time, batch, LR).
-    # Stage 1 is where the encoder learns shape (through the frozen LLM's caption loss; ~300 steps of 32 leave
-    # it at chance, 700 reach 94%), so on a CPU it gets the larger share. There SFT trains the last 8 of
-    # SmolLM2's 30 layers (a 4x cheaper step than the whole LLM, whose 49k-row tied embedding alone dominates
-    # the optimizer) at batch 16, which this CPU runs at 0.87 s/step against 1.9 s for batch 32. On a GPU both
-    # stages run batch 64 through the whole LLM.
-    if on_gpu:
-        stage1, stage2, top_layers = (0.3, 64, 1e-3), (0.7, 64, 1e-4), 0
-    else:
-        stage1, stage2, top_layers = (0.63, 32, 1e-3), (0.37, 16, 2e-4), 8
-    plan = {"pretrain": (*stage1, out / "data" / "captions.jsonl", stitched, 0),
-            "sft": (*stage2, out / "data" / "vqa.jsonl", out / "pretrain" / "final", top_layers)}
+    precision = "auto"  # the trainer makes the same choice as `compute` and prints why
+    plan = {"pretrain": (recipe.pretrain, out / "data" / "captions.jsonl", stitched),
+            "sft": (recipe.sft, out / "data" / "vqa.jsonl", out / "pretrain" / "final")}
     results: dict[str, Any] = {}
     unspent_share = 1.0
-    for i, (name, (share, batch, lr, data_file, ckpt, last_layers)) in enumerate(plan.items()):
+    for i, (name, (stage, data_file, ckpt)) in enumerate(plan.items()):
         start = time.time()
         # re-planned from the clock, so an earlier stage running long shortens the later ones, not the budget
-        stage_minutes = (minutes - (start - t0) / 60 - reserve) * share / unspent_share
-        unspent_share -= share
+        stage_minutes = (minutes - (start - t0) / 60 - reserve) * stage.share / unspent_share
+        unspent_share -= stage.share
+
+        def config(n_steps: int, max_minutes: float | None = None, name=name, stage=stage, data_file=data_file,
+                   ckpt=ckpt):
+            return stage_config(name, out, ckpt, data_file, n_steps, stage.batch, stage.lr, device, precision, seed,
+                                stage.llm_last_layers, max_minutes=max_minutes, train_vision=stage.train_vision)
+
         if steps is None:
-            probe = stage_config(name, out, ckpt, data_file, 10, batch, lr, device, precision, seed, last_layers)
-            per_step = seconds_per_step(probe)
+            per_step = seconds_per_step(config(10))
             n_steps = max(5, int(stage_minutes * 60 * 0.92 / per_step))
             plan_text = f"~{per_step:.2f} s/step, {stage_minutes:.1f} min"
         else:
             n_steps, per_step, plan_text = steps[i], float("nan"), "fixed steps"
         # the step count fills ~92% of the stage's time; the clock stops it if the machine slows down mid-stage
-        cfg = stage_config(name, out, ckpt, data_file, n_steps, batch, lr, device, precision, seed, last_layers,
-                           max_minutes=stage_minutes if steps is None else None)
+        cfg = config(n_steps, max_minutes=stage_minutes if steps is None else None)
         console.rule(f"stage {'1: pretrain' if name == 'pretrain' else '2: SFT'} ({n_steps} steps, {plan_text})")
         run = Trainer(cfg).fit()
         results[name] = {"steps": run.step, "final_loss": run.losses[-1] if run.losses else None,

@@ -17,10 +17,9 @@ from stitch.checkpoint.hf import load_hf_llm, vlm_config_to_hf, vlm_state_to_hf
 from stitch.checkpoint.io import TensorSource, atomic_dir, read_json, save_tensors
 from stitch.checkpoint.store import build_model, load_model, load_weights, model_state
 from stitch.config import LLMConfig, VisionConfig, VLMConfig, validate
+from stitch.device import DTYPES
 from stitch.errors import CheckpointError, StitchError
 from stitch.models.presets import LLM_PRESETS, llm_preset, vision_preset
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------- tokenizers

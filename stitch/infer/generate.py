@@ -14,9 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from stitch.device import resolve_device
+from stitch.device import DTYPES, compute_dtype, resolve_device
 from stitch.errors import StitchError
 from stitch.infer.engine import Completion, Engine, Event, Request, RequestHandle, eos_token_ids
 from stitch.infer.sampling import SamplingParams
@@ -138,7 +136,6 @@ def generate_batch(
 
 
 # ------------------------------------------------------------------------------------------- command line
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 
@@ -174,9 +171,10 @@ def generate_cmd(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise StitchError(f"{path}: no such image file")
     torch_device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
+    compute = compute_dtype(torch_device, args.dtype)
+    print(f"stitch generate: {compute}", file=sys.stderr)
     try:
-        model, processor = stitch.load(args.checkpoint, device=torch_device, dtype=dtype)
+        model, processor = stitch.load(args.checkpoint, device=torch_device, dtype=compute.dtype)
     except StitchError:
         raise
     except (OSError, ValueError, KeyError) as e:

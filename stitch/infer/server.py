@@ -792,11 +792,10 @@ def serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise StitchError(f"stitch serve needs FastAPI and uvicorn: pip install 'stitch-vlm[serve]' ({e})") from e
-    import torch
 
     import stitch
-    from stitch.device import resolve_device
-    from stitch.infer.generate import DTYPES, get_engine
+    from stitch.device import compute_dtype, resolve_device
+    from stitch.infer.generate import get_engine
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
@@ -815,9 +814,10 @@ def serve(args: argparse.Namespace) -> int:
                     max_tokens=args.max_tokens_limit, max_pending=args.max_pending)
     sock = listen_socket(args.host, args.port)  # before loading: a taken port fails fast
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    compute = compute_dtype(device, args.dtype)
+    print(f"stitch serve: {compute}", file=sys.stderr, flush=True)
     try:
-        model, processor = stitch.load(ckpt, device=device, dtype=dtype)
+        model, processor = stitch.load(ckpt, device=device, dtype=compute.dtype)
     except StitchError:
         raise
     except (OSError, ValueError, KeyError) as e:

@@ -94,6 +94,9 @@ class UnfreezeConfig(_Base):
     # When the LLM trains: 0 = all of it; k = only its last k decoder layers and final norm (embeddings and
     # output layer stay frozen), which saves their gradients and optimizer state on small machines.
     llm_last_layers: int = Field(default=0, ge=0)
+    # The projector trains in every stage by default; False freezes it (an SFT that adapts only the LLM on an
+    # aligned projector, where the backward then stops at the first trained LLM layer).
+    projector: bool = True
 
 
 class LoRAConfig(_Base):
@@ -164,7 +167,7 @@ class LoopConfig(_Base):
     # Samples per optimizer step over all data-parallel ranks (packed: rows). Micro-batches of
     # `data.batch_size` accumulate to it: accumulation = global_batch_size / (batch_size * dp).
     global_batch_size: int = Field(default=1, gt=0)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: stitch.device.compute_dtype decides
     device: str = "auto"  # auto: cuda if available, else cpu
     # Recompute transformer layers in backward: true (every ViT and LLM layer), "vision" or "llm" (that part's
     # layers only: the ViT's activations of many tiles can cost more memory than its cheap recompute) or false.

@@ -46,7 +46,7 @@ def apply_stage(model: VLM, cfg: TrainConfig) -> dict[str, PartCount]:
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.projector.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(cfg.unfreeze.projector)
     if cfg.trains("llm"):
         k = cfg.unfreeze.llm_last_layers
         modules = [model.llm] if not k else [*model.llm.layers[-k:], model.llm.norm]

@@ -34,10 +34,12 @@ import torch
 from torch import nn
 
 from stitch.config import VLMConfig
+from stitch.device import compute_dtype
 from stitch.errors import StitchConfigError, StitchError
 from stitch.models.layers import set_any_shape_attention
 from stitch.models.vlm import VLM
 from stitch.train.config import TrainConfig, load_config
+from stitch.train.frozen import FrozenLinearWeights
 from stitch.train.log import MetricsLog, Progress, plot_losses
 from stitch.train.metrics import FlopModel, batch_shape, peak_flops, peak_memory_gb
 from stitch.train.optim import build_optimizer
@@ -330,7 +332,8 @@ class Trainer:
         self.dist = dist or Distributed()
         self.out = Path(cfg.output_dir)
         self.device = self._device()
-        self.precision = self._precision()
+        self.compute = compute_dtype(self.device, cfg.train.precision)
+        self.precision = self.compute.precision
         self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self._print = console_print or print
         self._stop: str | None = None
@@ -353,12 +356,6 @@ class Trainer:
             if device.index is None:  # set_device and the memory counters need an explicit index
                 device = torch.device("cuda", torch.cuda.current_device())
         return device
-
-    def _precision(self) -> str:
-        p = self.cfg.train.precision
-        if p == "auto":
-            return "bf16" if self.device.type == "cuda" else "fp32"
-        return p
 
     def log(self, text: str) -> None:
         if self.dist.is_main:
@@ -470,6 +467,11 @@ class Trainer:
                          shapes_vary=batch_shapes_vary(cfg))
         model.train()
         self.model = model
+        # On a CPU autocast's per-forward cast of frozen weights costs as much as the matmuls: cast them once.
+        # (Single process, no LoRA: the layouts and adapter merges read the weights as loaded.)
+        self.frozen = (FrozenLinearWeights(model, self.autocast_dtype)
+                       if self.autocast_dtype is not None and self.device.type == "cpu"
+                       and self.dist.parallelize is None and not cfg.lora.enabled else None)
         self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.schedule = LRSchedule(cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.decay_steps,
@@ -590,6 +592,9 @@ class Trainer:
         finally:
             self._restore_signals(handlers)
             progress.close()
+            if self.frozen is not None:
+                self.frozen.restore()
+                self.frozen = None
             if metrics is not None:
                 metrics.close()
         summary.step = self.state.step
@@ -743,18 +748,26 @@ class Trainer:
         write = d.save_weights
         return Collective(rank=d.rank, barrier=d.barrier, write_weights=lambda folder: write(self.module, folder))
 
+    def _original_weights(self):
+        return self.frozen.original() if self.frozen is not None else contextlib.nullcontext()
+
     def save(self) -> Path:
         """A step checkpoint (collective under a parallel layout: every rank calls it)."""
         cfg = self.cfg
-        path = save_checkpoint(
+        with self._original_weights():
+            path = self._save_checkpoint()
+        if cfg.checkpoint.pause_after_save_s:
+            time.sleep(cfg.checkpoint.pause_after_save_s)
+        return path
+
+    def _save_checkpoint(self) -> Path:
+        cfg = self.cfg
+        return save_checkpoint(
             self.out, self.model, self.optimizer, self.state,
             data_state=self.stream.state_dict(), train_config=cfg.model_dump(mode="json"),
             tokenizer=self.tokenizer, keep_last=cfg.checkpoint.keep_last, lora_base=self.lora_base,
             collective=self._collective(),
         )
-        if cfg.checkpoint.pause_after_save_s:
-            time.sleep(cfg.checkpoint.pause_after_save_s)
-        return path
 
     def _write_summary(self, summary: RunSummary) -> None:
         """OUT/summary.json: what a benchmark table needs from this run."""
@@ -846,7 +859,7 @@ class Trainer:
         peak = f"{self.peak / 1e12:.4g} TFLOP/s" if self.peak else "unknown (set log.peak_tflops for MFU)"
         data = "synthetic" if cfg.synthetic.enabled else (cfg.data.blend or f"{len(cfg.data.datasets)} dataset(s)")
         console.print(
-            f"device {self.device} ({self.precision}), peak {peak}; global batch {cfg.train.global_batch_size} = "
+            f"device {self.device} ({self.compute}), peak {peak}; global batch {cfg.train.global_batch_size} = "
             f"{self.accumulation} micro-batch(es) x {cfg.data.batch_size} x dp {self.dist.dp_size}; "
             f"data {data}; output {self.out}"
         )
