@@ -204,6 +204,7 @@ def seconds_per_step(cfg) -> float:
 
     trainer = Trainer(cfg, console_print=lambda *_: None)
     trainer.setup()
+    trainer.cast_frozen_weights()  # as `fit` runs its loop
     batches = iter(trainer.stream)
     times = []
     for _ in range(3):

@@ -453,8 +453,8 @@ def _load_model(args: argparse.Namespace):
 
     device = args.device  # resolved by the caller
     compute = compute_dtype(device, args.dtype)
-    print(f"stitch eval: {compute}", file=sys.stderr)
     model, processor = stitch.load(args.ckpt, device=device, dtype=compute.dtype)
+    print(f"stitch eval: {compute}", file=sys.stderr)
     if hasattr(model, "eval"):
         model.eval()
     return model, processor

@@ -172,13 +172,13 @@ def generate_cmd(args: argparse.Namespace) -> int:
             raise StitchError(f"{path}: no such image file")
     torch_device = resolve_device(args.device)
     compute = compute_dtype(torch_device, args.dtype)
-    print(f"stitch generate: {compute}", file=sys.stderr)
     try:
         model, processor = stitch.load(args.checkpoint, device=torch_device, dtype=compute.dtype)
     except StitchError:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise StitchError(f"{args.checkpoint}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+    print(f"stitch generate: {compute}", file=sys.stderr)
     if args.compile:
         get_engine(model, processor, compile=True)
     kwargs = dict(

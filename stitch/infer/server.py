@@ -815,7 +815,6 @@ def serve(args: argparse.Namespace) -> int:
     sock = listen_socket(args.host, args.port)  # before loading: a taken port fails fast
     device = resolve_device(args.device)
     compute = compute_dtype(device, args.dtype)
-    print(f"stitch serve: {compute}", file=sys.stderr, flush=True)
     try:
         model, processor = stitch.load(ckpt, device=device, dtype=compute.dtype)
     except StitchError:
@@ -831,7 +830,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"stitch serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
     host, port = sock.getsockname()[:2]
-    print(f"stitch serve: {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    print(f"stitch serve: {name} on http://{host}:{port}/v1 ({compute}; Ctrl-C stops)", file=sys.stderr, flush=True)
     server = uvicorn_server(app, args.log_level)
     try:
         server.run(sockets=[sock])

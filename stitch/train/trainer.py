@@ -467,11 +467,7 @@ class Trainer:
                          shapes_vary=batch_shapes_vary(cfg))
         model.train()
         self.model = model
-        # On a CPU autocast's per-forward cast of frozen weights costs as much as the matmuls: cast them once.
-        # (Single process, no LoRA: the layouts and adapter merges read the weights as loaded.)
-        self.frozen = (FrozenLinearWeights(model, self.autocast_dtype)
-                       if self.autocast_dtype is not None and self.device.type == "cpu"
-                       and self.dist.parallelize is None and not cfg.lora.enabled else None)
+        self.frozen: FrozenLinearWeights | None = None
         self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.schedule = LRSchedule(cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.decay_steps,
@@ -568,6 +564,7 @@ class Trainer:
         last_saved = start if self.resume_from else None
         handlers = self._install_signals()
         loop_start = time.perf_counter()
+        self.cast_frozen_weights()
         try:
             while self.state.step < cfg.train.steps:
                 record = self._one_step(batches)
@@ -592,9 +589,7 @@ class Trainer:
         finally:
             self._restore_signals(handlers)
             progress.close()
-            if self.frozen is not None:
-                self.frozen.restore()
-                self.frozen = None
+            self.restore_frozen_weights()
             if metrics is not None:
                 metrics.close()
         summary.step = self.state.step
@@ -747,6 +742,19 @@ class Trainer:
             return None
         write = d.save_weights
         return Collective(rank=d.rank, barrier=d.barrier, write_weights=lambda folder: write(self.module, folder))
+
+    def cast_frozen_weights(self) -> None:
+        """For the loop: on a CPU autocast's per-forward cast of frozen weights costs as much as the matmuls,
+        so they are cast once (`stitch.train.frozen`). Single process without LoRA only: the layouts and the
+        adapter merges read the weights as loaded."""
+        if (self.frozen is None and self.autocast_dtype is not None and self.device.type == "cpu"
+                and self.dist.parallelize is None and not self.cfg.lora.enabled):
+            self.frozen = FrozenLinearWeights(self.model, self.autocast_dtype)
+
+    def restore_frozen_weights(self) -> None:
+        if self.frozen is not None:
+            self.frozen.restore()
+            self.frozen = None
 
     def _original_weights(self):
         return self.frozen.original() if self.frozen is not None else contextlib.nullcontext()

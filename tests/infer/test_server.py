@@ -115,7 +115,9 @@ def served(ckpt, images_dir):
 
 
 def stitch_generate(capsys, ckpt, image: Path | None, prompt: str, max_new_tokens: int = MAX_TOKENS) -> str:
-    args = ["generate", str(ckpt), "--prompt", prompt, "--max-new-tokens", str(max_new_tokens), "--device", "cpu"]
+    # float32 as `served` loads it (the CLI's own default follows this CPU's measured bf16 speed)
+    args = ["generate", str(ckpt), "--prompt", prompt, "--max-new-tokens", str(max_new_tokens), "--device", "cpu",
+            "--dtype", "float32"]
     if image is not None:
         args += ["--image", str(image)]
     capsys.readouterr()

@@ -18,7 +18,8 @@ def tiny_config(ckpt: Path, out: Path, **sections) -> dict:
         "data": {"batch_size": 2, "num_workers": 0},
         "optim": {"lr": 1e-3, "max_grad_norm": 1.0},
         "schedule": {"warmup_steps": 2},
-        "train": {"steps": 4, "global_batch_size": 4, "device": "cpu"},
+        # fp32 pinned: "auto" picks bf16 on CPUs with fast bf16, and these tests compare losses across layouts
+        "train": {"steps": 4, "global_batch_size": 4, "device": "cpu", "precision": "fp32"},
         "checkpoint": {"every": 0},
         "log": {"progress": False, "plot": False},
     }
