@@ -8,14 +8,15 @@ the library's own code path: `stitch_build`, the data pipeline (LLaVA-style JSON
 `Trainer`, the eval harness and `stitch.generate`.
 
 It runs on a time budget, not a step count: a short timing of one training step sizes each stage so the
-LR schedule completes inside the budget.
+LR schedule completes inside the budget. The recipe depends on the machine (`RECIPES`: a GPU, a CPU with fast
+bf16, a CPU without it, as `stitch.device.compute_dtype` measures).
 Design choices that make a small CPU enough (each measured, see docs/quickstart.md): an encoder that learns fast
 from scratch (early convolutions to an 8x8 patch grid, `VisionConfig.patch_stem`, trained at a lower rate than
 the projector so colour does not swamp shape), most of a CPU's time in stage 1 where shape is learnt, 64 px
-images as one tile of 4 image tokens (pixel shuffle 0.25), stage-1 captions in LLaVA's short plain format
-(which starts with BOS, so no image token sits in the LLM's attention sink at position 0), a short system
-prompt stored in the checkpoint (so every later `generate`/`eval` asks the model the way it was trained), bf16
-autocast, and logits computed only where there are labels.
+images as one tile of 1 image token on a CPU (pixel shuffle 0.125; 4 tokens at 0.25 on a GPU), stage-1
+captions in LLaVA's plain format (which starts with BOS, so no image token sits in the LLM's attention sink at
+position 0), a short system prompt stored in the checkpoint (so every later `generate`/`eval` asks the model
+the way it was trained), and logits computed only where there are labels.
 """
 
 from __future__ import annotations
@@ -61,18 +62,20 @@ class Recipe:
     eval_reserve_min: float = 1.6  # minutes kept for scoring 1,000 questions (and the demo answers)
 
 
-# Sweeps at these budgets chose each: stage 1 is where the encoder learns shape (through the frozen LLM's caption
-# loss), so on a CPU it gets the larger share. On a GPU both stages run batch 64 through the whole LLM.
+# Sweeps at these budgets chose each (docs/quickstart.md): stage 1 is where the encoder learns shape (through the
+# frozen LLM's caption loss), so on a CPU it gets the larger share. On a GPU both stages run batch 64 through the
+# whole LLM. On a CPU one image token and short captions ("red circle") halve a stage-1 row and learnt shape
+# faster per step than four tokens and "A red circle." (68% vs 45% of test captions after ~300 steps of 32), and
+# SFT trains the last 8 of SmolLM2's 30 layers (the 49k-row tied embedding alone would dominate the optimizer).
 RECIPES = {
     "gpu": Recipe("gpu", StagePlan(0.3, 64, 1e-3), StagePlan(0.7, 64, 1e-4), eval_reserve_min=0.1),
-    # A CPU with fast bf16: SFT trains the last 8 of SmolLM2's 30 layers (a 4x cheaper step than the whole LLM,
-    # whose 49k-row tied embedding alone dominates the optimizer) at batch 16 (0.87 s/step against 1.9 for 32).
-    "cpu-bf16": Recipe("cpu-bf16", StagePlan(0.63, 32, 1e-3), StagePlan(0.37, 16, 2e-4, llm_last_layers=8)),
-    # A CPU without fast bf16 (about 4x less compute): one image token and short captions halve a stage-1 row;
-    # SFT adapts the last 8 layers on the stage-1 encoder and projector, frozen (half the step: the backward
-    # stops at layer 22), so stage 1, where shape is learnt, keeps most of the time.
-    "cpu-fp32": Recipe("cpu-fp32", StagePlan(0.75, 32, 1e-3), StagePlan(0.25, 16, 2e-4, llm_last_layers=8,
-                                                                          train_vision=False),
+    # Fast bf16: SFT keeps training the encoder (it improves shape further), at batch 16.
+    "cpu-bf16": Recipe("cpu-bf16", StagePlan(0.63, 32, 1e-3), StagePlan(0.37, 16, 2e-4, llm_last_layers=8),
+                       image_tokens=1, caption_style="short"),
+    # No fast bf16 (about 4x less compute): SFT on the stage-1 encoder and projector, frozen, so its backward
+    # stops at layer 22 (half the step), which buys the SFT steps the answer format and the priors need.
+    "cpu-fp32": Recipe("cpu-fp32", StagePlan(0.6, 32, 1e-3), StagePlan(0.4, 16, 2e-4, llm_last_layers=8,
+                                                                         train_vision=False),
                        image_tokens=1, caption_style="short", eval_reserve_min=2.5),
 }
 
