@@ -10,7 +10,7 @@ A resharded checkpoint is the usual folder (config.json, tokenizer files, ...) w
 layers are renumbered from 0 within their stage (Megatron's convention). Stage 0 holds the vision encoder,
 projector and token embeddings; the last stage the final norm and output layer (with tied embeddings and
 pp > 1, a copy of the embedding matrix as `llm.lm_head.weight`, as Megatron keeps one). Splitting rules are
-`stitch.parallel.plan`'s, the ones the runtime uses, so a rank folder is exactly what that rank holds.
+`stitch.layout`'s, the ones the runtime uses, so a rank folder is exactly what that rank holds.
 
 Reading merges lazily: `open_weights(path)` gives name -> full tensor for a plain or resharded folder, reading
 only the shards of the tensor asked for. Splits and merges are concatenations, so a round trip is bit-exact.
@@ -32,7 +32,7 @@ from stitch.checkpoint.io import LORA_FILE, TensorSource, atomic_dir, read_json,
 from stitch.checkpoint.store import build_model, is_stitch_checkpoint, load_config, model_state
 from stitch.config import VLMConfig
 from stitch.errors import CheckpointError, StitchConfigError
-from stitch.parallel.plan import (
+from stitch.layout import (
     Layout,
     global_name,
     local_name,

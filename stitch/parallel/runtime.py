@@ -21,12 +21,12 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from stitch.errors import StitchConfigError
+from stitch.layout import Layout
 from stitch.models.layers import RotaryEmbedding
 from stitch.models.vlm import VLM
 from stitch.parallel.fsdp import apply_fsdp, mixed_precision
 from stitch.parallel.mesh import ParallelMesh, build_mesh, init_distributed
 from stitch.parallel.pipeline import PipelineRunner, StageModule, microbatch_side
-from stitch.parallel.plan import Layout
 from stitch.parallel.tensor import apply_llm_tp, apply_vision_tp
 
 __all__ = ["parallelize", "ParallelModel", "StepOutput", "split_batch"]
@@ -333,7 +333,7 @@ class ParallelModel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from stitch.checkpoint.reshard import open_weights
-        from stitch.parallel.plan import to_live_shape
+        from stitch.layout import to_live_shape
 
         tensors = open_weights(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else source
         padded = self.layout.padded_heads(self.config)

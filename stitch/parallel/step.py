@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from stitch.parallel.plan import from_live_shape, stage_of
+from stitch.layout import from_live_shape, stage_of
 from stitch.parallel.runtime import ParallelModel
 
 __all__ = ["ParallelStepResult", "parallel_train_step", "parallel_eval", "trainer_hooks", "save_weights"]
@@ -118,7 +118,7 @@ def save_weights(pm: ParallelModel, out: str | Path) -> None:
     """
     from stitch.checkpoint.io import save_tensors
     from stitch.checkpoint.reshard import DiskLayout, rank_dir
-    from stitch.parallel.plan import local_name
+    from stitch.layout import local_name
 
     out = Path(out)
     cfg = pm.config
