@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from stitch.checkpoint.io import LORA_FILE, TensorSource, atomic_dir, read_json, save_tensors
-from stitch.checkpoint.store import build_model, is_stitch_checkpoint, load_config, model_state
+from stitch.checkpoint.lora import load_lora_model
+from stitch.checkpoint.weights import build_model, is_stitch_checkpoint, load_config, model_state
 from stitch.config import VLMConfig
 from stitch.errors import CheckpointError, StitchConfigError
 from stitch.layout import (
@@ -42,6 +43,7 @@ from stitch.layout import (
     stage_of,
     unpad_heads,
 )
+from stitch.models.lora import merge_lora
 
 __all__ = ["DiskLayout", "open_weights", "ReshardedSource", "write_layout", "reshard_checkpoint", "reshard",
            "reshard_arguments", "LAYOUT_FILE", "rank_dir"]
@@ -342,10 +344,7 @@ def reshard_checkpoint(
         raise CheckpointError(f"{src}: not a Stitch checkpoint (convert HF folders with `stitch import-hf` first)")
     cfg = load_config(src)
     if (src / LORA_FILE).is_file():  # adapters + a pointer to their base: the merged weights are what shards
-        from stitch.checkpoint.store import load_model
-        from stitch.train.lora import merge_lora
-
-        source = model_state(merge_lora(load_model(src)))
+        source = model_state(merge_lora(load_lora_model(src)))
     elif (src / LAYOUT_FILE).exists():
         source: Mapping = ReshardedSource(src, cfg)
         source.check_tied_copy()
