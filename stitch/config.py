@@ -1,21 +1,46 @@
-"""Typed model configs.
+"""Typed model configs, and the one reader of YAML config files.
 
 Every config is a pydantic model so a bad value fails at load time with the field's name, not deep inside a
-forward pass. Training/data/eval configs live beside these (see `stitch.train.config`) and import from here;
-this module imports nothing else of Stitch, so every other package may depend on it.
+forward pass. `LoRAConfig` lives here too, not with the training config, because both the adapter layers
+(`stitch.models.lora`) and the trainer read it. Training/data/eval configs live beside the code they drive (see
+`stitch.train.config`) and import from here. The YAML reader at the end (`base:` inheritance, `key=value`
+overrides, errors naming the file that set a field) serves every config file, so `stitch train` and
+`stitch data check` read a recipe identically. This module imports nothing of Stitch but `stitch.errors`, so
+every other package may depend on it.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stitch.errors import StitchConfigError
 
-__all__ = ["StitchConfigError", "LLMConfig", "VisionConfig", "ProjectorConfig", "VLMConfig", "validate"]
+__all__ = [
+    "StitchConfigError",
+    "LLMConfig",
+    "VisionConfig",
+    "ProjectorConfig",
+    "VLMConfig",
+    "LoRAConfig",
+    "validate",
+    "first_error",
+    "Provenance",
+    "merge_dicts",
+    "read_config_yaml",
+    "parse_config_overrides",
+    "load_yaml_config",
+]
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Base(BaseModel):
@@ -281,6 +306,37 @@ class VLMConfig(_Base):
         return validate(cls, data, source=str(path))
 
 
+class LoRAConfig(_Base):
+    """Low-rank adapters (LoRA) in place of full fine-tuning for some parts: the layers are `stitch.models.lora`,
+    their checkpoint files `stitch.checkpoint.lora`.
+
+    The listed `parts` keep their weights frozen and learn `W + (alpha / rank) * B @ A` on the chosen linear
+    layers instead, which cuts gradient and optimizer memory to a few percent. The projector is also frozen
+    unless `trainable` names it (it does by default: it is small and starts untrained). Checkpoints then
+    hold only the adapters and the fully trained modules, plus a pointer to the base checkpoint.
+    """
+
+    enabled: bool = False
+    parts: list[Literal["llm", "vision"]] = Field(default_factory=lambda: ["llm"], min_length=1)
+    # "attention" (q/k/v/o projections), "mlp" (gate/up/down, or the ViT's fc1/fc2), or explicit module names
+    # matched against the end of a module's name (`q_proj`, `self_attn.v_proj`, `attn.o_proj`, `mlp.fc1`).
+    modules: list[str] = Field(default_factory=lambda: ["attention", "mlp"], min_length=1)
+    rank: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)  # on the adapter's input only
+    # Modules (dotted names: `projector`, `llm.lm_head`, `llm.embed_tokens`, `vision.post_norm`, ...) that
+    # train fully beside the adapters; drop `projector` to freeze it too.
+    trainable: list[str] = Field(default_factory=lambda: ["projector"])
+
+    @model_validator(mode="after")
+    def _check(self) -> LoRAConfig:
+        if len(set(self.parts)) != len(self.parts):
+            raise ValueError(f"parts lists a part twice: {self.parts}")
+        if any(not m.strip() for m in self.modules):
+            raise ValueError("modules: empty module name")
+        return self
+
+
 def validate(cls: type[BaseModel], data: Any, source: str) -> Any:
     """Validate `data` as `cls`, turning pydantic's error into one that names `source` and the field path."""
     try:
@@ -295,3 +351,200 @@ def first_error(e: ValidationError) -> tuple[str, str]:
     first = e.errors()[0]
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     return ".".join(str(p) for p in first["loc"]), f"{first['msg']}{more}"
+
+
+# ------------------------------------------------------------------------------------------- YAML config files
+# One reader for every config file Stitch takes (training recipes, the data section `stitch data check` reads):
+# `base:` files merged underneath, `key=value` overrides from the command line on top, and errors that name the
+# file (or "command line") that set the offending field. It lives here, in the base layer, so the trainer and
+# the data tools share it without importing each other.
+class Provenance:
+    """Dotted key path -> where its value was last set (a YAML file or "command line")."""
+
+    def __init__(self) -> None:
+        self.where: dict[str, str] = {}
+
+    def mark(self, data: Any, source: str, prefix: str = "") -> None:
+        if prefix:
+            self.where[prefix] = source
+        if isinstance(data, dict):
+            for k, v in data.items():
+                self.mark(v, source, f"{prefix}.{k}" if prefix else str(k))
+
+    def lookup(self, loc: tuple, default: str) -> str:
+        parts = [str(p) for p in loc]
+        for n in range(len(parts), 0, -1):
+            key = ".".join(parts[:n])
+            if key in self.where:
+                return self.where[key]
+        return default
+
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    """Deep merge: dicts merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, prov: Provenance, chain: tuple[Path, ...] = ()) -> dict:
+    """Read `path` with its `base:` files merged underneath it."""
+    path = path.resolve()
+    if path in chain:
+        raise StitchConfigError(f"{path}: 'base' includes itself ({' -> '.join(str(p) for p in chain)})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise StitchConfigError(f"{path}: no such config file") from e
+    except UnicodeDecodeError as e:
+        raise StitchConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except yaml.YAMLError as e:
+        raise StitchConfigError(f"{path}: not valid YAML ({e})") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StitchConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    bases = [bases] if isinstance(bases, str) else bases or []
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise StitchConfigError(f"{path}: 'base' must be a config file name or a list of them")
+    merged: dict = {}
+    for base in bases:
+        merged = merge_dicts(merged, _read_yaml(path.parent / base, prov, (*chain, path)))
+    prov.mark(data, str(path))
+    return merge_dicts(merged, data)
+
+
+def read_config_yaml(path: str | Path) -> dict:
+    """A config file as a dict, its `base:` files merged underneath it (unvalidated; for tools that read one
+    section of a recipe, such as `stitch data check`)."""
+    return _read_yaml(Path(path), Provenance())
+
+
+def _field_annotation(schema: type[BaseModel], path: list[str]) -> Any:
+    """The annotation of a dotted field path in `schema` (None if the path is not a known field)."""
+    cls: Any = schema
+    ann: Any = None
+    for i, key in enumerate(path):
+        model = _model_class(cls)
+        if model is None:
+            # Inside a dict/list field the rest of the path is data, not schema.
+            return ann if i else None
+        if key not in model.model_fields:
+            raise KeyError(key)
+        ann = model.model_fields[key].annotation
+        cls = ann
+    return ann
+
+
+def _model_class(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(ann):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+def _is_str_field(ann: Any) -> bool:
+    if ann is str:
+        return True
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return args == [str]
+    return False
+
+
+def parse_config_overrides(pairs: list[str], schema: type[BaseModel]) -> dict:
+    """`["optim.lr=2e-5", "model.random_init=true"]` -> a nested dict, keys checked against `schema`. Values are
+    YAML (typed), except for string fields, which keep the text as written (so `output_dir=2024` stays a path)."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise StitchConfigError(f"command line: '{pair}' is not key=value")
+        path = key.split(".")
+        try:
+            ann = _field_annotation(schema, path)
+        except KeyError as e:
+            known = _known_keys(schema)
+            hint = difflib.get_close_matches(key, known, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise StitchConfigError(f"command line: unknown key '{key}'{extra}") from e
+        if _is_str_field(ann) and raw not in ("null", "~"):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError as e:
+                raise StitchConfigError(f"command line: '{key}': value is not valid YAML ({e})") from e
+            if isinstance(value, str) and _is_float_text(value):
+                value = float(value)  # YAML 1.1 reads "1e-4" as a string
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise StitchConfigError(f"command line: '{key}' sets inside a value that is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _known_keys(schema: type[BaseModel]) -> list[str]:
+    keys: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            full = f"{prefix}{name}"
+            keys.append(full)
+            sub = _model_class(f.annotation)
+            if sub is not None:
+                walk(sub, full + ".")
+
+    walk(schema, "")
+    return keys
+
+
+def load_yaml_config(schema: type[ModelT], path: str | Path | None, overrides: list[str] | None = None,
+                     data: dict | None = None) -> ModelT:
+    """Read a config file (with its bases), apply `key=value` overrides, and validate it as `schema`.
+
+    `data` (a dict) may stand in for the file, for programmatic use and tests. Errors name the file that set
+    the offending field (or "command line") and its dotted path.
+    """
+    prov = Provenance()
+    if path is not None:
+        merged = _read_yaml(Path(path), prov)
+        default_source = str(Path(path))
+    else:
+        merged = dict(data or {})
+        prov.mark(merged, "config")
+        default_source = "config"
+    if overrides:
+        over = parse_config_overrides(overrides, schema)
+        prov.mark(over, "command line")
+        merged = merge_dicts(merged, over)
+    try:
+        return schema.model_validate(merged)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = tuple(first["loc"])
+        field = ".".join(str(p) for p in loc) or "<root>"
+        source = prov.lookup(loc, default_source)
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            parent = _known_keys(schema)
+            hint = difflib.get_close_matches(field, parent, n=1)
+            msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        raise StitchConfigError(f"{source}: field '{field}': {msg}{more}") from e

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,11 +57,10 @@ class Bf16Probe:
         return self.fp32_s / self.bf16_s
 
 
-def _probe_work(dtype: torch.dtype) -> float:
-    """Best time of the probe's shapes in `dtype`: an LLM MLP's two matmuls and the batched products of attention
-    over short rows (SmolLM2-135M's widths, a few hundred tokens: what the CPU recipes run; short rows take
-    SDPA's math path, which is these products). A slow first bf16 run ends the repeats early, so an emulating
-    CPU pays ~0.1 s for its answer."""
+def _probe_work(dtype: torch.dtype) -> Callable[[], None]:
+    """The probe's shapes in `dtype`: an LLM MLP's two matmuls and the batched products of attention over short
+    rows (SmolLM2-135M's widths, a few hundred tokens: what the CPU recipes run; short rows take SDPA's math
+    path, which is these products)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 576, generator=g).to(dtype)
     up = torch.randn(576, 1536, generator=g).to(dtype)
@@ -71,23 +71,30 @@ def _probe_work(dtype: torch.dtype) -> float:
         (x @ up) @ down
         (q @ q.transpose(1, 2)) @ q
 
-    with torch.inference_mode():
-        work()  # first call: kernel selection and allocation, not timed
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            work()
-            best = min(best, time.perf_counter() - start)
-            if best > 0.05:  # already far slower than any fast path: no need for more repeats
-                break
-    return best
+    return work
+
+
+def _seconds(work: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 @functools.cache
 def probe_cpu_bf16() -> Bf16Probe:
-    """Time the probe in fp32 and bf16 on this CPU, once per process (cached)."""
-    return Bf16Probe(fp32_s=_probe_work(torch.float32), bf16_s=_probe_work(torch.bfloat16),
-                     threads=torch.get_num_threads())
+    """Time the probe in fp32 and bf16 on this CPU, once per process (cached). The two alternate and each keeps
+    its best time, so load from other processes weighs on both alike; an emulating CPU (bf16 10x slower in the
+    first round) stops there, paying about a second for its answer."""
+    fp32, bf16 = _probe_work(torch.float32), _probe_work(torch.bfloat16)
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    with torch.inference_mode():
+        fp32(), bf16()  # first calls: kernel selection and allocation, not timed
+        for _ in range(7):
+            best[torch.float32] = min(best[torch.float32], _seconds(fp32))
+            best[torch.bfloat16] = min(best[torch.bfloat16], _seconds(bf16))
+            if best[torch.bfloat16] > 10 * best[torch.float32]:
+                break
+    return Bf16Probe(fp32_s=best[torch.float32], bf16_s=best[torch.bfloat16], threads=torch.get_num_threads())
 
 
 @dataclass(frozen=True)

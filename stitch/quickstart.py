@@ -32,7 +32,19 @@ from typing import Any
 
 import torch
 
+import stitch
+from stitch.checkpoint.build import stitch_build
+from stitch.checkpoint.gguf import bundled_smollm2
+from stitch.data.config import DataConfig, DatasetSpec
+from stitch.data.sources import easy_vqa_records
+from stitch.device import compute_dtype
 from stitch.errors import StitchError
+from stitch.eval.runner import score_dataset
+from stitch.eval.tasks import SHORT_ANSWER, load_task, open_image
+from stitch.infer.generate import generate_batch
+from stitch.train.config import TrainConfig
+from stitch.train.log import plot_losses
+from stitch.train.trainer import Trainer, train_step
 
 SYSTEM_PROMPT = "Answer briefly."
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -115,9 +127,6 @@ def write_training_data(out: Path, caption_style: str = "long") -> dict[str, Any
     """LLaVA-style JSONL for both stages: captions (stage 1) and questions (stage 2). `caption_style` "long"
     writes "A red circle.", "short" writes "red circle" (half the caption tokens; a CPU without fast bf16 pays
     for every token of the frozen LLM's forward and backward)."""
-    from stitch.data.sources import easy_vqa_records
-    from stitch.eval.tasks import SHORT_ANSWER
-
     if caption_style not in ("long", "short"):
         raise StitchError(f"caption_style must be 'long' or 'short', got {caption_style!r}")
     train = easy_vqa_records("train")
@@ -142,10 +151,6 @@ def write_training_data(out: Path, caption_style: str = "long") -> dict[str, Any
 # ----------------------------------------------------------------------------------------------- eval
 def evaluate(model, processor, limit: int, batch_size: int, out_json: Path | None = None) -> dict[str, Any]:
     """Exact-match accuracy on the first `limit` easy-VQA test questions, through the eval harness."""
-    from stitch.eval.runner import score_dataset
-    from stitch.eval.tasks import load_task, open_image
-    from stitch.infer.generate import generate_batch
-
     data = load_task("easy-vqa", None, limit)
     predictions: dict[str, str] = {}
     was_training = model.training
@@ -171,9 +176,6 @@ def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps:
     trains the LLM alone, and its backward stops at the first trained layer). The encoder's rate is lower than the
     projector's: at 1e-3 the colour signal swamps it and shape is never learnt (a shape+colour classifier on
     it: 40% shape after 300 steps at 1e-3, 85% at 3e-4)."""
-    from stitch.data.config import DataConfig, DatasetSpec
-    from stitch.train.config import TrainConfig
-
     stage = "pretrain" if name == "pretrain" else "sft"
     return TrainConfig.model_validate({
         "output_dir": str(out / name),
@@ -203,8 +205,6 @@ def stage_config(name: str, out: Path, checkpoint: Path, data_file: Path, steps:
 
 def seconds_per_step(cfg) -> float:
     """Time real optimizer steps of a stage (after a warm-up one) on a throwaway copy of its setup."""
-    from stitch.train.trainer import Trainer, train_step
-
     trainer = Trainer(cfg, console_print=lambda *_: None)
     trainer.setup()
     trainer.cast_frozen_weights()  # as `fit` runs its loop
@@ -258,13 +258,6 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     replaces the time budget with fixed step counts."""
     from rich.console import Console
     from rich.table import Table
-
-    import stitch
-    from stitch.checkpoint.commands import stitch_build
-    from stitch.checkpoint.gguf import bundled_smollm2
-    from stitch.device import compute_dtype
-    from stitch.train.log import plot_losses
-    from stitch.train.trainer import Trainer
 
     t0 = time.time()
     if steps is not None and (len(steps) != 2 or min(steps) < 1):
@@ -385,9 +378,6 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
 
 def demo_answers(model, processor, out: Path) -> list[dict[str, str]]:
     """Answer three test images and a real photo from skimage.data (saved beside the results)."""
-    from stitch.data.sources import easy_vqa_records
-    from stitch.eval.tasks import SHORT_ANSWER
-
     demos = [(p, q) for p, q, _ in easy_vqa_records("test")[:3]]
     try:
         from PIL import Image
@@ -398,7 +388,6 @@ def demo_answers(model, processor, out: Path) -> list[dict[str, str]]:
         demos.append((str(photo), "what color is the shape?"))
     except ImportError:
         pass
-    import stitch
 
     answers = []
     for image, question in demos:

@@ -15,10 +15,20 @@ from typing import Any
 
 import torch
 
+from stitch.checkpoint.hf_vision import (
+    default_vision_layout,
+    find_vision_prefix,
+    vision_config_from_hf,
+    vision_config_to_hf,
+    vision_select_to_hf,
+    vision_state_from_hf,
+    vision_state_to_hf,
+)
 from stitch.checkpoint.io import TensorSource, read_json
 from stitch.checkpoint.names import PROJECTOR_TABLES, convert, expand, llm_pairs
 from stitch.config import LLMConfig, ProjectorConfig, VLMConfig
 from stitch.errors import CheckpointError
+from stitch.models.llm import LLM
 
 LLM_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -114,8 +124,6 @@ def _check_extras(source: TensorSource, used: set[str], path: Path) -> None:
 
 
 def expected_llm_shapes(cfg: LLMConfig, stitch_prefix: str = "") -> dict[str, tuple[int, ...]]:
-    from stitch.models.llm import LLM
-
     with torch.device("meta"):
         model = LLM(cfg)
     return {stitch_prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -150,8 +158,6 @@ VLM_ARCHITECTURES = ("InternVLForConditionalGeneration", "LlavaForConditionalGen
 
 
 def vlm_config_from_hf(hf: dict[str, Any], source: str) -> VLMConfig:
-    from stitch.checkpoint.hf_vision import vision_config_from_hf
-
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     text, vision = hf.get("text_config"), hf.get("vision_config")
@@ -188,8 +194,6 @@ def vlm_config_from_hf(hf: dict[str, Any], source: str) -> VLMConfig:
 
 def vlm_config_to_hf(cfg: VLMConfig, fmt: str) -> dict[str, Any]:
     import transformers
-
-    from stitch.checkpoint.hf_vision import vision_config_to_hf, vision_select_to_hf
 
     if fmt not in ("internvl", "llava"):
         raise CheckpointError(f"unknown export format '{fmt}' (internvl, llava)")
@@ -251,8 +255,6 @@ def _projector_pairs(cfg: VLMConfig, prefix: str) -> list[tuple[str, str]]:
 
 
 def vlm_state_from_hf(source: TensorSource, cfg: VLMConfig) -> dict[str, torch.Tensor]:
-    from stitch.checkpoint.hf_vision import find_vision_prefix, vision_state_from_hf
-
     where = source.origin
     try:
         layout = detect_vlm_layout(source)
@@ -277,8 +279,6 @@ def vlm_state_from_hf(source: TensorSource, cfg: VLMConfig) -> dict[str, torch.T
 
 
 def vlm_state_to_hf(state: dict[str, torch.Tensor], cfg: VLMConfig, fmt: str) -> dict[str, torch.Tensor]:
-    from stitch.checkpoint.hf_vision import default_vision_layout, vision_state_to_hf
-
     layout = VLM_LAYOUTS["hub"]
     out = llm_state_to_hf(state, cfg.llm, layout["llm"], layout["head"], "llm.")
     out.update(convert(state, _projector_pairs(cfg, layout["projector"]), "to_hf"))

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from stitch.config import VisionConfig
 from stitch.errors import CheckpointError
+from stitch.models.vision import VisionEncoder
 
 __all__ = [
     "VISION_LAYOUTS",
@@ -192,8 +193,6 @@ def _hf_name(layout: str, name: str) -> HFName:
 
 def _stitch_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Every Stitch tensor of an encoder built from `cfg`, with its shape (built on the meta device)."""
-    from stitch.models.vision import VisionEncoder
-
     with torch.device("meta"):
         model = VisionEncoder(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

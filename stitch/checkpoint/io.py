@@ -117,7 +117,7 @@ def save_tensors(state: Mapping[str, torch.Tensor], out_dir: Path, prefix: str =
 # Files whose presence marks a folder as one a Stitch command writes (a checkpoint, a resharded layout, an HF
 # export, a peft adapter): only such a folder, or an empty one, is replaced wholesale by a new output.
 OUTPUT_MARKERS = ("config.json", "layout.json", "adapter_config.json")
-# The file that marks a LoRA checkpoint: adapters plus a pointer to their base (written by stitch.train.lora).
+# The file that marks a LoRA checkpoint: adapters plus a pointer to their base (written by stitch.checkpoint.lora).
 LORA_FILE = "lora.json"
 
 

@@ -10,7 +10,7 @@ A resharded checkpoint is the usual folder (config.json, tokenizer files, ...) w
 layers are renumbered from 0 within their stage (Megatron's convention). Stage 0 holds the vision encoder,
 projector and token embeddings; the last stage the final norm and output layer (with tied embeddings and
 pp > 1, a copy of the embedding matrix as `llm.lm_head.weight`, as Megatron keeps one). Splitting rules are
-`stitch.parallel.plan`'s, the ones the runtime uses, so a rank folder is exactly what that rank holds.
+`stitch.layout`'s, the ones the runtime uses, so a rank folder is exactly what that rank holds.
 
 Reading merges lazily: `open_weights(path)` gives name -> full tensor for a plain or resharded folder, reading
 only the shards of the tensor asked for. Splits and merges are concatenations, so a round trip is bit-exact.
@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from stitch.checkpoint.io import LORA_FILE, TensorSource, atomic_dir, read_json, save_tensors
-from stitch.checkpoint.store import build_model, is_stitch_checkpoint, load_config, model_state
+from stitch.checkpoint.lora import load_lora_model
+from stitch.checkpoint.weights import build_model, is_stitch_checkpoint, load_config, model_state
 from stitch.config import VLMConfig
 from stitch.errors import CheckpointError, StitchConfigError
-from stitch.parallel.plan import (
+from stitch.layout import (
     Layout,
     global_name,
     local_name,
@@ -42,6 +43,7 @@ from stitch.parallel.plan import (
     stage_of,
     unpad_heads,
 )
+from stitch.models.lora import merge_lora
 
 __all__ = ["DiskLayout", "open_weights", "ReshardedSource", "write_layout", "reshard_checkpoint", "reshard",
            "reshard_arguments", "LAYOUT_FILE", "rank_dir"]
@@ -342,10 +344,7 @@ def reshard_checkpoint(
         raise CheckpointError(f"{src}: not a Stitch checkpoint (convert HF folders with `stitch import-hf` first)")
     cfg = load_config(src)
     if (src / LORA_FILE).is_file():  # adapters + a pointer to their base: the merged weights are what shards
-        from stitch.checkpoint.store import load_model
-        from stitch.train.lora import merge_lora
-
-        source = model_state(merge_lora(load_model(src)))
+        source = model_state(merge_lora(load_lora_model(src)))
     elif (src / LAYOUT_FILE).exists():
         source: Mapping = ReshardedSource(src, cfg)
         source.check_tied_copy()

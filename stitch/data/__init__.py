@@ -7,8 +7,8 @@ Modules (import the one you need; nothing heavy is imported here):
 - `chat`: chat-template rendering with exact loss labels; image placeholder expansion (tile tags, wrappers).
 - `prompts`: prompt-variety files (task -> variant -> templates).
 - `sources`: LLaVA JSON/JSONL, captioning/VQA records, WebDataset shards, Energon folders, easy-vqa.
-- `blend`: metadataset YAML, weighted deterministic interleaving, per-rank/worker streams, exact resume
-  (`build_train_stream`).
+- `blend`: weighted deterministic interleaving, per-rank/worker streams, exact resume (`build_train_stream`).
 - `packing`, `collate`: padded and packed batches (CONTRACTS.md layout).
-- `config`: `DataConfig` / `DatasetSpec`; `skips`: skip reasons and counters; `check`: `stitch data check`.
+- `metadataset`: `DatasetSpec` and blend YAML files (`load_blend`); `config`: `DataConfig`; `skips`: skip reasons
+  and counters; `check`: `stitch data check`.
 """

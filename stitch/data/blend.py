@@ -32,25 +32,23 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import ValidationError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stitch.config import first_error
 from stitch.data.collate import Sample, collate
-from stitch.data.config import DataConfig, DatasetSpec
+from stitch.data.config import DataConfig
+from stitch.data.metadataset import DatasetSpec, load_blend
 from stitch.data.packing import pack_greedy_stream
 from stitch.data.prompts import PromptLibrary, sample_seed
 from stitch.data.skips import SampleError, SkipStats
 from stitch.data.sources import Source, open_source
 from stitch.errors import DataError
 
+# `load_blend` is `stitch.data.metadataset`'s, re-exported where it has always been found.
 __all__ = [
     "load_blend",
     "WeightedSchedule",
@@ -62,74 +60,6 @@ __all__ = [
 ]
 
 STATE_VERSION = 1
-
-
-# --------------------------------------------------------------------------- blend files
-def load_blend(path: str | Path, split: str = "train", _chain: tuple[Path, ...] = ()) -> list[DatasetSpec]:
-    """The datasets of `split` in a metadataset YAML (seed-system/Energon layout), paths made absolute.
-
-    Layout: `splits: {train: {datasets: [{weight, path, subflavors}, ...]}, val: {...}}` (`__module__` and
-    `__class__` are accepted and ignored; `blend:` is read as an alias of `datasets:`). Weights are relative.
-    An entry whose path is another metadataset YAML is flattened into it, its weights scaled to the entry's.
-    Entries may carry Stitch keys beside the Energon ones: kind, prompt_task, prompt_variant, image_root,
-    split, limit, name.
-    """
-    path = Path(path)
-    if path.resolve() in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
-        raise DataError(f"{path}: the blend includes itself ({cycle})")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: blend file not found") from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("splits"), dict):
-        raise DataError(f"{path}: expected a metadataset with 'splits: {{train: {{datasets: [...]}}}}'")
-    part = doc["splits"].get(split)
-    if not isinstance(part, dict):
-        raise DataError(f"{path}: no split {split!r} (have {', '.join(doc['splits'])})")
-    entries = part.get("datasets", part.get("blend"))
-    if not isinstance(entries, list) or not entries:
-        raise DataError(f"{path}: splits.{split}.datasets must be a non-empty list")
-    out: list[DatasetSpec] = []
-    for i, entry in enumerate(entries):
-        where = f"{path}: splits.{split}.datasets[{i}]"
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise DataError(f"{where}: each dataset needs a 'path'")
-        entry = dict(entry)
-        try:
-            weight = float(entry.pop("weight", 1.0))
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{where}: weight must be a number") from e
-        if not math.isfinite(weight) or weight <= 0:
-            raise DataError(f"{where}: weight must be a finite number > 0, got {weight}")
-        entry_path = str(entry["path"])
-        if not entry_path.startswith("easy-vqa") and not Path(entry_path).is_absolute():
-            entry_path = str((path.parent / entry_path).resolve())
-        if entry_path.endswith((".yaml", ".yml")):  # nested metadataset
-            ignored = sorted(set(entry) - {"path", "__module__", "__class__", "subflavors"})
-            if ignored:
-                raise DataError(f"{where}: a nested blend entry takes only path and weight; {ignored[0]!r} would be "
-                                "ignored (set it on the inner blend's datasets)")
-            inner = load_blend(entry_path, split, (*_chain, path.resolve()))
-            total = sum(d.weight for d in inner)
-            out.extend(d.model_copy(update={"weight": weight * d.weight / total}) for d in inner)
-            continue
-        if entry.get("image_root") and not Path(entry["image_root"]).is_absolute():
-            entry["image_root"] = str((path.parent / entry["image_root"]).resolve())
-        if "split_part" in entry:  # Energon's name for the split of a prepared dataset
-            entry["split"] = entry.pop("split_part")
-        entry.update(path=entry_path, weight=weight)
-        entry["subflavors"] = entry.get("subflavors") or {}
-        try:
-            out.append(DatasetSpec.model_validate(entry))
-        except ValidationError as e:  # name the entry and the field
-            field, msg = first_error(e)
-            raise DataError(f"{where}.{field or 'entry'}: {msg}") from e
-    return out
 
 
 # --------------------------------------------------------------------------- ordering primitives

@@ -19,6 +19,11 @@ from typing import Any
 
 import yaml
 
+from stitch.config import LLMConfig, VisionConfig, VLMConfig, read_config_yaml
+from stitch.data.blend import DataStream
+from stitch.data.chat import IGNORE_INDEX
+from stitch.data.config import DataConfig
+from stitch.data.processor import Processor
 from stitch.errors import DataError, StitchError
 
 __all__ = ["check", "check_arguments", "run_check", "default_config"]
@@ -70,10 +75,9 @@ def check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- inputs
 def load_data_config(source: str):
     """The DataConfig of a blend YAML, a training config or a dataset path, resolved as `stitch train`
-    resolves it: a training config with its `base:` files merged (`stitch.train.config.read_config_yaml`), and
-    relative paths taken from the current folder (a blend's own entries from the blend's folder)."""
-    from stitch.data.config import DataConfig
-
+    resolves it: a training config with its `base:` files merged (`stitch.config.read_config_yaml`, the
+    reader `stitch train` uses too), and relative paths taken from the current folder (a blend's own entries
+    from the blend's folder)."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml"):
         try:
@@ -87,8 +91,6 @@ def load_data_config(source: str):
         if isinstance(doc, dict) and "splits" in doc:
             return DataConfig(blend=str(path))
         if isinstance(doc, dict) and ("data" in doc or "base" in doc):  # a training config: the data it trains on
-            from stitch.train.config import read_config_yaml
-
             section = read_config_yaml(path).get("data", {})
             return DataConfig.from_dict(section, source=f"{path}: data")
         if not isinstance(doc, dict):
@@ -100,8 +102,6 @@ def load_data_config(source: str):
 def default_config(vocab_size: int):
     """The layout checked when no checkpoint is given: InternViT-300M-like 448px tiles (256 tokens each),
     6 tiles + thumbnail, NVLM tile tags and wrapper."""
-    from stitch.config import LLMConfig, VisionConfig, VLMConfig
-
     return VLMConfig(
         vision=VisionConfig(kind="internvit", image_size=448, patch_size=14, hidden_size=1024,
                             intermediate_size=4096, num_layers=24, num_heads=16),
@@ -119,8 +119,6 @@ def bundled_smollm2() -> Path | None:
 
 
 def load_processor(checkpoint: str | None, tokenizer: str | None):
-    from stitch.data.processor import Processor
-
     if checkpoint:
         return Processor.from_pretrained(checkpoint)
     from transformers import AutoTokenizer
@@ -142,8 +140,6 @@ def load_processor(checkpoint: str | None, tokenizer: str | None):
 def run_check(data_cfg, processor, samples: int = 200, show: int = 2, seed: int = 0,
               source: str = "") -> dict[str, Any]:
     """Draw `samples` samples as training would and return the report (a JSON-ready dict)."""
-    from stitch.data.blend import DataStream
-
     limit, min_attempts = data_cfg.max_skip_fraction, data_cfg.skip_check_after
     specs = data_cfg.resolve_datasets()
     # Judge skips here, after drawing, instead of stopping at the first dataset over the limit.
@@ -206,8 +202,6 @@ def summary(values: list[int], top: int | None = None, bins: int = 8) -> dict[st
 
 def render_sample(sample, processor) -> dict[str, Any]:
     """The sample's text split into runs of (text, trained?), image tokens collapsed to one marker per run."""
-    from stitch.data.chat import IGNORE_INDEX
-
     ids = sample.input_ids.tolist()
     lab = sample.labels.tolist() if sample.labels is not None else [IGNORE_INDEX] * len(ids)
     img = processor.image_token_id

@@ -14,49 +14,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stitch.config import validate
+from stitch.data.metadataset import DatasetSpec, SourceKind, load_blend
+from stitch.errors import DataError
 
+# `DatasetSpec` and `SourceKind` are `stitch.data.metadataset`'s, re-exported where they have always been found.
 __all__ = ["DatasetSpec", "DataConfig", "SourceKind"]
-
-SourceKind = Literal["auto", "llava", "captioning", "vqa", "webdataset", "energon", "easy-vqa"]
 
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class DatasetSpec(_Base):
-    """One dataset of a blend.
-
-    `path` is a LLaVA-style `.json`/`.jsonl` file, a WebDataset `.tar` (or a folder of them, or a brace
-    pattern such as `shards/data-{000..009}.tar`), an Energon-prepared folder (has `.nv-meta/`), or
-    `easy-vqa[:train|test]` for the bundled set. Relative paths are relative to the blend file.
-    Captioning/VQA records have no conversation of their own; they are turned into one with a prompt drawn
-    from `prompt_task`/`prompt_variant` of the prompt file (default: Captioning / VQASFT).
-    """
-
-    path: str
-    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    kind: SourceKind = "auto"
-    # Energon passes subflavors to its task encoder; we keep them (and read our own keys from them, so a
-    # seed-system blend can carry `prompt_task` etc. without new fields).
-    subflavors: dict[str, Any] = Field(default_factory=dict)
-    prompt_task: str | None = None
-    prompt_variant: str | None = None
-    image_root: str | None = None  # base folder for relative image paths (default: the file's folder)
-    split: str = "train"  # Energon split part / easy-vqa split
-    limit: int | None = Field(default=None, gt=0)  # use only the first N records (debugging, smoke runs)
-    name: str | None = None  # shown in reports; default: the path
-
-    @property
-    def display_name(self) -> str:
-        return self.name or self.path
-
-    def option(self, key: str, default: Any = None) -> Any:
-        """A per-dataset option: the field if set, else the subflavor of the same name, else `default`."""
-        value = getattr(self, key, None) if key in type(self).model_fields else None
-        if value is not None:
-            return value
-        return self.subflavors.get(key, default)
 
 
 class DataConfig(_Base):
@@ -100,15 +66,11 @@ class DataConfig(_Base):
     def resolve_datasets(self, base_dir: str | Path | None = None) -> list[DatasetSpec]:
         """The datasets of this config's split, with paths made absolute (blend file or `base_dir` relative)."""
         if self.blend is not None:
-            from stitch.data.blend import load_blend
-
             blend_path = Path(self.blend)
             if base_dir is not None and not blend_path.is_absolute():
                 blend_path = Path(base_dir) / blend_path
             return load_blend(blend_path, split=self.split)
         if not self.datasets:
-            from stitch.errors import DataError
-
             raise DataError("data config: no datasets (set 'blend' or 'datasets')")
         base = Path(base_dir) if base_dir is not None else None
         return [_absolute(d, base) for d in self.datasets]

@@ -37,8 +37,8 @@ from typing import Any
 
 import yaml
 
-from stitch.data.config import DatasetSpec
 from stitch.data.image import ImageInput
+from stitch.data.metadataset import DatasetSpec
 from stitch.data.prompts import PromptLibrary
 from stitch.data.skips import SampleError
 from stitch.errors import DataError

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stitch.device import compute_dtype
+from stitch.data.skips import SampleError
+from stitch.device import compute_dtype, resolve_device
 from stitch.errors import DataError, StitchError
 from stitch.eval import metrics
 from stitch.eval.tasks import TASKS, Sample, TaskData, get_task, load_task, open_image
+from stitch.infer.pretrained import load_pretrained
 
 # Keys a predictions row may use for its id and its text (other systems write them differently).
 ID_KEYS = ("id", "question_id", "questionId", "pid")
@@ -414,8 +416,6 @@ def eval_cmd(args: argparse.Namespace) -> int:
     for flag, path in (("--predictions", pred_path), ("--out", out)):
         if path.is_dir():
             raise StitchError(f"{flag} {path}: is a folder; give a file path")
-    from stitch.device import resolve_device
-
     args.device = resolve_device(args.device)  # checked before the data and the model load
 
     data = load_task(task.name, args.data, limit=args.limit)
@@ -448,12 +448,9 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-
-    import stitch
-
     device = args.device  # resolved by the caller
     compute = compute_dtype(device, args.dtype)
-    model, processor = stitch.load(args.ckpt, device=device, dtype=compute.dtype)
+    model, processor = load_pretrained(args.ckpt, device=device, dtype=compute.dtype)
     print(f"stitch eval: {compute}", file=sys.stderr)
     if hasattr(model, "eval"):
         model.eval()
@@ -464,8 +461,7 @@ def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_toke
     """Generate answers for `todo`, appending one JSONL row per sample; returns the ids it could not run, by
     reason (an unreadable image, a sample the processor refuses, one longer than the model's context): those
     are skipped and counted by the caller, and the rest of their batch still runs."""
-    from stitch.data.skips import SampleError
-
+    # Imported at call time, so a stand-in generation module (the eval tests install one in sys.modules) is used.
     try:
         from stitch.infer.generate import generate_batch
     except ImportError as e:

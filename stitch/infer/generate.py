@@ -17,6 +17,7 @@ from typing import Any
 from stitch.device import DTYPES, compute_dtype, resolve_device
 from stitch.errors import StitchError
 from stitch.infer.engine import Completion, Engine, Event, Request, RequestHandle, eos_token_ids
+from stitch.infer.pretrained import load_pretrained
 from stitch.infer.sampling import SamplingParams
 
 __all__ = [
@@ -165,15 +166,13 @@ def generate_cmd(args: argparse.Namespace) -> int:
     Example:
       stitch generate ckpt/sft --image cat.jpg --prompt "What animal is this?" --max-new-tokens 64 --stream
     """
-    import stitch
-
     for path in args.image:
         if not Path(path).is_file():
             raise StitchError(f"{path}: no such image file")
     torch_device = resolve_device(args.device)
     compute = compute_dtype(torch_device, args.dtype)
     try:
-        model, processor = stitch.load(args.checkpoint, device=torch_device, dtype=compute.dtype)
+        model, processor = load_pretrained(args.checkpoint, device=torch_device, dtype=compute.dtype)
     except StitchError:
         raise
     except (OSError, ValueError, KeyError) as e:

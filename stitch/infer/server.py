@@ -49,13 +49,18 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
+from stitch.data.chat import IMAGE_PLACEHOLDER
+from stitch.data.skips import SampleError
+from stitch.device import compute_dtype, resolve_device
 from stitch.errors import StitchError
+from stitch.infer.engine import Completion, Engine, Event, RequestHandle
+from stitch.infer.engine import Request as EngineRequest
+from stitch.infer.generate import get_engine
+from stitch.infer.pretrained import load_pretrained
+from stitch.infer.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-
-    from stitch.infer.engine import Completion, Engine, Event, RequestHandle
-    from stitch.infer.engine import Request as EngineRequest
 
 __all__ = ["Limits", "APIError", "ChatJob", "parse_chat_request", "decode_image", "create_app", "serve",
            "serve_arguments"]
@@ -64,7 +69,6 @@ log = logging.getLogger("stitch.serve")
 
 MiB = 1 << 20
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what OpenAI's vision API takes, plus BMP
-IMAGE_PLACEHOLDER = "<image>"  # stitch.data.chat.IMAGE_PLACEHOLDER (not imported: that module pulls in torch)
 # A token is rarely longer than this many characters; text beyond `context * this` is refused before it is
 # tokenised (tokenising megabytes only to say "too long" would be a cheap way to keep the server busy).
 MAX_CHARS_PER_TOKEN = 64
@@ -477,8 +481,6 @@ class Service:
 
     def __init__(self, model, processor, model_name: str, limits: Limits, local_images: Path | None = None,
                  engine: Engine | None = None):
-        from stitch.infer.generate import get_engine
-
         self.model_name = model_name
         self.limits = limits
         self.local_images = Path(local_images) if local_images is not None else None
@@ -506,9 +508,6 @@ class Service:
     # ----------------------------------------------------------------- requests
     def prepare(self, body: bytes) -> tuple[ChatJob, EngineRequest]:
         """Parse, decode images, tokenise and check lengths (runs in a worker thread: it is CPU work)."""
-        from stitch.data.skips import SampleError
-        from stitch.infer.sampling import SamplingParams
-
         job = parse_chat_request(body, self.model_name, self.limits, self.local_images)
         chars = sum(len(m["content"]) for m in job.conversation)
         if chars > self.context * MAX_CHARS_PER_TOKEN:
@@ -793,10 +792,6 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise StitchError(f"stitch serve needs FastAPI and uvicorn: pip install 'stitch-vlm[serve]' ({e})") from e
 
-    import stitch
-    from stitch.device import compute_dtype, resolve_device
-    from stitch.infer.generate import get_engine
-
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise StitchError(f"{ckpt}: not a checkpoint folder")
@@ -816,7 +811,7 @@ def serve(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     compute = compute_dtype(device, args.dtype)
     try:
-        model, processor = stitch.load(ckpt, device=device, dtype=compute.dtype)
+        model, processor = load_pretrained(ckpt, device=device, dtype=compute.dtype)
     except StitchError:
         raise
     except (OSError, ValueError, KeyError) as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from stitch.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from stitch.errors import StitchConfigError
+from stitch.models.vision import VISION_PRESETS
 
 _QWEN = dict(family="qwen2", attention_bias=True, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768)
 
@@ -59,8 +60,6 @@ VLM_PRESETS: dict[str, tuple[str, str, ProjectorConfig, dict]] = {
 
 
 def vision_preset(name: str) -> VisionConfig:
-    from stitch.models.vision import VISION_PRESETS
-
     if name not in VISION_PRESETS:
         raise StitchConfigError(f"unknown vision preset '{name}' (known: {', '.join(sorted(VISION_PRESETS))})")
     return VISION_PRESETS[name].model_copy(deep=True)

@@ -99,3 +99,15 @@ class VLM(nn.Module):
             seen = {id(p): p.numel() for p in part.parameters()}
             counts[name] = sum(seen.values())
         return counts
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage, and HF omits them too).
+
+    Defined with the model rather than with the checkpoint code because the adapter merge
+    (`stitch.models.lora.merged_state_dict`) needs it too; `stitch.checkpoint.store` re-exports it."""
+    state = model.state_dict()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and cfg.llm.tie_word_embeddings:
+        state.pop("llm.lm_head.weight", None)
+    return state

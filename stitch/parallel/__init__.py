@@ -1,7 +1,8 @@
 """Parallelism applied to a built model, never written into it (see docs/parallel.md).
 
-`parallelize(model, parallel_cfg)` returns a `ParallelModel`; `plan` holds the layout rules shared with
-`stitch reshard`. Attributes are imported lazily so that `stitch.parallel.plan` stays cheap to import.
+`parallelize(model, parallel_cfg)` returns a `ParallelModel`. The layout rules it shares with `stitch reshard`
+live below both, in `stitch.layout` (re-exported here as `Layout`). Attributes are imported lazily so that
+`import stitch.parallel` stays cheap.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ _WHERE = {
     "ParallelModel": "stitch.parallel.runtime",
     "StepOutput": "stitch.parallel.runtime",
     "split_batch": "stitch.parallel.runtime",
-    "Layout": "stitch.parallel.plan",
+    "Layout": "stitch.layout",
     "save_dcp": "stitch.parallel.dcp",
     "load_dcp": "stitch.parallel.dcp",
 }

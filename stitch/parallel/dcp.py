@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from stitch.errors import CheckpointError
-from stitch.parallel.plan import pad_heads, shard_rule, unpad_heads
+from stitch.layout import pad_heads, shard_rule, unpad_heads
 from stitch.parallel.runtime import ParallelModel
 
 __all__ = ["save_dcp", "load_dcp"]

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from stitch.parallel.plan import Layout
+from stitch.layout import Layout
 
 __all__ = ["ParallelMesh", "build_mesh", "init_distributed", "default_device"]
 

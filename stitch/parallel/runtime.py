@@ -20,13 +20,15 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from stitch.checkpoint.reshard import open_weights
+from stitch.checkpoint.store import materialize_buffers
 from stitch.errors import StitchConfigError
+from stitch.layout import Layout, to_live_shape
 from stitch.models.layers import RotaryEmbedding
 from stitch.models.vlm import VLM
 from stitch.parallel.fsdp import apply_fsdp, mixed_precision
 from stitch.parallel.mesh import ParallelMesh, build_mesh, init_distributed
 from stitch.parallel.pipeline import PipelineRunner, StageModule, microbatch_side
-from stitch.parallel.plan import Layout
 from stitch.parallel.tensor import apply_llm_tp, apply_vision_tp
 
 __all__ = ["parallelize", "ParallelModel", "StepOutput", "split_batch"]
@@ -332,9 +334,6 @@ class ParallelModel:
         mapping of canonical tensors) into this rank's shards. Each rank reads only the tensors it holds."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from stitch.checkpoint.reshard import open_weights
-        from stitch.parallel.plan import to_live_shape
-
         tensors = open_weights(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else source
         padded = self.layout.padded_heads(self.config)
         state = {}
@@ -348,8 +347,6 @@ class ParallelModel:
 
 def _materialize(model: VLM, stages: list[StageModule], device: torch.device) -> None:
     """Allocate a meta-built model's local shards (uninitialised) and recompute its non-persistent buffers."""
-    from stitch.checkpoint.store import materialize_buffers
-
     for stage in stages:  # through the FSDP roots, so FSDP re-points its sharded storage
         stage.to_empty(device=device)
     # to_empty left the RoPE tables allocated but garbage: make them meta again so they are recomputed.

@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from stitch.parallel.plan import from_live_shape, stage_of
-from stitch.parallel.runtime import ParallelModel
+from stitch.checkpoint.io import save_tensors
+from stitch.checkpoint.reshard import DiskLayout, rank_dir
+from stitch.layout import from_live_shape, local_name, stage_of
+from stitch.parallel.runtime import ParallelModel, parallelize
 
 __all__ = ["ParallelStepResult", "parallel_train_step", "parallel_eval", "trainer_hooks", "save_weights"]
 
@@ -84,8 +86,6 @@ def trainer_hooks(parallel_cfg: Any) -> dict[str, Any]:
     mesh order (pp, dp_replicate, dp_shard, tp), so TP and PP ranks of one data rank read the same data),
     `parallelize`, and the step and evaluation functions that let the layout drive the micro-batches.
     """
-    from stitch.parallel.runtime import parallelize
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
 
@@ -116,10 +116,6 @@ def save_weights(pm: ParallelModel, out: str | Path) -> None:
     them, and `stitch.parallel` / `stitch reshard` read the folder as is. The folder is not written
     atomically; write to a fresh path and rename after the final barrier.
     """
-    from stitch.checkpoint.io import save_tensors
-    from stitch.checkpoint.reshard import DiskLayout, rank_dir
-    from stitch.parallel.plan import local_name
-
     out = Path(out)
     cfg = pm.config
     layout = pm.layout

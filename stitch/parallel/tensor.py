@@ -8,7 +8,7 @@ output layer: logits stay sharded on the vocabulary and `vocab_parallel_loss_sum
 under `loss_parallel`, so full logits are never gathered.
 
 The ViT gets its own degree (`vision_tp`, 1 = replicated). Its heads are zero-padded to a multiple of it (see
-`stitch.parallel.plan`), and InternViT-6B's QK-norm, which normalises over the full width, is replaced by
+`stitch.layout`), and InternViT-6B's QK-norm, which normalises over the full width, is replaced by
 `ShardedQKNorm`: it sums squares over the rank's slice, all-reduces the sum and divides by the real width.
 """
 
@@ -21,10 +21,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from stitch.layout import pad_heads
 from stitch.models.llm import chunked_cross_entropy_sum, labelled_positions
 from stitch.models.vision import VisionAttention, VisionEncoder
 from stitch.models.vlm import VLM
-from stitch.parallel.plan import pad_heads
 
 __all__ = ["apply_llm_tp", "apply_vision_tp", "pad_vision_heads", "ShardedQKNorm", "vocab_parallel_loss_sum"]
 

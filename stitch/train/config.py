@@ -15,15 +15,13 @@ trainer only checks they are 1).
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stitch.config import LoRAConfig, load_yaml_config, parse_config_overrides, read_config_yaml
 from stitch.data.config import DataConfig
 from stitch.errors import StitchConfigError
 
@@ -42,6 +40,7 @@ __all__ = [
     "SyntheticConfig",
     "load_config",
     "parse_overrides",
+    "read_config_yaml",
     "PARTS",
 ]
 
@@ -97,36 +96,6 @@ class UnfreezeConfig(_Base):
     # The projector trains in every stage by default; False freezes it (an SFT that adapts only the LLM on an
     # aligned projector, where the backward then stops at the first trained LLM layer).
     projector: bool = True
-
-
-class LoRAConfig(_Base):
-    """Low-rank adapters (LoRA, `stitch.train.lora`) in place of full fine-tuning for some parts.
-
-    The listed `parts` keep their weights frozen and learn `W + (alpha / rank) * B @ A` on the chosen linear
-    layers instead, which cuts gradient and optimizer memory to a few percent. The projector is also frozen
-    unless `trainable` names it (it does by default: it is small and starts untrained). Checkpoints then
-    hold only the adapters and the fully trained modules, plus a pointer to the base checkpoint.
-    """
-
-    enabled: bool = False
-    parts: list[Literal["llm", "vision"]] = Field(default_factory=lambda: ["llm"], min_length=1)
-    # "attention" (q/k/v/o projections), "mlp" (gate/up/down, or the ViT's fc1/fc2), or explicit module names
-    # matched against the end of a module's name (`q_proj`, `self_attn.v_proj`, `attn.o_proj`, `mlp.fc1`).
-    modules: list[str] = Field(default_factory=lambda: ["attention", "mlp"], min_length=1)
-    rank: int = Field(default=16, gt=0)
-    alpha: float = Field(default=32.0, gt=0)  # the update is scaled by alpha / rank
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)  # on the adapter's input only
-    # Modules (dotted names: `projector`, `llm.lm_head`, `llm.embed_tokens`, `vision.post_norm`, ...) that
-    # train fully beside the adapters; drop `projector` to freeze it too.
-    trainable: list[str] = Field(default_factory=lambda: ["projector"])
-
-    @model_validator(mode="after")
-    def _check(self) -> LoRAConfig:
-        if len(set(self.parts)) != len(self.parts):
-            raise ValueError(f"parts lists a part twice: {self.parts}")
-        if any(not m.strip() for m in self.modules):
-            raise ValueError("modules: empty module name")
-        return self
 
 
 class OptimConfig(_Base):
@@ -341,161 +310,12 @@ class TrainConfig(_Base):
 
 
 # ------------------------------------------------------------------------------------------- loading
-class _Provenance:
-    """Dotted key path -> where its value was last set (a YAML file or "command line")."""
-
-    def __init__(self) -> None:
-        self.where: dict[str, str] = {}
-
-    def mark(self, data: Any, source: str, prefix: str = "") -> None:
-        if prefix:
-            self.where[prefix] = source
-        if isinstance(data, dict):
-            for k, v in data.items():
-                self.mark(v, source, f"{prefix}.{k}" if prefix else str(k))
-
-    def lookup(self, loc: tuple, default: str) -> str:
-        parts = [str(p) for p in loc]
-        for n in range(len(parts), 0, -1):
-            key = ".".join(parts[:n])
-            if key in self.where:
-                return self.where[key]
-        return default
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """Deep merge: dicts merge key by key, anything else (lists included) is replaced."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_yaml(path: Path, prov: _Provenance, chain: tuple[Path, ...] = ()) -> dict:
-    """Read `path` with its `base:` files merged underneath it."""
-    path = path.resolve()
-    if path in chain:
-        raise StitchConfigError(f"{path}: 'base' includes itself ({' -> '.join(str(p) for p in chain)})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise StitchConfigError(f"{path}: no such config file") from e
-    except UnicodeDecodeError as e:
-        raise StitchConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except yaml.YAMLError as e:
-        raise StitchConfigError(f"{path}: not valid YAML ({e})") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise StitchConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
-    bases = data.pop("base", None)
-    bases = [bases] if isinstance(bases, str) else bases or []
-    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-        raise StitchConfigError(f"{path}: 'base' must be a config file name or a list of them")
-    merged: dict = {}
-    for base in bases:
-        merged = _merge(merged, _read_yaml(path.parent / base, prov, (*chain, path)))
-    prov.mark(data, str(path))
-    return _merge(merged, data)
-
-
-def read_config_yaml(path: str | Path) -> dict:
-    """A config file as a dict, its `base:` files merged underneath it (unvalidated; for tools that read one
-    section of a recipe, such as `stitch data check`)."""
-    return _read_yaml(Path(path), _Provenance())
-
-
-def _field_annotation(path: list[str]) -> Any:
-    """The annotation of a dotted field path in TrainConfig (None if the path is not a known field)."""
-    cls: Any = TrainConfig
-    ann: Any = None
-    for i, key in enumerate(path):
-        model = _model_class(cls)
-        if model is None:
-            # Inside a dict/list field the rest of the path is data, not schema.
-            return ann if i else None
-        if key not in model.model_fields:
-            raise KeyError(key)
-        ann = model.model_fields[key].annotation
-        cls = ann
-    return ann
-
-
-def _model_class(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    if typing.get_origin(ann) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(ann):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                return arg
-    return None
-
-
-def _is_str_field(ann: Any) -> bool:
-    if ann is str:
-        return True
-    if typing.get_origin(ann) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        return args == [str]
-    return False
-
-
+# The YAML reader (`base:` inheritance, provenance, key=value overrides) is `stitch.config`'s, shared with
+# `stitch data check`; these bind it to TrainConfig.
 def parse_overrides(pairs: list[str]) -> dict:
     """`["optim.lr=2e-5", "model.random_init=true"]` -> a nested dict. Values are YAML (typed), except for
     string fields, which keep the text as written (so `output_dir=2024` stays a path)."""
-    out: dict = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise StitchConfigError(f"command line: '{pair}' is not key=value")
-        path = key.split(".")
-        try:
-            ann = _field_annotation(path)
-        except KeyError as e:
-            known = _known_keys()
-            hint = difflib.get_close_matches(key, known, n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise StitchConfigError(f"command line: unknown key '{key}'{extra}") from e
-        if _is_str_field(ann) and raw not in ("null", "~"):
-            value: Any = raw
-        else:
-            try:
-                value = yaml.safe_load(raw) if raw != "" else None
-            except yaml.YAMLError as e:
-                raise StitchConfigError(f"command line: '{key}': value is not valid YAML ({e})") from e
-            if isinstance(value, str) and _is_float_text(value):
-                value = float(value)  # YAML 1.1 reads "1e-4" as a string
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise StitchConfigError(f"command line: '{key}' sets inside a value that is not a section")
-        node[path[-1]] = value
-    return out
-
-
-def _is_float_text(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _known_keys() -> list[str]:
-    keys: list[str] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, f in model.model_fields.items():
-            full = f"{prefix}{name}"
-            keys.append(full)
-            sub = _model_class(f.annotation)
-            if sub is not None:
-                walk(sub, full + ".")
-
-    walk(TrainConfig, "")
-    return keys
+    return parse_config_overrides(pairs, TrainConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
@@ -504,29 +324,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, dat
     `data` (a dict) may stand in for the file, for programmatic use and tests. Errors name the file that set
     the offending field (or "command line") and its dotted path.
     """
-    prov = _Provenance()
-    if path is not None:
-        merged = _read_yaml(Path(path), prov)
-        default_source = str(Path(path))
-    else:
-        merged = dict(data or {})
-        prov.mark(merged, "config")
-        default_source = "config"
-    if overrides:
-        over = parse_overrides(overrides)
-        prov.mark(over, "command line")
-        merged = _merge(merged, over)
-    try:
-        return TrainConfig.model_validate(merged)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = tuple(first["loc"])
-        field = ".".join(str(p) for p in loc) or "<root>"
-        source = prov.lookup(loc, default_source)
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            parent = _known_keys()
-            hint = difflib.get_close_matches(field, parent, n=1)
-            msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-        raise StitchConfigError(f"{source}: field '{field}': {msg}{more}") from e
+    return load_yaml_config(TrainConfig, path, overrides, data)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stitch.errors import StitchConfigError
+
 __all__ = ["MetricsLog", "Progress", "plot_losses", "read_metrics"]
 
 
@@ -57,7 +59,6 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # the `tensorboard` package is an optional extra
-                from stitch.errors import StitchConfigError
 
                 raise StitchConfigError(
                     "log.tensorboard: the tensorboard package is not installed (pip install stitch-vlm[log])"

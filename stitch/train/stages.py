@@ -5,7 +5,7 @@
 `unfreeze` adds to that: the whole ViT, or only its last k layers (the ones nearest the projector, which adapt
 most cheaply), may force the LLM on or off, and may limit LLM training to its last k decoder layers. The
 result is printed as a table at start, so a run never trains something by accident.
-With `lora.enabled`, `stitch.train.lora.apply_lora` runs last: the LoRA parts' base weights freeze, adapters are
+With `lora.enabled`, `stitch.models.lora.apply_lora` runs last: the LoRA parts' base weights freeze, adapters are
 added and train, and the table counts the adapters of each part.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from stitch.models.lora import apply_lora, is_adapter_name
 from stitch.models.vlm import VLM
 from stitch.train.config import TrainConfig
 
@@ -67,16 +68,12 @@ def apply_stage(model: VLM, cfg: TrainConfig) -> dict[str, PartCount]:
             for p in model.vision.post_norm.parameters():
                 p.requires_grad_(True)
     if cfg.lora.enabled:
-        from stitch.train.lora import apply_lora
-
         apply_lora(model, cfg.lora)
     return count_parameters(model)
 
 
 def count_parameters(model: VLM) -> dict[str, PartCount]:
     """Trainable/frozen (and LoRA adapter) parameter counts per part (tied weights counted once)."""
-    from stitch.train.lora import is_adapter_name
-
     counts = {}
     for name, part in model.parts().items():
         seen: dict[int, tuple[str, nn.Parameter]] = {id(p): (n, p) for n, p in part.named_parameters()}

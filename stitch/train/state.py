@@ -18,7 +18,7 @@ unsplit model's names, so such a step folder resumes under another layout or in 
 single-process one under a layout.
 
 A LoRA run's step folder holds `adapter.safetensors` + `trainable.safetensors` + `lora.json` (which points at the
-base checkpoint) instead of `model.safetensors`; see `stitch.train.lora`.
+base checkpoint) instead of `model.safetensors`; see `stitch.checkpoint.lora`.
 
 Why it is crash-safe: a step folder is written under a temporary name and renamed into place only when every
 file is complete (`stitch.checkpoint.io.atomic_dir`); `latest` is replaced atomically (write + rename) only
@@ -47,8 +47,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stitch.checkpoint.io import atomic_dir, save_tensors
+from stitch.checkpoint.lora import write_adapter_files
 from stitch.checkpoint.store import model_state
 from stitch.errors import CheckpointError
+from stitch.models.lora import has_lora
 
 __all__ = [
     "Collective",
@@ -198,7 +200,7 @@ def save_checkpoint(
     a function of the step, recomputed on resume.
 
     A model with LoRA layers saves only its adapters and trainable modules, with `lora_base` (a
-    `stitch.train.lora.base_reference`) as the pointer to the frozen base weights.
+    `stitch.checkpoint.lora.base_reference`) as the pointer to the frozen base weights.
     Raises CheckpointError naming the folder (and saying the previous checkpoint is intact) when writing fails,
     e.g. with the disk full.
     """
@@ -208,8 +210,6 @@ def save_checkpoint(
         return _save_collective(root, target, model, optimizer, state, data_state, train_config,
                                 tokenizer, keep_last, collective)
     dcp, get_osd, _ = _dcp()
-    from stitch.train.lora import has_lora, write_adapter_files
-
     lora = has_lora(model)
     if lora and lora_base is None:
         raise ValueError("a LoRA model's checkpoint needs lora_base (the base checkpoint it points at)")
@@ -267,8 +267,6 @@ def _save_collective(root: Path, target: Path, model, optimizer, state: TrainSta
     """Every rank: weights through the layout's writer, optimizer shards into one DCP checkpoint, its own data
     position and RNG; rank 0 then writes state.json and renames the folder into place (same crash safety as the
     single-process writer: `latest` only ever names a complete folder)."""
-    from stitch.train.lora import has_lora
-
     if has_lora(model):
         raise CheckpointError("LoRA checkpoints under a parallel layout are not supported yet (save_final of a "
                               "LoRA run needs one process)")

@@ -33,11 +33,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from stitch.checkpoint.lora import base_reference, is_lora_checkpoint, read_lora_meta, save_lora_checkpoint
+from stitch.checkpoint.store import build_model, load_model, save
+from stitch.checkpoint.tokenizer import default_tokenizer_source, ensure_image_token, load_tokenizer
 from stitch.config import VLMConfig
+from stitch.data.blend import build_train_stream
+from stitch.data.processor import Processor
 from stitch.device import compute_dtype
 from stitch.errors import StitchConfigError, StitchError
 from stitch.models.layers import set_any_shape_attention
+from stitch.models.lora import has_lora, merge_lora
+from stitch.models.presets import vlm_preset
 from stitch.models.vlm import VLM
+from stitch.parallel.step import trainer_hooks
 from stitch.train.config import TrainConfig, load_config
 from stitch.train.frozen import FrozenLinearWeights
 from stitch.train.log import MetricsLog, Progress, plot_losses
@@ -54,6 +62,7 @@ from stitch.train.state import (
     restore_rng_from,
     save_checkpoint,
 )
+from stitch.train.synthetic import SyntheticStream
 
 __all__ = ["train", "train_arguments", "train_step", "StepResult", "Trainer", "Distributed", "TrainingError",
            "count_label_tokens", "MODEL_INPUTS"]
@@ -362,8 +371,6 @@ class Trainer:
             self._print(text)
 
     def _tokenizer_for_random_init(self, vlm_cfg: VLMConfig):
-        from stitch.checkpoint.commands import default_tokenizer_source, ensure_image_token, load_tokenizer
-
         src = self.cfg.model.tokenizer
         if src is None:
             try:
@@ -381,21 +388,14 @@ class Trainer:
 
     def build_model(self, resume_from: Path | None) -> tuple[VLM, Any]:
         """(model in fp32 on the device, tokenizer or None) from a checkpoint, or from a preset at random."""
-        from stitch.checkpoint.commands import load_tokenizer
-        from stitch.checkpoint.store import build_model, load_model
-
         src = self.cfg.model
         if resume_from is not None or not src.random_init:
             path = resume_from or Path(src.checkpoint)
             model = load_model(path, device=self.device, dtype=torch.float32)
             if resume_from is None:
-                from stitch.train.lora import merge_lora
-
                 merge_lora(model)  # a run that starts from a LoRA checkpoint starts from its merged weights
             has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
             return model, load_tokenizer(path) if has_tokenizer else None
-        from stitch.models.presets import vlm_preset
-
         vlm_cfg = vlm_preset(src.preset)
         tok = self._tokenizer_for_random_init(vlm_cfg)
         if tok is None:
@@ -407,8 +407,6 @@ class Trainer:
 
     def build_stream(self, model_cfg: VLMConfig, processor, val: bool = False):
         """The training (or validation) batch stream of this rank; None for validation when there is none."""
-        from stitch.train.synthetic import SyntheticStream
-
         cfg = self.cfg
         explicit_val = val and cfg.eval.data is not None
         if cfg.synthetic.enabled and not explicit_val:
@@ -418,8 +416,6 @@ class Trainer:
         if processor is None:
             raise StitchConfigError("data: reading datasets needs a tokenizer (the checkpoint has none; "
                                     "set model.tokenizer or use synthetic.enabled: true)")
-        from stitch.data.blend import build_train_stream
-
         data = cfg.data
         if explicit_val:
             data = cfg.eval.data
@@ -433,8 +429,6 @@ class Trainer:
     def _processor(self, tokenizer, model_cfg: VLMConfig):
         if tokenizer is None:
             return None
-        from stitch.data.processor import Processor
-
         d = self.cfg.data
         return Processor(tokenizer, model_cfg, max_image_pixels=d.max_image_pixels, budget_steps=d.tile_budgets,
                          system_prompt=d.system_prompt)
@@ -515,9 +509,6 @@ class Trainer:
         A resumed run keeps the pointer of the checkpoint it resumes from; a fresh one points at
         `model.checkpoint`. A random_init base exists only in memory, so it is written once to OUT/base.
         """
-        from stitch.checkpoint.store import save
-        from stitch.train.lora import base_reference, is_lora_checkpoint, read_lora_meta
-
         cfg = self.cfg
         if resume_from is not None:
             if is_lora_checkpoint(resume_from) != cfg.lora.enabled:
@@ -801,9 +792,6 @@ class Trainer:
     def save_final(self) -> Path:
         """OUT/final: a full checkpoint, or for a LoRA run the adapters + trainable modules + base pointer
         (`stitch.load(final, merge_lora=True)` and `stitch export-hf` merge them)."""
-        from stitch.checkpoint.store import save
-        from stitch.train.lora import has_lora, save_lora_checkpoint
-
         collective = self._collective()
         if collective is not None:
             return self._save_final_collective(collective)
@@ -925,8 +913,6 @@ def train(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the layout comes from `parallel:`
-        from stitch.parallel.step import trainer_hooks
-
         dist = Distributed(**trainer_hooks(cfg.parallel))
     Trainer(cfg, dist).fit()  # an interrupted run has saved its checkpoint: a clean exit either way
     # A process that exits with its process group alive can abort in teardown ("terminate called without an

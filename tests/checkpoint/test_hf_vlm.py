@@ -7,7 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from stitch.checkpoint.commands import export_to_hf
+from stitch.checkpoint.export import export_to_hf
 from stitch.checkpoint.hf import vlm_config_to_hf, vlm_state_to_hf
 from stitch.checkpoint.io import TensorSource, save_tensors
 from stitch.checkpoint.store import load_model, model_state

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import stitch
 from stitch.cli import main
 from stitch.errors import StitchError
 from stitch.eval import runner
@@ -171,12 +170,13 @@ class FakeGenerator:
 
 @pytest.fixture
 def fake_stack(monkeypatch):
-    """Install a stand-in `stitch.load` and `stitch.infer.generate.generate_batch`."""
+    """Install a stand-in `stitch.load` (as the runner calls it, `load_pretrained`) and
+    `stitch.infer.generate.generate_batch`."""
     holder = {}
     module = types.ModuleType("stitch.infer.generate")
     module.generate_batch = lambda *a, **k: holder["gen"](*a, **k)
     monkeypatch.setitem(sys.modules, "stitch.infer.generate", module)
-    monkeypatch.setattr(stitch, "load", lambda path, device=None, dtype=None: (object(), object()))
+    monkeypatch.setattr(runner, "load_pretrained", lambda path, device=None, dtype=None: (object(), object()))
     return holder
 
 

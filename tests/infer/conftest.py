@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import stitch
-from stitch.checkpoint.commands import stitch_build
+from stitch.checkpoint.build import stitch_build
 
 
 @pytest.fixture(scope="session")

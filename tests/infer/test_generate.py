@@ -212,7 +212,7 @@ def test_greedy_equals_transformers_generate(loaded, ckpt, tmp_path):
     """The same weights exported to HF InternVL: `transformers`' greedy `generate` gives the same tokens."""
     import transformers
 
-    from stitch.checkpoint.commands import export_to_hf
+    from stitch.checkpoint.export import export_to_hf
 
     model, processor = loaded
     hf = transformers.InternVLForConditionalGeneration.from_pretrained(export_to_hf(ckpt, "internvl", tmp_path))

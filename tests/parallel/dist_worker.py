@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from stitch.checkpoint.store import build_model
+from stitch.layout import from_live_shape
 from stitch.parallel import load_dcp, parallelize, save_dcp, split_batch
-from stitch.parallel.plan import from_live_shape
 from stitch.parallel.step import parallel_eval, parallel_train_step, save_weights, trainer_hooks
 from tests.parallel.common import MAX_GRAD_NORM, STEPS, build, make_batch, make_optimizer, tiny_config
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stitch.errors import StitchConfigError
+from stitch.layout import Layout, local_name, shard_rule, split_layers, stage_of
 from stitch.models.vision import VisionEncoder
-from stitch.parallel.plan import Layout, local_name, shard_rule, split_layers, stage_of
 from stitch.parallel.tensor import apply_vision_tp
 from tests.parallel.common import tiny_config
 

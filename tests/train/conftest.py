@@ -59,7 +59,7 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, smol_tokenizer_dir) -> Path:
     """A tiny random Stitch checkpoint with tokenizer files (seed 0)."""
-    from stitch.checkpoint.commands import stitch_build
+    from stitch.checkpoint.build import stitch_build
 
     target = _session_root(tmp_path_factory) / "train-tiny-ckpt"
     if not (target / "model.safetensors").is_file():

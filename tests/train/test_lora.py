@@ -1,7 +1,7 @@
-"""LoRA (`stitch.train.lora`): merging is exact, exports load in transformers and peft, LoRA SFT learns with the
-base untouched, checkpoints hold only adapters + trainable modules and resume bit for bit, activation
-checkpointing and bf16 autocast give the same gradients, the parameter table counts adapters, and FSDP2 (2 gloo
-processes, fp32 and bf16 mixed precision) trains the adapters like one process does.
+"""LoRA (`stitch.models.lora`, `stitch.checkpoint.lora`): merging is exact, exports load in transformers and peft, LoRA
+SFT learns with the base untouched, checkpoints hold only adapters + trainable modules and resume bit for bit,
+activation checkpointing and bf16 autocast give the same gradients, the parameter table counts adapters, and FSDP2 (2
+gloo processes, fp32 and bf16 mixed precision) trains the adapters like one process does.
 
 Run as a module under torchrun, this file is also the FSDP2 worker (`python -m tests.train.test_lora OUT`).
 """
@@ -20,21 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from stitch.checkpoint.io import TensorSource
+from stitch.checkpoint.lora import ADAPTER_FILE, LORA_FILE, TRAINABLE_FILE, base_reference, save_lora_checkpoint
 from stitch.errors import StitchConfigError
+from stitch.models.lora import LoRALinear, apply_lora, is_adapter_name, lora_layers, merge_lora, merged_state_dict
 from stitch.train.config import LoRAConfig, load_config
-from stitch.train.lora import (
-    ADAPTER_FILE,
-    LORA_FILE,
-    TRAINABLE_FILE,
-    LoRALinear,
-    apply_lora,
-    base_reference,
-    is_adapter_name,
-    lora_layers,
-    merge_lora,
-    merged_state_dict,
-    save_lora_checkpoint,
-)
 from tests.train.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +83,7 @@ def test_lora_checkpoint_loads_merges_and_exports_to_transformers_and_peft(tiny_
     import transformers
 
     import stitch
-    from stitch.checkpoint.commands import export_to_hf
+    from stitch.checkpoint.export import export_to_hf
     from stitch.cli import main
 
     model = _load(tiny_ckpt)

@@ -14,7 +14,9 @@ so a checkpoint split on disk and a model split in memory agree by construction:
   its attention output is 0 and the zero o_proj columns add nothing: outputs are unchanged, and its gradients
   are exactly 0, so the padding stays zero through training. The full-width QK-norm divides by the real width.
 
-Nothing here touches torch.distributed; it is plain arithmetic on names and shapes.
+Nothing here touches torch.distributed; it is plain arithmetic on names and shapes. It sits in the base layer
+(it imports only `stitch.config` and `stitch.errors`) so that `stitch.checkpoint.reshard` can read the plan
+without importing `stitch.parallel`, which is a layer above checkpoints.
 """
 
 from __future__ import annotations
