@@ -81,11 +81,12 @@ class Recipe:
 # SFT trains the last 8 of SmolLM2's 30 layers (the 49k-row tied embedding alone would dominate the optimizer).
 RECIPES = {
     "gpu": Recipe("gpu", StagePlan(0.3, 64, 1e-3), StagePlan(0.7, 64, 1e-4), eval_reserve_min=0.1),
-    # Fast bf16: SFT keeps training the encoder (it improves shape further), at batch 16.
-    "cpu-bf16": Recipe("cpu-bf16", StagePlan(0.63, 32, 1e-3), StagePlan(0.37, 16, 2e-4, llm_last_layers=8),
-                       image_tokens=1, caption_style="short"),
-    # No fast bf16 (about 4x less compute): SFT on the stage-1 encoder and projector, frozen, so its backward
-    # stops at layer 22 (half the step), which buys the SFT steps the answer format and the priors need.
+    # Fast bf16: stage 1 learns colour and shape (96% / 92% of test captions after 519 steps of 32), so SFT
+    # adapts the LLM on the frozen encoder and projector, its backward stopping at layer 22 (half the step).
+    "cpu-bf16": Recipe("cpu-bf16", StagePlan(0.55, 32, 1e-3), StagePlan(0.45, 16, 2e-4, llm_last_layers=8,
+                                                                         train_vision=False),
+                       image_tokens=1, caption_style="short", eval_reserve_min=1.0),
+    # No fast bf16 (about 4x less compute): the same plan with a longer reserve for the fp32 evaluation.
     "cpu-fp32": Recipe("cpu-fp32", StagePlan(0.6, 32, 1e-3), StagePlan(0.4, 16, 2e-4, llm_last_layers=8,
                                                                          train_vision=False),
                        image_tokens=1, caption_style="short", eval_reserve_min=2.5),
