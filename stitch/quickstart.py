@@ -2,10 +2,10 @@
 
 stitch (real SmolLM2-135M-Instruct + a small InternViT-style encoder, pixel-shuffle MLP projector)
 -> evaluate -> stage 1 pretrain (ViT + projector learn to caption easy-VQA images in LLaVA's plain format; the
-LLM is frozen) -> stage 2 SFT (easy-VQA questions through SmolLM2's chat template; projector + LLM train, and
-the from-scratch ViT keeps training) -> evaluate -> answer a few test images and a real photo. Every step is
-the library's own code path: `stitch_build`, the data pipeline (LLaVA-style JSONL written to `OUT/data`),
-`Trainer`, the eval harness and `stitch.generate`.
+LLM is frozen) -> stage 2 SFT (easy-VQA questions through SmolLM2's chat template; on a GPU the projector, LLM
+and from-scratch ViT train, on a CPU the LLM's last 8 layers on the frozen stage-1 encoder) -> evaluate ->
+answer a few test images and a real photo. Every step is the library's own code path: `stitch_build`, the data
+pipeline (LLaVA-style JSONL written to `OUT/data`), `Trainer`, the eval harness and `stitch.generate`.
 
 It runs on a time budget, not a step count: a short timing of one training step sizes each stage so the
 LR schedule completes inside the budget. The recipe depends on the machine (`RECIPES`: a GPU, a CPU with fast
@@ -86,10 +86,10 @@ RECIPES = {
     "cpu-bf16": Recipe("cpu-bf16", StagePlan(0.55, 32, 1e-3), StagePlan(0.45, 16, 2e-4, llm_last_layers=8,
                                                                          train_vision=False),
                        image_tokens=1, caption_style="short", eval_reserve_min=1.0),
-    # No fast bf16 (about 4x less compute): the same plan with a longer reserve for the fp32 evaluation.
+    # No fast bf16 (about 4x less compute): the same plan, with the fp32 evaluation's longer reserve (80 s).
     "cpu-fp32": Recipe("cpu-fp32", StagePlan(0.6, 32, 1e-3), StagePlan(0.4, 16, 2e-4, llm_last_layers=8,
                                                                          train_vision=False),
-                       image_tokens=1, caption_style="short", eval_reserve_min=2.5),
+                       image_tokens=1, caption_style="short", eval_reserve_min=1.6),
 }
 
 
