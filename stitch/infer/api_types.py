@@ -206,7 +206,7 @@ class ContentPart(BaseModel):
 
     @field_validator("text", mode="before")
     @classmethod
-    def _text(cls, value: Any, info: ValidationInfo) -> Any:
+    def check_text(cls, value: Any, info: ValidationInfo) -> Any:
         if info.data.get("type") != "text":
             return None
         if not isinstance(value, str):
@@ -215,7 +215,7 @@ class ContentPart(BaseModel):
 
     @field_validator("image_url", mode="before")
     @classmethod
-    def _image_url(cls, spec: Any, info: ValidationInfo) -> Any:
+    def check_image_url(cls, spec: Any, info: ValidationInfo) -> Any:
         if info.data.get("type") != "image_url":
             return None
         url = spec.get("url") if isinstance(spec, dict) else spec
@@ -290,7 +290,7 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("messages", mode="before")
     @classmethod
-    def _messages(cls, messages: Any, info: ValidationInfo) -> Any:
+    def check_messages(cls, messages: Any, info: ValidationInfo) -> Any:
         if messages is None:
             raise _fail("missing_required_parameter", "required")
         if not isinstance(messages, list):
@@ -309,22 +309,22 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("max_tokens", "max_completion_tokens", mode="before")
     @classmethod
-    def _max_tokens(cls, value: Any, info: ValidationInfo) -> Any:
+    def check_max_tokens(cls, value: Any, info: ValidationInfo) -> Any:
         return _integer(value, 1, _limits(info).max_tokens)
 
     @field_validator("top_k", mode="before")
     @classmethod
-    def _top_k(cls, value: Any) -> int:
+    def check_top_k(cls, value: Any) -> int:
         return max(_integer(value, -1, 1 << 20) or 0, 0)
 
     @field_validator("seed", mode="before")
     @classmethod
-    def _seed(cls, value: Any) -> Any:
+    def check_seed(cls, value: Any) -> Any:
         return _integer(value, -(1 << 63), (1 << 64) - 1)
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _stop(cls, stop: Any, info: ValidationInfo) -> tuple[str, ...]:
+    def check_stop(cls, stop: Any, info: ValidationInfo) -> tuple[str, ...]:
         if stop is None:
             return ()
         limits = _limits(info)
@@ -339,14 +339,14 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stream", mode="before")
     @classmethod
-    def _stream(cls, value: Any) -> bool:
+    def check_stream(cls, value: Any) -> bool:
         if value is not None and type(value) is not bool:
             raise _fail("invalid_type", f"expected a boolean, got {type_name(value)}")
         return bool(value)
 
     @field_validator("stream_options", mode="before")
     @classmethod
-    def _stream_options(cls, options: Any, info: ValidationInfo) -> Any:
+    def check_stream_options(cls, options: Any, info: ValidationInfo) -> Any:
         if options is None:
             return None
         if not info.data.get("stream"):
