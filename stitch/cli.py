@@ -22,7 +22,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "export-hf": "stitch.checkpoint.commands:export_hf",
     "reshard": "stitch.checkpoint.reshard:reshard",
     "data": {"check": "stitch.data.check:check"},
-    "train": "stitch.train.trainer:train",
+    "train": "stitch.train.command:train",
     "generate": "stitch.infer.generate:generate_cmd",
     "eval": "stitch.eval.runner:eval_cmd",
     "score": "stitch.eval.runner:score_cmd",

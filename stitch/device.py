@@ -26,20 +26,21 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_MIN_SPEEDUP = 1.2
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """`--device` as a torch.device (default: cuda when there is one), checked before anything loads."""
+def resolve_device(device: str | None, setting: str = "--device") -> torch.device:
+    """`--device` (or the config field named by `setting`) as a torch.device (default: cuda when there is one),
+    checked before anything loads."""
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(name)
     except RuntimeError as e:
-        raise StitchError(f"--device {name!r}: not a device ({str(e).splitlines()[0]})") from e
+        raise StitchError(f"{setting} {name!r}: not a device ({str(e).splitlines()[0]})") from e
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise StitchError(f"--device {name!r}: this torch has no CUDA device (use --device cpu)")
+            raise StitchError(f"{setting} {name!r}: this torch has no CUDA device (use --device cpu)")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise StitchError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+            raise StitchError(f"{setting} {name!r}: there are {torch.cuda.device_count()} CUDA devices")
     elif resolved.type not in ("cpu", "mps"):
-        raise StitchError(f"--device {name!r}: Stitch runs on cpu or cuda")
+        raise StitchError(f"{setting} {name!r}: Stitch runs on cpu or cuda")
     return resolved
 
 

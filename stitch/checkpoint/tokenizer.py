@@ -10,15 +10,15 @@ from pathlib import Path
 
 from stitch.checkpoint.gguf import bundled_smollm2, load_gguf_tokenizer
 from stitch.errors import CheckpointError, StitchError
+from stitch.models.image_token import add_image_token
 
 __all__ = ["ensure_image_token", "load_tokenizer", "default_tokenizer_source"]
 
 
 def ensure_image_token(tokenizer, token: str) -> int:
-    """Add `token` as a special token if the tokenizer lacks it; return its id."""
-    if token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([token], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(token)
+    """Add `token` as a single special token if the tokenizer lacks it; return its id
+    (`stitch.models.image_token.add_image_token`, the one the data processor uses too)."""
+    return add_image_token(tokenizer, token)
 
 
 def load_tokenizer(src: str | Path):

@@ -31,6 +31,7 @@ import numpy as np
 
 from stitch.data.skips import SampleError
 from stitch.errors import StitchConfigError
+from stitch.models.image_token import add_image_token as add_model_image_token
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -50,19 +51,10 @@ ROLES = ("system", "user", "assistant")
 def add_image_token(tokenizer, config) -> int:
     """Make `config.image_token` a single special token of `tokenizer` (added if absent); return its id.
 
-    Called when a checkpoint is built so the id can be stored in `config.image_token_id`.
+    Called when a checkpoint is built so the id can be stored in `config.image_token_id`
+    (`stitch.models.image_token.add_image_token`, which `stitch.checkpoint` uses too).
     """
-    from tokenizers import AddedToken
-
-    token = config.image_token
-    vocab = tokenizer.get_vocab()
-    if token not in vocab:
-        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    if ids != [token_id]:
-        raise StitchConfigError(f"image token {token!r} does not tokenise to a single id (got {ids})")
-    return int(token_id)
+    return add_model_image_token(tokenizer, config.image_token)
 
 
 def image_token_text(num_grid_tiles: int, thumbnail: bool, config, per_tile: int = 1) -> str:

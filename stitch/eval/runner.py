@@ -20,7 +20,7 @@ from typing import Any
 from stitch.data.skips import SampleError
 from stitch.device import compute_dtype, resolve_device
 from stitch.errors import DataError, StitchError
-from stitch.eval import metrics
+from stitch.eval.scoring import Judged, Scorer, judge  # noqa: F401  (judge: still importable from here)
 from stitch.eval.tasks import TASKS, Sample, TaskData, get_task, load_task, open_image
 from stitch.infer.pretrained import load_pretrained
 
@@ -78,46 +78,6 @@ def read_predictions(path: str | Path, task: str | None = None) -> Predictions:
     return out
 
 
-@dataclass
-class Judged:
-    """One sample's score in [0, 1], what the parser read from the prediction, and its status: "ok",
-    "missing" (no prediction), "empty" or "unparsable" (all three score 0)."""
-
-    score: float
-    extracted: Any = None
-    status: str = "ok"
-
-
-def judge(metric: str, sample: Sample, prediction: str) -> Judged:
-    """Score one prediction with the task's metric (everything but CIDEr, which is corpus-level)."""
-    refs = sample.references
-    if metric == "vqa_accuracy":
-        return Judged(metrics.vqa_accuracy(prediction, refs))
-    if metric == "anls":
-        return Judged(metrics.anls(prediction, refs))
-    if metric == "relaxed_accuracy":
-        return Judged(max(metrics.relaxed_accuracy(prediction, r) for r in refs))
-    if metric == "exact_match":
-        return Judged(metrics.exact_match(prediction, refs))
-    if metric == "ocrbench":
-        return Judged(metrics.ocrbench_match(prediction, refs, sample.meta.get("dataset_name", "")))
-    if metric == "multiple_choice" or (metric == "mmmu" and sample.choices):
-        score, letter = metrics.multiple_choice_accuracy(prediction, refs[0], sample.choices or [])
-        return Judged(score, letter, "unparsable" if letter is None else "ok")
-    if metric == "mmmu":
-        candidates = metrics.parse_open_response(prediction)
-        return Judged(float(metrics.open_answer_correct(refs, candidates)), candidates)
-    if metric == "mathvista":
-        m = sample.meta
-        value = metrics.mathvista_extract(
-            prediction, m["question_type"], m["answer_type"], sample.choices, m.get("precision")
-        )
-        if value is None:
-            return Judged(0.0, None, "unparsable")
-        return Judged(float(metrics.mathvista_correct(value, refs[0], m["answer_type"])), value)
-    raise StitchError(f"no scorer for metric {metric!r}")
-
-
 def score_dataset(
     data: TaskData,
     predictions: Predictions | dict[str, str],
@@ -131,6 +91,7 @@ def score_dataset(
     if isinstance(predictions, dict):
         predictions = Predictions(predictions)
     task = get_task(data.task)
+    scorer = task.scorer
     texts = predictions.texts
     judged: list[Judged] = []
     for s in data.samples:
@@ -139,20 +100,18 @@ def score_dataset(
             judged.append(Judged(0.0, None, "missing"))
         elif not text.strip():
             judged.append(Judged(0.0, None, "empty"))
-        elif task.metric == "cider":
+        elif scorer.judge is None:
             judged.append(Judged(0.0))  # filled in below, corpus-level
         else:
-            judged.append(judge(task.metric, s, text))
+            judged.append(scorer.judge(s, text))
 
     extra: dict[str, Any] = {}
-    if task.metric == "cider" and data.samples:
-        refs = {s.id: s.references for s in data.samples}
-        corpus, per_image, used = metrics.cider(texts, refs, caption_tokenizer)
+    if scorer.corpus is not None and data.samples:
+        per_sample, corpus_fields = scorer.corpus(texts, data.samples, caption_tokenizer)
         for s, j in zip(data.samples, judged):
             if j.status == "ok":
-                j.score = per_image[s.id]
-        extra["tokenizer"] = used
-        extra["cider"] = corpus
+                j.score = per_sample[s.id]
+        extra.update(corpus_fields)
 
     n = len(data.samples)
     statuses = Counter(j.status for j in judged)
@@ -164,7 +123,7 @@ def score_dataset(
         "data": data.source,
         "samples": n,
         "mean": mean,
-        **_headline(task.metric, judged, mean),
+        **scorer.headline(judged, mean),
         "scored": n - statuses["missing"],
         "missing_predictions": statuses["missing"],
         "empty_predictions": statuses["empty"],
@@ -174,9 +133,9 @@ def score_dataset(
         "duplicate_prediction_ids": predictions.duplicate_ids,
         "skipped": dict(sorted(data.skipped.items())),
     }
-    breakdown = _breakdown(task.group, task.metric, data.samples, judged)
-    if task.metric == "ocrbench":
-        extra.update(_ocrbench_lines(data.samples, judged))
+    breakdown = _breakdown(task.group, scorer, data.samples, judged)
+    if scorer.report is not None:
+        extra.update(scorer.report(data.samples, judged))
     if breakdown:
         summary["breakdown"] = breakdown
     if extra:
@@ -188,35 +147,13 @@ def score_dataset(
     return summary, rows
 
 
-def _headline(metric: str, judged: list[Judged], mean: float) -> dict[str, Any]:
-    """The number each benchmark reports: a percentage, OCRBench's points (out of 1000 on the full set), or
-    CIDEr x100."""
-    if metric == "ocrbench":
-        return {"score": float(sum(j.score for j in judged)), "unit": f"points of {len(judged)}"}
-    if metric == "cider":
-        return {"score": 100.0 * mean, "unit": "CIDEr x100"}
-    return {"score": 100.0 * mean, "unit": "%"}
-
-
-def _breakdown(group: str | None, metric: str, samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
+def _breakdown(group: str | None, scorer: Scorer, samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
     if group is None:
         return {}
     scores: dict[str, list[float]] = defaultdict(list)
     for s, j in zip(samples, judged):
         scores[str(s.meta.get(group) or "unknown")].append(j.score)
-    if metric == "ocrbench":
-        return {k: {"score": sum(v), "samples": len(v)} for k, v in sorted(scores.items())}
-    scale = 100.0
-    return {k: {"score": scale * sum(v) / len(v), "samples": len(v)} for k, v in sorted(scores.items())}
-
-
-def _ocrbench_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, float]:
-    """OCRBench's report: the six recognition categories summed as "Text Recognition", then the total."""
-    by_cat: dict[str, float] = defaultdict(float)
-    for s, j in zip(samples, judged):
-        by_cat[s.meta.get("category", "")] += j.score
-    recognition = sum(by_cat[c] for c in metrics.OCRBENCH_TEXT_RECOGNITION)
-    return {"text_recognition": recognition, "final_score": sum(by_cat.values())}
+    return {k: {"score": scorer.group_scores(v), "samples": len(v)} for k, v in sorted(scores.items())}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ Why it looks like this:
   client's behalf) and reads local files only under a folder named by `--allow-local-images`.
 - It binds to loopback unless told otherwise; `--api-key` (or `STITCH_API_KEY`) requires `Bearer` auth.
 
+The request is checked in `stitch.infer.request` (JSON, the served model, text, images) against the pydantic models
+of `stitch.infer.api_types` (shape, types, ranges, limits, `APIError`); this module re-exports those names.
 FastAPI and uvicorn are the optional extra `serve`; they are imported only when a server is built.
 """
 
@@ -25,38 +27,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import contextlib
 import hmac
-import io
 import json
 import logging
-import math
 import os
-import re
 import socket
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, UnidentifiedImageError
-
-from stitch.data.chat import IMAGE_PLACEHOLDER
 from stitch.data.skips import SampleError
 from stitch.device import compute_dtype, resolve_device
 from stitch.errors import StitchError
+from stitch.infer.api_types import APIError, ChatJob, Limits, MiB
 from stitch.infer.engine import Completion, Engine, Event, RequestHandle
 from stitch.infer.engine import Request as EngineRequest
 from stitch.infer.generate import get_engine
 from stitch.infer.pretrained import load_pretrained
+from stitch.infer.request import decode_image, parse_chat_request
 from stitch.infer.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -67,378 +60,9 @@ __all__ = ["Limits", "APIError", "ChatJob", "parse_chat_request", "decode_image"
 
 log = logging.getLogger("stitch.serve")
 
-MiB = 1 << 20
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what OpenAI's vision API takes, plus BMP
 # A token is rarely longer than this many characters; text beyond `context * this` is refused before it is
 # tokenised (tokenising megabytes only to say "too long" would be a cheap way to keep the server busy).
 MAX_CHARS_PER_TOKEN = 64
-
-# Request fields accepted besides the ones we use: harmless metadata, or a value meaning "off".
-_IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
-_NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v is None or (type(v) is int and v == 1),
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "logit_bias": lambda v: v in (None, {}),
-    "tools": lambda v: v in (None, []),
-    "functions": lambda v: v in (None, []),
-    "tool_choice": lambda v: v in (None, "none"),
-    "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "modalities": lambda v: v in (None, ["text"]),
-}
-_USED_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-                "repetition_penalty", "stop", "seed", "stream", "stream_options"}
-_MESSAGE_FIELDS = {"role", "content", "name"}
-
-
-# ------------------------------------------------------------------------------------------------ limits
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; anything beyond gets a 4xx. Defaults suit a single-GPU server."""
-
-    max_body_bytes: int = 20 * MiB  # the whole JSON body (base64 images included)
-    max_image_bytes: int = 10 * MiB  # one image file, decoded from base64
-    max_image_pixels: int = 25_000_000  # width x height, checked from the header before decoding
-    max_images: int = 8  # images in one request
-    max_tokens: int = 2048  # largest max_tokens; also the default when a request leaves it out
-    max_stop: int = 4  # stop strings (OpenAI's limit)
-    max_stop_chars: int = 256  # length of one stop string
-    max_pending: int = 128  # requests admitted at once (reading, queued or generating); beyond: 503
-
-
-class APIError(Exception):
-    """An error for the client, in OpenAI's shape. `param` names the field at fault (`messages[0].content`)."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ------------------------------------------------------------------------------------------- the request
-@dataclass
-class ChatJob:
-    """A chat request, checked and turned into what the processor takes (images decoded, not yet tokenised)."""
-
-    conversation: list[dict[str, str]]
-    images: list[Image.Image]
-    max_tokens: int | None  # None: as many as fit in the context, up to `Limits.max_tokens`
-    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields other than max_new_tokens
-    stream: bool = False
-    include_usage: bool = False
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
-
-
-def _bad(param: str, message: str, code: str | None = None) -> APIError:
-    return APIError(400, f"{param}: {message}", param=param, code=code)
-
-
-def _number(body: dict, key: str, lo: float, hi: float, *, lo_open: bool = False, default: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if type(value) not in (int, float) or not math.isfinite(value):
-        raise _bad(key, f"expected a number, got {_type_name(value)} {value!r}"[:200], "invalid_type")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        lower = "(" if lo_open else "["
-        raise _bad(key, f"{value} is out of range {lower}{lo}, {hi}]", "invalid_value")
-    return float(value)
-
-
-def _integer(body: dict, key: str, lo: int | None = None, hi: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if type(value) is not int:  # bool is an int subclass: refuse it too
-        raise _bad(key, f"expected an integer, got {_type_name(value)} {value!r}"[:200], "invalid_type")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _bad(key, f"{value} is out of range [{lo}, {hi}]"[:200], "invalid_value")
-    return value
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object; anything else (bad UTF-8, bad JSON, NaN, absurd nesting) is a 400."""
-    try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError as e:
-        raise APIError(400, f"the request body is not UTF-8 ({e.reason} at byte {e.start})",
-                       code="invalid_json") from e
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
-                       code="invalid_json") from e
-    except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
-    except RecursionError as e:
-        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from e
-    if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {_type_name(data)}", code="invalid_json")
-    try:  # a "\ud800" escape decodes to a lone surrogate, which no tokenizer or file system takes
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(400, "the request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
-                       "which is not text", code="invalid_json") from e
-    return data
-
-
-def parse_chat_request(body: bytes, model_name: str, limits: Limits,
-                       local_images: Path | None = None) -> ChatJob:
-    """Check a `/v1/chat/completions` body and decode its images; raises `APIError` for anything unusable."""
-    data = parse_json(body)
-    unknown = sorted(set(data) - _USED_FIELDS - _IGNORED_FIELDS - set(_NEUTRAL_FIELDS))
-    if unknown:
-        raise _bad(unknown[0], "unrecognized request argument", "unknown_parameter")
-    for key, neutral in _NEUTRAL_FIELDS.items():
-        if key in data and not neutral(data[key]):
-            raise _bad(key, f"{json.dumps(data[key])[:80]} is not supported by this server", "unsupported_parameter")
-
-    model = data.get("model")
-    if model is None:
-        raise _bad("model", "required", "missing_required_parameter")
-    if not isinstance(model, str):
-        raise _bad("model", f"expected a string, got {_type_name(model)}", "invalid_type")
-    if model != model_name:
-        raise APIError(404, f"The model {model[:200]!r} does not exist; this server serves {model_name!r}",
-                       param="model", code="model_not_found")
-
-    conversation, images = _parse_messages(data.get("messages"), limits, local_images)
-
-    if data.get("max_tokens") is not None and data.get("max_completion_tokens") is not None:
-        raise _bad("max_tokens", "give max_tokens or max_completion_tokens, not both", "invalid_value")
-    key = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(data, key, 1, limits.max_tokens)
-
-    sampling: dict[str, Any] = {
-        "temperature": _number(data, "temperature", 0.0, 2.0, default=1.0),  # OpenAI's default is 1
-        "top_p": _number(data, "top_p", 0.0, 1.0, lo_open=True, default=1.0),
-        "repetition_penalty": _number(data, "repetition_penalty", 0.0, 10.0, lo_open=True, default=1.0),
-        "top_k": max(_integer(data, "top_k", -1, 1 << 20) or 0, 0),  # -1: off, as vLLM spells it
-        "seed": _integer(data, "seed", -(1 << 63), (1 << 64) - 1),
-        "stop": _parse_stop(data.get("stop"), limits),
-    }
-    stream = data.get("stream")
-    if stream is not None and type(stream) is not bool:
-        raise _bad("stream", f"expected a boolean, got {_type_name(stream)}", "invalid_type")
-    include_usage = False
-    options = data.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise _bad("stream_options", "only allowed with stream: true", "invalid_value")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise _bad("stream_options", 'expected {"include_usage": true|false}', "invalid_type")
-        include_usage = options.get("include_usage", False)
-        if type(include_usage) is not bool:
-            raise _bad("stream_options.include_usage", "expected a boolean", "invalid_type")
-    return ChatJob(conversation, images, max_tokens, sampling, bool(stream), include_usage)
-
-
-def _parse_stop(stop: Any, limits: Limits) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad("stop", "expected a string or an array of strings", "invalid_type")
-    if len(stops) > limits.max_stop:
-        raise _bad("stop", f"at most {limits.max_stop} stop strings, got {len(stops)}", "invalid_value")
-    if any(len(s) > limits.max_stop_chars for s in stops):
-        raise _bad("stop", f"a stop string is longer than {limits.max_stop_chars} characters", "invalid_value")
-    return tuple(stops)
-
-
-def _parse_messages(messages: Any, limits: Limits, local_images: Path | None
-                    ) -> tuple[list[dict[str, str]], list[Image.Image]]:
-    """OpenAI messages -> the processor's `[{"role", "content"}]` with one `<image>` per image part, and the
-    images in order. Parts of one message are joined with newlines (as vLLM does), so `[image, text]` becomes
-    `"<image>\\n" + text`: what `stitch generate --image I --prompt TEXT` builds."""
-    if messages is None:
-        raise _bad("messages", "required", "missing_required_parameter")
-    if not isinstance(messages, list):
-        raise _bad("messages", f"expected an array, got {_type_name(messages)}", "invalid_type")
-    if not messages:
-        raise _bad("messages", "must not be empty", "invalid_value")
-    # Count images first: refuse a request with too many before decoding any of them.
-    n_images = sum(
-        1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-        for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url"
-    )
-    if n_images > limits.max_images:
-        raise _bad("messages", f"{n_images} images; at most {limits.max_images} per request", "too_many_images")
-    conversation: list[dict[str, str]] = []
-    images: list[Image.Image] = []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise _bad(where, f"expected an object, got {_type_name(msg)}", "invalid_type")
-        extra = sorted(set(msg) - _MESSAGE_FIELDS)
-        if extra:
-            raise _bad(f"{where}.{extra[0]}", "not supported by this server", "unsupported_parameter")
-        role = msg.get("role")
-        if role == "developer":  # OpenAI's newer name for the system message
-            role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise _bad(f"{where}.role", f"expected 'system', 'developer', 'user' or 'assistant', got {role!r}"[:200],
-                       "invalid_value")
-        if "name" in msg and not isinstance(msg["name"], str):
-            raise _bad(f"{where}.name", "expected a string", "invalid_type")
-        content = msg.get("content")
-        if isinstance(content, str):
-            pieces = [_check_text(content, f"{where}.content")]
-        elif isinstance(content, list):
-            pieces = []
-            for j, part in enumerate(content):
-                at = f"{where}.content[{j}]"
-                image = _parse_part(part, at, role, limits, local_images)
-                if isinstance(image, Image.Image):
-                    images.append(image)
-                    pieces.append(IMAGE_PLACEHOLDER)
-                else:
-                    pieces.append(image)
-        else:
-            raise _bad(f"{where}.content", f"expected a string or an array of parts, got {_type_name(content)}",
-                       "invalid_type")
-        conversation.append({"role": role, "content": "\n".join(pieces)})
-    return conversation, images
-
-
-def _check_text(text: str, where: str) -> str:
-    if IMAGE_PLACEHOLDER in text:
-        raise _bad(where, f"the text contains {IMAGE_PLACEHOLDER!r}, which this model reads as an image "
-                   "placeholder; send images as image_url parts", "invalid_value")
-    return text
-
-
-def _parse_part(part: Any, where: str, role: str, limits: Limits, local_images: Path | None
-                ) -> str | Image.Image:
-    """One content part: its text, or its decoded image."""
-    if not isinstance(part, dict):
-        raise _bad(where, f"expected an object, got {_type_name(part)}", "invalid_type")
-    kind = part.get("type")
-    if kind == "text":
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise _bad(f"{where}.text", f"expected a string, got {_type_name(text)}", "invalid_type")
-        return _check_text(text, f"{where}.text")
-    if kind == "image_url":
-        if role != "user":
-            raise _bad(where, f"images are only allowed in user messages, not {role!r}", "invalid_value")
-        spec = part.get("image_url")
-        url = spec.get("url") if isinstance(spec, dict) else spec
-        if not isinstance(url, str):
-            raise _bad(f"{where}.image_url.url", "expected a string (a data: URL)", "invalid_type")
-        if isinstance(spec, dict) and spec.get("detail", "auto") not in ("auto", "low", "high"):
-            raise _bad(f"{where}.image_url.detail", "expected 'auto', 'low' or 'high'", "invalid_value")
-        return decode_image(url, f"{where}.image_url.url", limits, local_images)
-    raise _bad(f"{where}.type", f"unsupported content part type {kind!r}; expected 'text' or 'image_url'"[:200],
-               "invalid_value")
-
-
-# ------------------------------------------------------------------------------------------------- images
-def decode_image(url: str, where: str, limits: Limits, local_images: Path | None = None) -> Image.Image:
-    """A `data:image/...;base64,...` URL (or, when allowed, a local file) as a fully decoded RGB image.
-
-    Sizes are checked at each stage before the next one costs anything: the base64 length before decoding it,
-    the file size before reading it, the pixel count from the header before decompressing."""
-    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", url)
-    scheme = scheme.group(1).lower() if scheme and len(scheme.group(1)) > 1 else None  # "C:" is a drive
-    if scheme == "data":
-        raw = _data_url_bytes("data:" + url[5:], where, limits)
-    elif scheme in ("http", "https"):
-        raise _bad(where, "remote image URLs are not fetched by this server; send the image as a base64 data: URL",
-                   "unsupported_image_url")
-    elif scheme not in (None, "file"):
-        raise _bad(where, f"unsupported URL scheme {scheme!r} (send a base64 data: URL)", "unsupported_image_url")
-    else:
-        raw = _local_file_bytes(url, where, limits, local_images)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # other parsers never see the bytes
-        except Image.DecompressionBombError as e:
-            raise _bad(where, f"the image has too many pixels ({e})", "image_too_large") from e
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise _bad(where, f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})",
-                       "unsupported_image_format") from e
-        if img.format not in IMAGE_FORMATS:
-            raise _bad(where, f"unsupported image format {img.format}; use one of {', '.join(IMAGE_FORMATS)}",
-                       "unsupported_image_format")
-        width, height = img.size
-        if width * height > limits.max_image_pixels:
-            raise _bad(where, f"the image is {width}x{height} = {width * height} pixels; at most "
-                       f"{limits.max_image_pixels}", "image_too_large")
-        if width < 1 or height < 1:
-            raise _bad(where, f"empty image ({width}x{height})", "invalid_image")
-        try:
-            img.load()
-            return img if img.mode == "RGB" else img.convert("RGB")
-        except Image.DecompressionBombError as e:
-            raise _bad(where, f"the image has too many pixels ({e})", "image_too_large") from e
-        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-            raise _bad(where, f"the {img.format} image is truncated or corrupt ({e})"[:300], "invalid_image") from e
-
-
-def _data_url_bytes(url: str, where: str, limits: Limits) -> bytes:
-    header, comma, payload = url.partition(",")
-    if not comma:
-        raise _bad(where, "malformed data: URL (no comma)", "invalid_image_url")
-    mime, *params = header[len("data:"):].split(";")
-    params = [p.strip().lower() for p in params]
-    if "base64" not in params:
-        raise _bad(where, "only base64 data: URLs are supported (data:image/png;base64,...)", "invalid_image_url")
-    if mime and not mime.lower().startswith("image/"):
-        raise _bad(where, f"media type {mime[:80]!r} is not an image", "unsupported_image_format")
-    if len(payload) > (limits.max_image_bytes + 2) // 3 * 4 + 64:  # base64 is 4/3 the size (+ some whitespace)
-        raise _bad(where, f"the image is larger than {limits.max_image_bytes} bytes", "image_too_large")
-    payload = "".join(payload.split())  # line breaks some encoders insert
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise _bad(where, f"invalid base64 ({e})", "invalid_base64") from e
-    if len(raw) > limits.max_image_bytes:
-        raise _bad(where, f"the image is {len(raw)} bytes; at most {limits.max_image_bytes}", "image_too_large")
-    if not raw:
-        raise _bad(where, "empty image data", "invalid_image")
-    return raw
-
-
-def _local_file_bytes(url: str, where: str, limits: Limits, local_images: Path | None) -> bytes:
-    """A local image, only inside the `--allow-local-images` folder (symlinks resolved before the check)."""
-    if local_images is None:
-        raise _bad(where, "expected a base64 data: URL (local image paths are off; the server enables them "
-                   "with --allow-local-images DIR)", "invalid_image_url")
-    path_text = urllib.parse.unquote(url[len("file://"):]) if url[:7].lower() == "file://" else url
-    if "\x00" in path_text:
-        raise _bad(where, "invalid path", "invalid_image_url")
-    root = local_images.resolve()
-    path = (root / path_text).resolve()  # a relative path is taken relative to the allowed folder
-    if not path.is_relative_to(root):
-        raise _bad(where, f"{path_text[:200]!r} is outside the folder local images may come from", "forbidden_path")
-    try:
-        size = path.stat().st_size
-        if not path.is_file():
-            raise _bad(where, f"{path_text[:200]!r} is not a file", "invalid_image_url")
-        if size > limits.max_image_bytes:
-            raise _bad(where, f"the image is {size} bytes; at most {limits.max_image_bytes}", "image_too_large")
-        return path.read_bytes()
-    except OSError as e:
-        raise _bad(where, f"cannot read {path_text[:200]!r} ({e.strerror})", "invalid_image_url") from e
 
 
 # ---------------------------------------------------------------------------------------- the service
@@ -625,7 +249,8 @@ def create_app(model, processor, *, model_name: str, limits: Limits | None = Non
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": service.created, "owned_by": "stitch"}
 
-    # Plain Starlette endpoints (the request is their one argument): the body is read and checked by hand.
+    # Plain Starlette endpoints (the request is their one argument): the body is read here (size-checked as it
+    # arrives) and checked by `parse_chat_request`, so every refusal has the server's own status, code and text.
     async def health(request):
         return JSONResponse({"status": "ok", "model": model_name, "requests_in_progress": service.admitted})
 

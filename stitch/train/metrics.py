@@ -24,12 +24,14 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from stitch.config import VLMConfig
 
-__all__ = ["BatchShape", "FlopModel", "batch_shape", "peak_flops", "peak_memory_gb", "PEAK_TFLOPS"]
+__all__ = ["BatchShape", "FlopModel", "RunSummary", "batch_shape", "peak_flops", "peak_memory_gb", "PEAK_TFLOPS"]
 
 # Dense (non-sparse) tensor-core TFLOP/s per device for bf16, and for fp32 without TF32.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -146,3 +148,35 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1e9
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1e9 if sys.platform == "darwin" else 1e6)  # bytes on macOS, KiB on Linux
+
+
+@dataclass
+class RunSummary:
+    """What `Trainer.fit` returns: the last step, the final folder, and this session's step records."""
+
+    step: int
+    final_dir: Path | None
+    interrupted: str | None = None
+    losses: list[float] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # this session's step records
+
+    def throughput(self) -> dict[str, Any]:
+        """Tokens/s, TFLOP/s and MFU over this session's steps, leaving out the first 10% (at least one step
+        when there are several): they carry allocator growth, kernel autotuning and lazy initialisation."""
+        recs = self.records
+        skip = max(1, len(recs) // 10) if len(recs) > 1 else 0
+        timed = recs[skip:]
+        if not timed:
+            return {}
+        seconds = sum(r["step_s"] for r in timed)
+        tokens = sum(r["tokens"] for r in timed)
+        flops = sum(r["tflops_per_device"] * r["step_s"] for r in timed)
+        mfus = [r["mfu"] * r["step_s"] for r in timed if r.get("mfu") is not None]
+        return {
+            "steps_timed": len(timed),
+            "tokens_per_s": tokens / seconds,
+            "tflops_per_device": flops / seconds,
+            "mfu": sum(mfus) / seconds if mfus else None,
+            "step_s": seconds / len(timed),
+        }
+

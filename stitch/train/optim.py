@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stitch.errors import StitchConfigError
 from stitch.train.config import OptimConfig
 
 __all__ = ["build_optimizer", "param_groups"]
@@ -39,7 +40,7 @@ def build_optimizer(parts: dict[str, nn.Module], cfg: OptimConfig, device: torch
     """AdamW; the fused kernel on CUDA unless `cfg.fused` says otherwise."""
     groups = param_groups(parts, cfg)
     if not groups:
-        raise ValueError("nothing to train: every parameter is frozen")
+        raise StitchConfigError("nothing to train: every parameter is frozen")
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              fused=fused or None)

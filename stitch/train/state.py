@@ -60,6 +60,8 @@ __all__ = [
     "load_train_state",
     "capture_rng",
     "restore_rng",
+    "isolated_rng",
+    "seed_everything",
     "step_dir_name",
 ]
 
@@ -163,6 +165,24 @@ def restore_rng(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().view(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = rest["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+@contextlib.contextmanager
+def isolated_rng():
+    """Run a block without moving the CPU torch, numpy or python global RNG state."""
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------- save

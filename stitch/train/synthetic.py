@@ -20,6 +20,7 @@ from stitch.data.blend import group_fixed
 from stitch.data.collate import IGNORE_INDEX, Sample, collate
 from stitch.data.config import DataConfig
 from stitch.data.packing import pack_greedy_stream
+from stitch.errors import DataError, StitchConfigError
 from stitch.train.config import SyntheticConfig
 
 __all__ = ["SyntheticStream"]
@@ -43,12 +44,12 @@ class SyntheticStream:
         self.image_token_id = model_cfg.image_token_id
         image_tokens = cfg.images * cfg.tiles * model_cfg.tokens_per_tile
         if image_tokens + 2 > cfg.min_tokens:
-            raise ValueError(
+            raise StitchConfigError(
                 f"synthetic.min_tokens ({cfg.min_tokens}) leaves no room for text after {image_tokens} image "
                 f"tokens ({cfg.images} image(s) x {cfg.tiles} tile(s) x {model_cfg.tokens_per_tile})"
             )
         if data.pack and cfg.max_tokens > data.row_tokens:
-            raise ValueError(f"synthetic.max_tokens ({cfg.max_tokens}) exceeds a packed row ({data.row_tokens})")
+            raise StitchConfigError(f"synthetic.max_tokens ({cfg.max_tokens}) exceeds a packed row ({data.row_tokens})")
 
     # ------------------------------------------------------------------ samples
     def sample(self, index: int) -> Sample:
@@ -109,7 +110,7 @@ class SyntheticStream:
         saved with another data-parallel size resumes at the same global sample count (rounded up, so no
         sample is seen twice)."""
         if state.get("kind") != "synthetic" or state.get("seed") != self.seed:
-            raise ValueError(f"data state {state} was not saved by this synthetic stream (seed {self.seed})")
+            raise DataError(f"data state {state} was not saved by this synthetic stream (seed {self.seed})")
         saved_world = int(state.get("world_size", self.world_size))
         consumed = int(state["next_index"]) * saved_world  # global samples every saved rank had read
         self.next_index = -(-consumed // self.world_size)
