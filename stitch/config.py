@@ -388,19 +388,25 @@ def merge_dicts(base: dict, over: dict) -> dict:
     return out
 
 
+def read_yaml_file(path: Path, error: type[Exception], missing: str) -> Any:
+    """`path` parsed as YAML; a missing file, non-UTF-8 text or bad YAML raises `error` naming the file (the
+    one mapping the config, blend and `data check` readers share; `missing` says what was not found)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise error(f"{path}: {missing}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({e})") from e
+
+
 def _read_yaml(path: Path, prov: Provenance, chain: tuple[Path, ...] = ()) -> dict:
     """Read `path` with its `base:` files merged underneath it."""
     path = path.resolve()
     if path in chain:
         raise StitchConfigError(f"{path}: 'base' includes itself ({' -> '.join(str(p) for p in chain)})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise StitchConfigError(f"{path}: no such config file") from e
-    except UnicodeDecodeError as e:
-        raise StitchConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except yaml.YAMLError as e:
-        raise StitchConfigError(f"{path}: not valid YAML ({e})") from e
+    data = read_yaml_file(path, StitchConfigError, "no such config file")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -17,9 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from stitch.config import LLMConfig, VisionConfig, VLMConfig, read_config_yaml
+from stitch.config import LLMConfig, VisionConfig, VLMConfig, read_config_yaml, read_yaml_file
 from stitch.data.blend import DataStream
 from stitch.data.chat import IGNORE_INDEX
 from stitch.data.config import DataConfig
@@ -80,14 +78,7 @@ def load_data_config(source: str):
     from the blend's folder)."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml"):
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise DataError(f"{path}: no such file") from e
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-        except yaml.YAMLError as e:
-            raise DataError(f"{path}: not valid YAML ({e})") from e
+        doc = read_yaml_file(path, DataError, "no such file")
         if isinstance(doc, dict) and "splits" in doc:
             return DataConfig(blend=str(path))
         if isinstance(doc, dict) and ("data" in doc or "base" in doc):  # a training config: the data it trains on

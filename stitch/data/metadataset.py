@@ -12,10 +12,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stitch.config import first_error
+from stitch.config import first_error, read_yaml_file
 from stitch.errors import DataError
 
 __all__ = ["DatasetSpec", "SourceKind", "load_blend"]
@@ -76,14 +75,7 @@ def load_blend(path: str | Path, split: str = "train", _chain: tuple[Path, ...] 
     if path.resolve() in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
         raise DataError(f"{path}: the blend includes itself ({cycle})")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: blend file not found") from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML ({e})") from e
+    doc = read_yaml_file(path, DataError, "blend file not found")
     if not isinstance(doc, dict) or not isinstance(doc.get("splits"), dict):
         raise DataError(f"{path}: expected a metadataset with 'splits: {{train: {{datasets: [...]}}}}'")
     part = doc["splits"].get(split)
