@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import stitch
-from stitch.checkpoint.commands import stitch_build
+from stitch.checkpoint.build import stitch_build
 from stitch.checkpoint.gguf import bundled_smollm2
 from stitch.data.sources import easy_vqa_records
 from stitch.device import compute_dtype
