@@ -16,8 +16,9 @@ both import it from below.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ __all__ = [
     "wrap_modules",
     "lora_layers",
     "has_lora",
+    "adapters_disabled",
     "is_adapter_name",
     "adapter_counts",
     "lora_state_dict",
@@ -72,6 +74,7 @@ class LoRALinear(nn.Linear):
         self.weight = base.weight
         self.bias = base.bias
         self.rank, self.alpha, self.lora_dropout = int(rank), float(alpha), float(dropout)
+        self.adapter_enabled = True  # False: the base layer alone (the reference of preference training)
         w = base.weight
         self.lora_A = nn.Linear(self.in_features, self.rank, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B = nn.Linear(self.rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)
@@ -94,6 +97,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)  # [..., out]
+        if not self.adapter_enabled:
+            return out
         h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
         return out + self.lora_B(self.lora_A(h)) * self.scaling  # [..., in] -> [..., r] -> [..., out]
 
@@ -228,6 +233,20 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The model without its adapters for the duration: the base weights alone, no second copy (peft's
+    `disable_adapter`), which is the reference model of LoRA preference training."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.adapter_enabled = True
 
 
 def is_adapter_name(name: str) -> bool:

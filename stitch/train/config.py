@@ -230,11 +230,39 @@ class SyntheticConfig(_Base):
         return self
 
 
+class PreferenceConfig(_Base):
+    """The `dpo` and `mpo` stages (`stitch.train.preference`, docs/preference.md): loss terms, beta, reference.
+
+    `loss_type` defaults to ["sigmoid"] for dpo and InternVL's MPO ["sigmoid", "bco_pair", "sft"] with weights
+    [0.8, 0.2, 1.0] for mpo; `loss_weights` default to 1 each (TRL's `loss_type` / `loss_weights`)."""
+
+    loss_type: list[Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sft"]] | None = None
+    loss_weights: list[float] | None = None
+    beta: float = Field(default=0.1, gt=0)
+    # Conservative DPO (sigmoid) / robust DPO: the probability that a pair's label is flipped.
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    # auto: the policy with adapters off under LoRA when only adapters train, else a frozen copy.
+    reference: Literal["auto", "adapters", "copy"] = "auto"
+    reference_dtype: Literal["fp32", "bf16"] = "fp32"  # the frozen copy's weights (bf16: half the memory)
+
+    @model_validator(mode="after")
+    def _check(self) -> PreferenceConfig:
+        if self.loss_type is not None and not self.loss_type:
+            raise ValueError("loss_type must name at least one loss")
+        if self.loss_weights is not None:
+            n = len(self.loss_type) if self.loss_type is not None else None
+            if n is None:
+                raise ValueError("loss_weights needs loss_type (one weight per loss type)")
+            if len(self.loss_weights) != n:
+                raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {n} loss types")
+        return self
+
+
 class TrainConfig(_Base):
     """A whole training run (see the module docstring)."""
 
     output_dir: str
-    stage: Literal["pretrain", "sft"]
+    stage: Literal["pretrain", "sft", "dpo", "mpo"]
     model: ModelSource
     data: DataConfig = Field(default_factory=DataConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -247,6 +275,7 @@ class TrainConfig(_Base):
     log: LogConfig = Field(default_factory=LogConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)  # dpo / mpo stages only
     # Free text shown in the run's header and stored with it.
     description: str = ""
 
@@ -254,6 +283,14 @@ class TrainConfig(_Base):
     def _check(self) -> TrainConfig:
         if not self.synthetic.enabled and self.data.blend is None and not self.data.datasets:
             raise ValueError("no training data: set data.blend or data.datasets (or synthetic.enabled: true)")
+        if self.is_preference:
+            if self.synthetic.enabled:
+                raise ValueError(f"stage {self.stage} trains on preference pairs (data.datasets), not synthetic data")
+            if self.parallel.world_size > 1:
+                raise ValueError(f"stage {self.stage}: parallel layouts are not supported yet (train on one device)")
+            if self.eval.every:
+                raise ValueError(f"stage {self.stage}: eval.every (validation loss) is not supported for preference "
+                                 "stages yet; set eval.every: 0 and evaluate the final checkpoint")
         micro = self.data.batch_size * max(self.parallel.dp, 1)
         if self.train.global_batch_size % micro:
             raise ValueError(
@@ -294,6 +331,11 @@ class TrainConfig(_Base):
         return self.train.global_batch_size // micro
 
     @property
+    def is_preference(self) -> bool:
+        """A preference stage (dpo, mpo): pairs, a reference model, `stitch.train.preference`'s step."""
+        return self.stage in ("dpo", "mpo")
+
+    @property
     def decay_steps(self) -> int:
         return self.schedule.decay_steps or self.train.steps
 
@@ -302,7 +344,7 @@ class TrainConfig(_Base):
         if part == "projector":
             return True
         if part == "llm":
-            return self.unfreeze.llm if self.unfreeze.llm is not None else self.stage == "sft"
+            return self.unfreeze.llm if self.unfreeze.llm is not None else self.stage != "pretrain"
         return self.unfreeze.vision or self.unfreeze.vision_last_layers > 0
 
     def to_yaml(self) -> str:

@@ -34,6 +34,7 @@ from stitch.train.log import MetricsLog, Progress, plot_losses
 from stitch.train.metrics import FlopModel, RunSummary, batch_shape, peak_flops, peak_memory_gb
 from stitch.train.model_setup import batch_shapes_vary, build_training_model, configure_layers, set_dropout
 from stitch.train.optim import build_optimizer
+from stitch.train.preference import preference_step, preference_stream, start_reference
 from stitch.train.schedule import LRSchedule, build_scheduler
 from stitch.train.stages import apply_stage, parameter_table, trainable_vision_layers
 from stitch.train.state import (
@@ -101,6 +102,8 @@ class Trainer:
         """The training (or validation) batch stream of this rank; None for validation when there is none."""
         cfg = self.cfg
         explicit_val = val and cfg.eval.data is not None
+        if cfg.is_preference and not val:
+            return preference_stream(cfg, processor, self.dist)
         if cfg.synthetic.enabled and not explicit_val:
             pad = processor.pad_token_id if processor is not None else 0
             return SyntheticStream(cfg.synthetic, cfg.data, model_cfg, pad, self.dist.dp_rank, self.dist.dp_size,
@@ -149,6 +152,9 @@ class Trainer:
             model.config.tile_tags = cfg.model.tile_tags
         self.lora_base = self._lora_base(model, resume_from)
         self.counts = apply_stage(model, cfg)  # LoRA layers are added here when cfg.lora.enabled
+        self.reference = None
+        if cfg.is_preference:  # the frozen starting policy the preference losses compare with
+            self.reference = start_reference(cfg, model, self.device, resume_from, self.autocast_dtype)
         configure_layers(model, cfg.train.activation_checkpointing, cfg.train.compile, dynamic_shapes=cfg.data.pack,
                          shapes_vary=batch_shapes_vary(cfg))
         model.train()
@@ -329,7 +335,11 @@ class Trainer:
         groups = self.optimizer.param_groups if self.optimizer is not None else []
         lrs = {g["name"].split(".")[0]: g["lr"] for g in groups}
         lr = cfg.optim.lr * self.schedule(self.state.step)  # the schedule at this step
-        if self.dist.step_fn is not None:
+        if self.reference is not None:
+            result = preference_step(self.module, self.optimizer, micro, self.reference, cfg.preference,
+                                     self.reference.terms, device=self.device, autocast_dtype=self.autocast_dtype,
+                                     max_grad_norm=cfg.optim.max_grad_norm, params=self.params)
+        elif self.dist.step_fn is not None:
             result = self.dist.step_fn(self.module, self.optimizer, micro, max_grad_norm=cfg.optim.max_grad_norm,
                                        autocast_dtype=self.autocast_dtype)
         else:
@@ -377,6 +387,7 @@ class Trainer:
         }
         if cfg.optim.part_lr:
             record.update({f"lr_{part}": v for part, v in lrs.items()})
+        record.update(getattr(result, "metrics", {}))  # preference stages: rewards, margins, accuracy, KL
         return record
 
     @torch.no_grad()
