@@ -21,10 +21,11 @@ from stitch.config import LLMConfig, VisionConfig, VLMConfig, read_config_yaml, 
 from stitch.data.blend import DataStream
 from stitch.data.chat import IGNORE_INDEX
 from stitch.data.config import DataConfig
+from stitch.data.preference import PreferenceSource, PreferenceStream, is_preference_row
 from stitch.data.processor import Processor
 from stitch.errors import DataError, StitchError
 
-__all__ = ["check", "check_arguments", "run_check", "default_config"]
+__all__ = ["check", "check_arguments", "run_check", "run_pair_check", "is_preference_data", "default_config"]
 
 
 def check_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +62,9 @@ def check(args: argparse.Namespace) -> int:
         updates["split"] = args.split
     data_cfg = data_cfg.model_copy(update=updates)
     processor = load_processor(args.checkpoint, args.tokenizer)
-    report = run_check(data_cfg, processor, samples=args.samples, show=args.show, seed=args.seed,
-                       source=args.source)
+    check_fn = run_pair_check if is_preference_data(data_cfg) else run_check
+    report = check_fn(data_cfg, processor, samples=args.samples, show=args.show, seed=args.seed,
+                      source=args.source)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -174,6 +176,60 @@ def run_check(data_cfg, processor, samples: int = 200, show: int = 2, seed: int 
         "skips": dict(stats.skip_totals()), "skip_examples": dict(stats.examples),
         "tokens": summary(lengths, data_cfg.seq_length), "label_tokens": summary(labels),
         "tiles": {str(k): v for k, v in sorted(tiles.items())}, "shown": shown,
+    }
+
+
+def is_preference_data(data_cfg) -> bool:
+    """Whether the datasets hold preference pairs (their first record has chosen/rejected answers)."""
+    specs = data_cfg.resolve_datasets()
+    if not specs or any(s.path.startswith("easy-vqa") or Path(s.path, ".nv-meta").is_dir() for s in specs):
+        return False
+    try:
+        return all(is_preference_row(PreferenceSource(s).raw(0)[0]) for s in specs)
+    except StitchError:
+        return False
+
+
+def run_pair_check(data_cfg, processor, samples: int = 200, show: int = 2, seed: int = 0,
+                   source: str = "") -> dict[str, Any]:
+    """`run_check` for preference pairs (`stitch.data.preference`): the same report, each pair counted once, its
+    token statistics over both answers, and the shown pairs as their chosen and rejected renderings."""
+    lenient = data_cfg.model_copy(update={"max_skip_fraction": 1.0, "num_workers": 0})
+    stream = PreferenceStream(lenient, processor, seed=seed)
+    lengths, tiles, labels, shown, fatal = [], Counter(), [], [], None
+    pairs = stream.pairs()
+    for _ in range(samples):
+        try:
+            chosen, rejected = next(pairs)
+        except StitchError as e:
+            fatal = str(e)
+            break
+        if stream.epoch > 0:  # every pair seen once
+            break
+        for row, name in ((chosen, "chosen"), (rejected, "rejected")):
+            lengths.append(len(row))
+            labels.append(row.num_label_tokens)
+            if len(shown) < 2 * show:
+                shown.append({**render_sample(row, processor), "key": f"{row.key} ({name})"})
+        tiles[sum(chosen.num_tiles)] += 1
+    stats, datasets = stream.stats, []
+    for spec, src in zip(data_cfg.resolve_datasets(), stream.sources):
+        frac = stats.skip_fraction(src.name)
+        over = stats.attempted[src.name] >= min(data_cfg.skip_check_after, 20) and frac > data_cfg.max_skip_fraction
+        datasets.append({"name": src.name, "weight": spec.weight, "records": len(src),
+                         "attempted": stats.attempted[src.name], "used": stats.used[src.name],
+                         "skipped": dict(stats.skipped.get(src.name, {})), "skip_fraction": round(frac, 4),
+                         "over_limit": over, "share": 0.0, "target_share": 0.0})
+    used = sum(d["used"] for d in datasets) or 1
+    for d in datasets:
+        d["share"] = d["target_share"] = round(d["used"] / used, 4)
+    return {
+        "source": source, "kind": "preference", "samples": len(lengths) // 2, "seq_length": data_cfg.seq_length,
+        "max_skip_fraction": data_cfg.max_skip_fraction, "ok": fatal is None and not any(d["over_limit"] for d in
+                                                                                       datasets),
+        "fatal": fatal, "datasets": datasets, "skips": dict(stats.skip_totals()),
+        "skip_examples": dict(stats.examples), "tokens": summary(lengths, data_cfg.seq_length),
+        "label_tokens": summary(labels), "tiles": {str(k): v for k, v in sorted(tiles.items())}, "shown": shown,
     }
 
 
