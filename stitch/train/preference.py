@@ -60,15 +60,22 @@ def loss_terms(cfg: PreferenceConfig, stage: str) -> list[tuple[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------- log-probs
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_logps(model: VLM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row sums of the answer tokens' log-probs, their counts, and the per-token log-probs (0 where masked).
 
-    logits [N, T, V] predict position t+1 from t; labels [N, T] are unshifted (-100 = no loss), as the model
-    takes them. Returns (sums [N], counts [N], per_token [N, T-1]), all fp32."""
-    target = labels[:, 1:]  # [N, T-1]
+    Why not `model(...).logits`: the full [N, T, V] logits (and their log-softmax and its gradient) cost more
+    than the rest of a small model's step; the LM head runs only at the M positions that predict an answer
+    token, as the SFT loss does (`stitch.models.llm.token_loss`). Labels [N, T] are unshifted (-100 = no loss),
+    as the model takes them. Returns (sums [N], counts [N], per_token [N, T-1]), all fp32."""
+    labels = inputs["labels"]
+    embeds = model.embed(inputs["input_ids"], inputs.get("pixel_values"))  # [N, T, H]
+    hidden = model.llm(embeds, inputs.get("position_ids"), inputs.get("attention_mask"), inputs.get("cu_seqlens"),
+                       None, None, inputs.get("max_seqlen"), False)  # [N, T, H]
+    target = labels[:, 1:]  # [N, T-1]: position t predicts token t+1
     mask = target != -100
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, T-1, V]
-    per_token = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # [N, T-1]
+    logits = model.llm.lm_head(hidden[:, :-1][mask]).float()  # [M, V]
+    picked = logits.gather(1, target[mask].unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [M]
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, picked)
     return per_token.sum(1), mask.sum(1), per_token
 
 
@@ -147,10 +154,9 @@ class Reference:
         try:
             ctx = adapters_disabled(target) if self.kind == "adapters" else contextlib.nullcontext()
             with ctx, self._autocast():
-                logits = target(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+                return sequence_logps(target, inputs)
         finally:
             target.train(was_training)
-        return sequence_logps(logits, inputs["labels"])
 
 
 def _autocast_factory(device: torch.device, dtype: torch.dtype | None):
@@ -269,14 +275,12 @@ def preference_step(
     label_tokens = 0
     for i, mb in enumerate(micro_batches):
         inputs = _to_device(mb, device)
-        labels = inputs["labels"]
         ref_sums, _, ref_tok = reference.logps(model, inputs)
         ref_c, ref_r = ref_sums.chunk(2)
         if grad_sync is not None:
             grad_sync(i == len(micro_batches) - 1)
         with autocast():
-            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # [2B, T, V]
-        sums, n_tok, per_tok = sequence_logps(logits, labels)
+            sums, n_tok, per_tok = sequence_logps(model, inputs)  # rows [chosen..., rejected...]
         policy = PairLogps.from_rows(sums, n_tok)
         loss, parts = preference_loss(policy, ref_c, ref_r, terms, beta, cfg.label_smoothing, n_pairs,
                                       n_chosen_tokens)
