@@ -81,8 +81,11 @@ def _answer(value: Any, where: str, what: str) -> str:
     """The assistant text of an answer given as text, one turn, or turns whose last is the assistant's."""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict):
-        value = [value]
+    if isinstance(value, dict):  # one turn; its speaker is the model whatever it is called (LLaVA-RLHF: "llava")
+        content = value.get("content", value.get("value"))
+        if not isinstance(content, str):
+            raise SampleError("malformed_record", f"{where}: {what} has no text ('value' or 'content')")
+        return content
     turns = _turns(value, where, what)
     if not turns or turns[-1]["role"] != "assistant":
         raise SampleError("bad_roles", f"{where}: {what} must end with an assistant turn")

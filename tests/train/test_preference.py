@@ -1,0 +1,200 @@
+"""Preference training (stages dpo/mpo): pair data and masks, a CPU learning run, LoRA's reference, exact resume.
+
+The losses themselves are checked against TRL in test_preference_trl.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from stitch.checkpoint.store import load_model
+from stitch.data.check import is_preference_data, run_pair_check
+from stitch.data.config import DataConfig
+from stitch.data.preference import PreferenceSource, PreferenceStream, encode_pair, parse_preference_row
+from stitch.data.processor import Processor
+from stitch.data.skips import SampleError
+from stitch.errors import StitchConfigError
+from stitch.train.config import load_config
+from stitch.train.loop import Trainer
+from tests.train.helpers import tiny_config
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}
+
+
+def _colour_pairs(folder: Path, split: str, n: int, seed: int) -> Path:
+    """A synthetic VQA: a plain-coloured image, "What color is the image?", chosen = its colour, rejected = another
+    colour; plus the same records as SFT conversations."""
+    rng = np.random.default_rng(seed)
+    names = list(COLORS)
+    pairs, sft = [], []
+    for i in range(n):
+        colour = names[i % len(names)]
+        pixel = np.clip(np.array(COLORS[colour]) + rng.integers(-25, 26, size=3), 0, 255).astype(np.uint8)
+        path = folder / f"{split}{i}.png"
+        Image.fromarray(np.tile(pixel, (28, 28, 1))).save(path)
+        wrong = names[(names.index(colour) + 1 + int(rng.integers(0, 3))) % len(names)]
+        pairs.append({"question": "What color is the image?", "image": path.name, "chosen": colour, "rejected": wrong})
+        turns = [{"from": "human", "value": "<image>\nWhat color is the image?"}, {"from": "gpt", "value": colour}]
+        sft.append({"image": path.name, "conversations": turns})
+    (folder / f"{split}-sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    out = folder / f"{split}.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return out
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("colours")
+    return _colour_pairs(folder, "train", 64, 0), _colour_pairs(folder, "test", 32, 1)
+
+
+def _base(ckpt: Path, out: Path, data: Path, stage: str, steps: int, **extra) -> dict:
+    cfg = tiny_config(ckpt, out, stage=stage, synthetic={"enabled": False},
+                      data={"datasets": [{"path": str(data)}], "batch_size": 8, "num_workers": 0},
+                      train={"steps": steps, "global_batch_size": 8, "device": "cpu", "precision": "fp32"},
+                      schedule={"warmup_steps": 0}, checkpoint={"every": 0, "resume": True})
+    for key, value in extra.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+@torch.no_grad()
+def _held_out(ckpt: Path, pairs: Path) -> tuple[float, float]:
+    """(preference accuracy: logp(chosen) > logp(rejected); exact match: the greedy answer is the right one, which
+    holds iff every answer token, end-of-turn included, is the argmax given the right prefix)."""
+    model = load_model(ckpt, dtype=torch.float32).eval()
+    batch = next(iter(PreferenceStream(DataConfig(datasets=[{"path": str(pairs)}], batch_size=32),
+                                       Processor.from_pretrained(ckpt))))
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    mask = target != -100
+    logp = (torch.log_softmax(logits, -1).gather(2, target.clamp(min=0)[..., None])[..., 0] * mask).sum(1)
+    chosen, rejected = logp.chunk(2)
+    exact = ((logits.argmax(-1) == target) | ~mask).all(1).chunk(2)[0]
+    return float((chosen > rejected).float().mean()), float(exact.float().mean())
+
+
+def test_dpo_after_sft_raises_held_out_preference_accuracy_and_exact_match(tiny_ckpt, colours, tmp_path):
+    train, test = colours
+    sft = _base(tiny_ckpt, tmp_path / "sft", train.with_name("train-sft.jsonl"), "sft", 15, optim={"lr": 3e-3})
+    Trainer(load_config(None, data=sft)).fit()
+    pref_before, exact_before = _held_out(tmp_path / "sft" / "final", test)
+    dpo = _base(tmp_path / "sft" / "final", tmp_path / "dpo", train, "dpo", 15, optim={"lr": 2e-3})
+    records = Trainer(load_config(None, data=dpo)).fit().records
+    pref_after, exact_after = _held_out(tmp_path / "dpo" / "final", test)
+    assert pref_after >= max(0.9, pref_before + 0.2), (pref_before, pref_after)
+    assert exact_after >= exact_before, (exact_before, exact_after)
+    # the logged metrics move the way DPO moves them
+    assert records[-1]["rewards/accuracies"] > records[0]["rewards/accuracies"]
+    assert records[-1]["rewards/margins"] > 0 and records[0]["rewards/margins"] == 0.0
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl", "loss/sigmoid"} <= set(
+        records[-1])
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-mpo", "full-dpo"])
+def test_resume_is_bit_exact_and_lora_keeps_one_copy_of_the_base(tiny_ckpt, colours, tmp_path, lora):
+    train, _ = colours
+    # a constant LR: the first run of b stops at its train.steps = 2, where a cosine schedule would differ
+    extra = {"checkpoint": {"every": 2}, "optim": {"lr": 1e-3}, "schedule": {"kind": "constant"}}
+    if lora:  # adapters only (so the reference is the policy with adapters off), with adapter dropout
+        extra.update(lora={"enabled": True, "rank": 4, "dropout": 0.1, "trainable": []})
+    stage = "mpo" if lora else "dpo"
+    straight = Trainer(load_config(None, data=_base(tiny_ckpt, tmp_path / "a", train, stage, 4, **extra)))
+    a = straight.fit().records
+    ref = straight.reference
+    if lora:
+        assert ref.kind == "adapters" and ref.model is straight.model  # no second copy of the weights
+        base, now = load_model(tiny_ckpt), straight.model.state_dict()
+        assert all(torch.equal(t, now[n]) for n, t in base.state_dict().items())  # base untouched
+    else:
+        assert ref.kind == "copy" and ref.model is not straight.model
+    Trainer(load_config(None, data=_base(tiny_ckpt, tmp_path / "b", train, stage, 2, **extra))).fit()
+    resumed = Trainer(load_config(None, data=_base(tiny_ckpt, tmp_path / "b", train, stage, 4, **extra)))
+    b = resumed.fit().records
+    assert resumed.resume_from is not None and [r["step"] for r in b] == [3, 4]
+    keys = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "kl"]
+    assert [[r[k] for k in keys] for r in a[2:]] == [[r[k] for k in keys] for r in b]
+    weights = "adapter.safetensors" if lora else "model.safetensors"
+    fa, fb = (load_file(str(tmp_path / run / "final" / weights)) for run in ("a", "b"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+# --------------------------------------------------------------------------- data
+def test_pairs_from_rlaif_v_llava_rlhf_and_trl_fields_render_with_answer_only_masks(tiny_ckpt, tmp_path):
+    processor = Processor.from_pretrained(tiny_ckpt)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "a.png")
+    rlaif = {"question": "What is shown?", "image": {"bytes": (tmp_path / "a.png").read_bytes(), "path": None},
+             "chosen": "A red square.", "rejected": "A blue circle.", "ds_name": "x", "origin_dataset": "y"}
+    rlhf = {"conversations": [{"from": "human", "value": "<image>\nDescribe it."}], "image": "a.png",
+            "output_1": {"from": "llava", "value": "It is blue."}, "output_2": {"from": "llava", "value": "It is red."},
+            "preference": 2}
+    trl = {"prompt": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+                      {"role": "user", "content": "Colour?"}],
+           "chosen": [{"role": "assistant", "content": "Red."}], "rejected": [{"role": "assistant", "content": "Blue"}]}
+    for row, chosen, n_images in ((rlaif, "A red square.", 1), (rlhf, "It is red.", 1), (trl, "Red.", 0)):
+        pair = parse_preference_row(row, "row", image_root=tmp_path)
+        assert pair.chosen == chosen and len(pair.images) == n_images
+        c, r = encode_pair(processor, pair)
+        for sample, answer in ((c, pair.chosen), (r, pair.rejected)):
+            trained = sample.input_ids[sample.labels != -100]
+            # exactly the answer and its end-of-turn token: no prompt, no earlier assistant turn ("Hello.")
+            assert processor.tokenizer.decode(trained) == answer + "<|im_end|>"
+        n = int((c.labels != -100).nonzero()[0])
+        assert torch.equal(c.input_ids[:n], r.input_ids[:n])  # one prompt
+    # the same records from a WebDataset shard (image as a member) and a JSON list
+    with tarfile.open(tmp_path / "pairs.tar", "w") as tar:
+        for name, data in (("s0.json", json.dumps({k: v for k, v in rlaif.items() if k != "image"}).encode()),
+                           ("s0.png", (tmp_path / "a.png").read_bytes())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "pairs.json").write_text(json.dumps([rlhf]))
+    for path in ("pairs.tar", "pairs.json"):
+        spec = DataConfig(datasets=[{"path": str(tmp_path / path)}]).resolve_datasets()[0]
+        pair = PreferenceSource(spec).get(0)
+        assert len(pair.images) == 1 and encode_pair(processor, pair)[0].pixel_values.shape[0] >= 1
+    # `stitch data check` recognises pair data and shows each pair's two renderings
+    cfg = DataConfig(datasets=[{"path": str(tmp_path / "pairs.json")}])
+    assert is_preference_data(cfg) and not is_preference_data(DataConfig(datasets=[{"path": "easy-vqa:train"}]))
+    report = run_pair_check(cfg, processor, samples=5, show=1)
+    assert report["ok"] and report["samples"] == 1
+    assert [s["key"].rsplit(" ", 1)[1] for s in report["shown"]] == ["(chosen)", "(rejected)"]
+
+
+@pytest.mark.parametrize("row, reason, text", [
+    ({"chosen": "a", "rejected": "b"}, "malformed_record", "no prompt"),
+    ({"question": "q", "chosen": "a"}, "malformed_record", "no answers"),
+    ({"question": "q", "output_1": "a", "output_2": "b", "preference": 3}, "malformed_record", "preference must"),
+    ({"question": "q", "chosen": " ", "rejected": "b"}, "empty_conversation", "chosen answer is empty"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "a",
+      "rejected": "b"}, "bad_roles", "must end with a user turn"),
+    ({"question": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "bad_roles", "chosen must end"),
+    ({"question": "q", "chosen": "a", "rejected": "b", "image": 3}, "malformed_record", "image 0"),
+])
+def test_bad_pairs_name_what_and_where(row, reason, text):
+    with pytest.raises(SampleError, match=text) as err:
+        parse_preference_row(row, "data.jsonl:7")
+    assert err.value.reason == reason and "data.jsonl:7" in str(err.value)
+
+
+def test_preference_config_errors_name_the_field(tiny_ckpt, tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"question": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(StitchConfigError, match="loss_weights"):
+        load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1,
+                                     preference={"loss_type": ["sigmoid"], "loss_weights": [1, 2]}))
+    with pytest.raises(StitchConfigError, match="synthetic"):
+        load_config(None, data={**_base(tiny_ckpt, tmp_path, data, "dpo", 1), "synthetic": {"enabled": True}})
+    cfg = load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, preference={"reference": "adapters"}))
+    with pytest.raises(StitchConfigError, match="reference: adapters needs LoRA"):
+        Trainer(cfg).setup()
