@@ -19,8 +19,6 @@ Field names (first match wins), so RLAIF-V, LLaVA-RLHF and TRL-style files load 
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -246,15 +244,6 @@ class PreferenceSource:
     def get(self, index: int) -> PreferencePair:
         row, where, images = self.raw(index)
         return parse_preference_row(row, where, self.image_root, images)
-
-
-def _fingerprint_row(row: Any) -> str:
-    """A stable digest of a record (bytes as base64), to check stored reference log-probs against their data."""
-    def default(o):
-        if isinstance(o, (bytes, bytearray)):
-            return base64.b64encode(o).decode()
-        raise TypeError(type(o).__name__)
-    return hashlib.sha256(json.dumps(row, sort_keys=True, default=default).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the stream

@@ -46,7 +46,8 @@ def _split_options(args: argparse.Namespace) -> list[str]:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train a model: stage (pretrain or sft) and everything else come from the YAML recipe.
+    """Train a model: stage (pretrain, sft, or the preference stages dpo / mpo) and everything else come from the
+    YAML recipe.
 
     Running it again on the same output folder resumes from the latest checkpoint; SIGTERM or Ctrl-C saves a
     checkpoint and exits cleanly. Writes OUT/checkpoints/step_N/, OUT/metrics.jsonl, OUT/loss.png, OUT/final/.
@@ -54,6 +55,7 @@ def train(args: argparse.Namespace) -> int:
     Example:
       stitch train configs/tiny-sft.yaml output_dir=runs/tiny-sft train.steps=200 optim.lr=1e-3
       stitch train configs/internvl-2b-sft.yaml model.random_init=true synthetic.enabled=true train.steps=50
+      stitch train configs/tiny-dpo.yaml "data.datasets=[{path: pairs.jsonl}]"
     """
     overrides = _split_options(args)
     if args.out:
