@@ -223,10 +223,27 @@ def build_reference(model: nn.Module, cfg: PreferenceConfig, device: torch.devic
     ref = copy.deepcopy(model) if model is policy else model
     for p in ref.parameters():
         p.requires_grad_(False)
-    if cfg.reference_dtype == "bf16":
-        ref.to(torch.bfloat16)
     ref.to(device).eval()
+    if cfg.reference_dtype == "bf16":
+        _linear_weights_to_bf16(ref)
+        autocast = _autocast_factory(device, torch.bfloat16)
     return Reference(ref, "copy", autocast, terms)
+
+
+@torch.no_grad()
+def _linear_weights_to_bf16(model: nn.Module) -> None:
+    """The unshared `nn.Linear` weights in bf16 (nearly all the bytes), run under bf16 autocast: exactly the values
+    autocast gives a bf16 policy's matmuls, so such a run starts at delta = 0. Norms, embeddings and a tied LM head
+    (it is the embedding) stay fp32, as the policy reads them."""
+    owners: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            for p in (module.weight, module.bias):
+                if p is not None and owners[id(p)] == 1:
+                    p.data = p.data.to(torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------- the step

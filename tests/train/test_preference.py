@@ -129,6 +129,18 @@ def test_resume_is_bit_exact_and_lora_keeps_one_copy_of_the_base(tiny_ckpt, colo
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
+def test_a_bf16_reference_copy_starts_a_bf16_run_at_zero_margin(tiny_ckpt, colours, tmp_path):
+    train, _ = colours
+    cfg = _base(tiny_ckpt, tmp_path / "run", train, "dpo", 1, train={"precision": "bf16"},
+                preference={"reference_dtype": "bf16"}, checkpoint={"at_end": False, "save_final": False})
+    trainer = Trainer(load_config(None, data=cfg))
+    record = trainer.fit().records[0]
+    linear = trainer.reference.model.llm.layers[0].mlp.down_proj.weight
+    assert linear.dtype == torch.bfloat16 and trainer.model.llm.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert record["rewards/chosen"] == record["rewards/rejected"] == 0.0
+    assert record["loss"] == pytest.approx(np.log(2), abs=1e-6)
+
+
 # --------------------------------------------------------------------------- data
 def test_pairs_from_rlaif_v_llava_rlhf_and_trl_fields_render_with_answer_only_masks(tiny_ckpt, tmp_path):
     processor = Processor.from_pretrained(tiny_ckpt)
