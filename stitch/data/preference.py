@@ -161,23 +161,26 @@ def encode_pair(processor, pair: PreferencePair, max_length: int | None = None,
                 dataset: str = "") -> tuple[Sample, Sample]:
     """(chosen, rejected) samples through the chat template; labels only on the last answer and its end-of-turn.
 
-    The prompt is rendered with the generation prompt and must be a token prefix of both renderings (any sane
-    template); otherwise the pair is skipped as `template_mismatch` rather than trained with a wrong mask."""
+    The chat encoder labels every assistant turn; the last answer is the last run of labelled tokens, and all
+    before it is masked. Both renderings must share that prompt token for token (else the pair is skipped as
+    `template_mismatch`: a DPO pair compares two answers to one prompt)."""
     images = [load_image(im, processor.images.max_pixels) for im in pair.images]
-    prompt = processor.encode(pair.prompt, images, add_generation_prompt=True, dataset=dataset, key=pair.key)
     out = []
-    for name, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+    for answer in (pair.chosen, pair.rejected):
         conv = [*pair.prompt, {"role": "assistant", "content": answer}]
         s = processor.encode(conv, images, max_length=max_length, dataset=dataset, key=pair.key)
-        n = len(prompt)
-        if len(s) <= n or not torch.equal(s.input_ids[:n], prompt.input_ids):
-            raise SampleError("template_mismatch", f"{pair.key}: the prompt's tokens are not a prefix of the "
-                              f"{name} rendering (or the answer was cut away by max_length {max_length})")
-        s.labels[:n] = IGNORE_INDEX
-        if not bool((s.labels != IGNORE_INDEX).any()):
-            raise SampleError("fully_masked", f"{pair.key}: no {name} answer token within max_length {max_length}")
-        out.append(s)
-    return out[0], out[1]
+        labelled = (s.labels != IGNORE_INDEX).nonzero().flatten()
+        start = int(labelled[-1])
+        while start > 0 and s.labels[start - 1] != IGNORE_INDEX:  # back to the start of the last labelled run
+            start -= 1
+        s.labels[:start] = IGNORE_INDEX
+        out.append((s, start))
+    (c, nc), (r, nr) = out
+    if nc != nr or not torch.equal(c.input_ids[:nc], r.input_ids[:nr]):
+        raise SampleError("template_mismatch", f"{pair.key}: the chosen and rejected renderings do not share the "
+                          f"prompt's tokens ({nc} vs {nr} prompt tokens; a tile budget lowered for max_length "
+                          f"{max_length} in one of them?)")
+    return c, r
 
 
 def collate_pairs(pairs: Sequence[tuple[Sample, Sample]], pad_token_id: int) -> dict[str, Any]:
