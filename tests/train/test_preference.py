@@ -5,6 +5,7 @@ The losses themselves are checked against TRL in test_preference_trl.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -139,6 +140,36 @@ def test_a_bf16_reference_copy_starts_a_bf16_run_at_zero_margin(tiny_ckpt, colou
     assert linear.dtype == torch.bfloat16 and trainer.model.llm.layers[0].mlp.down_proj.weight.dtype == torch.float32
     assert record["rewards/chosen"] == record["rewards/rejected"] == 0.0
     assert record["loss"] == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_accumulating_unequal_micro_batches_equals_one_batch_of_all_the_pairs(tiny_ckpt, colours):
+    """Pair terms are means over the global pairs and the SFT term over the global chosen tokens, so 3 + 1 pairs
+    in two micro-batches give the loss, metrics and gradients of one batch of the 4."""
+    from stitch.data.preference import collate_pairs
+    from stitch.train.preference import build_reference, loss_terms, preference_step
+    from stitch.train.stages import apply_stage
+
+    train, _ = colours
+    cfg = load_config(None, data=_base(tiny_ckpt, Path("unused"), train, "mpo", 1))
+    processor = Processor.from_pretrained(tiny_ckpt)
+    stream = PreferenceStream(cfg.data, processor, seed=0).pairs()
+    pairs = [next(stream) for _ in range(4)]
+    pad = processor.pad_token_id
+    results = []
+    for micro in ([collate_pairs(pairs, pad)], [collate_pairs(pairs[:3], pad), collate_pairs(pairs[3:], pad)]):
+        model = load_model(tiny_ckpt, dtype=torch.float32)
+        apply_stage(model, cfg)
+        terms = loss_terms(cfg.preference, cfg.stage)
+        ref = build_reference(model, cfg.preference, torch.device("cpu"), contextlib.nullcontext, terms)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        results.append((preference_step(model, opt, micro, ref, cfg.preference, terms, device=torch.device("cpu")),
+                        model.llm.layers[0].self_attn.q_proj.weight.detach().clone()))
+    (one, w_one), (two, w_two) = results
+    assert one.loss == pytest.approx(two.loss, abs=1e-6) and one.label_tokens == two.label_tokens
+    for key in ("rewards/chosen", "rewards/accuracies", "logps/chosen", "loss/sft", "kl"):
+        assert one.metrics[key] == pytest.approx(two.metrics[key], abs=1e-6), key
+    assert one.grad_norm == pytest.approx(two.grad_norm, rel=1e-5)
+    torch.testing.assert_close(w_one, w_two, atol=1e-7, rtol=1e-6)  # the same update
 
 
 # --------------------------------------------------------------------------- data
