@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stitch.config import LoRAConfig, load_yaml_config, parse_config_overrides, read_config_yaml
 from stitch.data.config import DataConfig
@@ -245,17 +245,22 @@ class PreferenceConfig(_Base):
     reference: Literal["auto", "adapters", "copy"] = "auto"
     reference_dtype: Literal["fp32", "bf16"] = "fp32"  # the frozen copy's weights (bf16: half the memory)
 
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_name(cls, value):
+        return [value] if isinstance(value, str) else value  # TRL takes one name or a list
+
     @model_validator(mode="after")
     def _check(self) -> PreferenceConfig:
         if self.loss_type is not None and not self.loss_type:
             raise ValueError("loss_type must name at least one loss")
-        if self.loss_weights is not None:
-            n = len(self.loss_type) if self.loss_type is not None else None
-            if n is None:
-                raise ValueError("loss_weights needs loss_type (one weight per loss type)")
-            if len(self.loss_weights) != n:
-                raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {n} loss types")
+        if self.loss_type is not None and len(set(self.loss_type)) != len(self.loss_type):
+            raise ValueError(f"loss_type lists a loss twice: {self.loss_type}")
         return self
+
+    def default_types(self, stage: str) -> list[str]:
+        """The loss types of `stage` when `loss_type` is not set."""
+        return ["sigmoid", "bco_pair", "sft"] if stage == "mpo" else ["sigmoid"]
 
 
 class TrainConfig(_Base):
@@ -288,6 +293,11 @@ class TrainConfig(_Base):
                 raise ValueError(f"stage {self.stage} trains on preference pairs (data.datasets), not synthetic data")
             if self.parallel.world_size > 1:
                 raise ValueError(f"stage {self.stage}: parallel layouts are not supported yet (train on one device)")
+            pref = self.preference
+            n = len(pref.loss_type or pref.default_types(self.stage))
+            if pref.loss_weights is not None and len(pref.loss_weights) != n:
+                raise ValueError(f"preference.loss_weights has {len(pref.loss_weights)} values for {n} loss types "
+                                 f"({', '.join(pref.loss_type or pref.default_types(self.stage))})")
             if self.eval.every:
                 raise ValueError(f"stage {self.stage}: eval.every (validation loss) is not supported for preference "
                                  "stages yet; set eval.every: 0 and evaluate the final checkpoint")

@@ -48,10 +48,7 @@ PAIR_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair")
 
 def loss_terms(cfg: PreferenceConfig, stage: str) -> list[tuple[str, float]]:
     """(loss type, weight) pairs of the stage: the config's, else DPO's sigmoid or MPO's three terms."""
-    if cfg.loss_type is not None:
-        types = list(cfg.loss_type)
-    else:
-        types = ["sigmoid", "bco_pair", "sft"] if stage == "mpo" else ["sigmoid"]
+    types = list(cfg.loss_type) if cfg.loss_type is not None else cfg.default_types(stage)
     if cfg.loss_weights is not None:
         weights = list(cfg.loss_weights)
     else:

@@ -236,6 +236,10 @@ def test_preference_config_errors_name_the_field(tiny_ckpt, tmp_path):
     with pytest.raises(StitchConfigError, match="loss_weights"):
         load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1,
                                      preference={"loss_type": ["sigmoid"], "loss_weights": [1, 2]}))
+    with pytest.raises(StitchConfigError, match="loss_weights has 2 values for 3 loss types"):
+        load_config(None, data=_base(tiny_ckpt, tmp_path, data, "mpo", 1, preference={"loss_weights": [1, 2]}))
+    one = load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, preference={"loss_type": "ipo"}))
+    assert one.preference.loss_type == ["ipo"]
     with pytest.raises(StitchConfigError, match="synthetic"):
         load_config(None, data={**_base(tiny_ckpt, tmp_path, data, "dpo", 1), "synthetic": {"enabled": True}})
     cfg = load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, preference={"reference": "adapters"}))
