@@ -270,6 +270,8 @@ class PreferenceStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.position = 0, 0
         self.stats = SkipStats()
+        # set by the trainer for `preference.reference: precomputed`: drawn pairs -> (ref chosen [B], rejected [B])
+        self.reference_logps = None
 
     def _order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -290,6 +292,11 @@ class PreferenceStream:
 
     def pairs(self) -> Iterator[tuple[Sample, Sample]]:
         """Encoded pairs, endlessly (epochs reshuffle), skipping unusable ones."""
+        for _, chosen, rejected in self.indexed_pairs():
+            yield chosen, rejected
+
+    def indexed_pairs(self) -> Iterator[tuple[int, Sample, Sample]]:
+        """(record number over all datasets, chosen, rejected), as `pairs()`."""
         order = self._order()
         while True:
             if self.position >= len(order):
@@ -297,7 +304,8 @@ class PreferenceStream:
                 order = self._order()
                 if not order:
                     raise DataError("preference data: this rank has no records (fewer records than ranks)")
-            d, i = self.index[order[self.position]]
+            n = order[self.position]
+            d, i = self.index[n]
             self.position += 1
             src = self.sources[d]
             try:
@@ -307,10 +315,14 @@ class PreferenceStream:
                 self.stats.check(src.name, self.data.max_skip_fraction, self.data.skip_check_after)
                 continue
             self.stats.record_ok(src.name)
-            yield pair
+            yield n, pair[0], pair[1]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        pairs = self.pairs()
+        pairs = self.indexed_pairs()
         pad = self.processor.pad_token_id
         while True:
-            yield collate_pairs([next(pairs) for _ in range(self.data.batch_size)], pad)
+            drawn = [next(pairs) for _ in range(self.data.batch_size)]
+            batch = collate_pairs([(c, r) for _, c, r in drawn], pad)
+            if self.reference_logps is not None:  # precomputed reference log-probs, checked against the pair
+                batch["ref_chosen"], batch["ref_rejected"] = self.reference_logps(drawn)
+            yield batch

@@ -242,8 +242,10 @@ class PreferenceConfig(_Base):
     # Conservative DPO (sigmoid) / robust DPO: the probability that a pair's label is flipped.
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
     # auto: the policy with adapters off under LoRA when only adapters train, else a frozen copy.
-    reference: Literal["auto", "adapters", "copy"] = "auto"
+    # precomputed: one no-grad pass of the starting model before training, stored in `reference_logps`.
+    reference: Literal["auto", "adapters", "copy", "precomputed"] = "auto"
     reference_dtype: Literal["fp32", "bf16"] = "fp32"  # the frozen copy's weights (bf16: half the memory)
+    reference_logps: str | None = None  # the precomputed file; default OUT/reference_logps.jsonl
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -298,6 +300,9 @@ class TrainConfig(_Base):
             if pref.loss_weights is not None and len(pref.loss_weights) != n:
                 raise ValueError(f"preference.loss_weights has {len(pref.loss_weights)} values for {n} loss types "
                                  f"({', '.join(pref.loss_type or pref.default_types(self.stage))})")
+            if pref.reference == "precomputed" and self.model.random_init:
+                raise ValueError("preference.reference: precomputed stores the log-probs of model.checkpoint; "
+                                 "a random_init model has none on disk")
             if self.eval.every:
                 raise ValueError(f"stage {self.stage}: eval.every (validation loss) is not supported for preference "
                                  "stages yet; set eval.every: 0 and evaluate the final checkpoint")

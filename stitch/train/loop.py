@@ -103,7 +103,8 @@ class Trainer:
         cfg = self.cfg
         explicit_val = val and cfg.eval.data is not None
         if cfg.is_preference and not val:
-            return preference_stream(cfg, processor, self.dist)
+            return preference_stream(cfg, processor, self.dist, self.reference, self.resume_from is not None,
+                                     self.device)
         if cfg.synthetic.enabled and not explicit_val:
             pad = processor.pad_token_id if processor is not None else 0
             return SyntheticStream(cfg.synthetic, cfg.data, model_cfg, pad, self.dist.dp_rank, self.dist.dp_size,

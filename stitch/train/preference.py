@@ -38,6 +38,8 @@ from stitch.models.lora import adapters_disabled, has_lora
 from stitch.models.vlm import VLM
 from stitch.train.config import PreferenceConfig, TrainConfig
 from stitch.train.model_setup import build_training_model
+from stitch.train.reference_logps import header as ref_header
+from stitch.train.reference_logps import lookup, precompute_reference_logps, read_reference_logps
 from stitch.train.step import StepResult, _to_device
 
 __all__ = ["sequence_logps", "preference_loss", "PairLogps", "Reference", "build_reference", "preference_step",
@@ -144,14 +146,17 @@ class Reference:
         self.model, self.kind, self._autocast, self.terms = model, kind, autocast, list(terms)
 
     @torch.no_grad()
-    def logps(self, policy: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logps(self, policy: nn.Module, inputs: dict, batch: dict | None = None) -> torch.Tensor:
+        """Summed answer log-probs of the rows [chosen..., rejected...] ([2B])."""
+        if self.kind == "precomputed":
+            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(inputs["input_ids"].device)
         target = policy if self.kind == "adapters" else self.model
         was_training = target.training
         target.eval()
         try:
             ctx = adapters_disabled(target) if self.kind == "adapters" else contextlib.nullcontext()
             with ctx, self._autocast():
-                return sequence_logps(target, inputs)
+                return sequence_logps(target, inputs)[0]
         finally:
             target.train(was_training)
 
@@ -172,6 +177,8 @@ def start_reference(cfg: TrainConfig, model: VLM, device: torch.device, resume_f
     terms = loss_terms(cfg.preference, cfg.stage)
     source = model
     kind = cfg.preference.reference
+    if kind == "precomputed":  # the pass runs when the stream is built (it needs the processor)
+        return Reference(model, "precomputed", autocast, terms)
     uses_copy = kind == "copy" or (kind == "auto" and not _only_adapters_train(model))
     if resume_from is not None and uses_copy:
         if cfg.model.random_init:
@@ -185,12 +192,28 @@ def start_reference(cfg: TrainConfig, model: VLM, device: torch.device, resume_f
     return build_reference(source, cfg.preference, device, autocast, terms, trained=model)
 
 
-def preference_stream(cfg: TrainConfig, processor, dist) -> PreferenceStream:
-    """This rank's stream of pair micro-batches (`stitch.data.preference.PreferenceStream`)."""
+def preference_stream(cfg: TrainConfig, processor, dist, reference: Reference | None = None,
+                      resumed: bool = False, device: torch.device | None = None) -> PreferenceStream:
+    """This rank's stream of pair micro-batches (`stitch.data.preference.PreferenceStream`). With a precomputed
+    reference, the pass over the data runs here first (or continues; a resumed run needs it complete, since
+    its model has trained) and the stream attaches each pair's stored log-probs."""
     if processor is None:
         raise StitchConfigError(f"stage {cfg.stage}: preference data needs a tokenizer (the checkpoint has none; "
                                 "set model.tokenizer)")
-    return PreferenceStream(cfg.data, processor, rank=dist.dp_rank, world_size=dist.dp_size, seed=cfg.train.seed)
+    stream = PreferenceStream(cfg.data, processor, rank=dist.dp_rank, world_size=dist.dp_size, seed=cfg.train.seed)
+    if reference is not None and reference.kind == "precomputed":
+        path = Path(cfg.preference.reference_logps or Path(cfg.output_dir) / "reference_logps.jsonl")
+        if resumed:
+            done = read_reference_logps(path, ref_header(stream, cfg.model.checkpoint)) if path.exists() else []
+            if len(done) < len(stream.index):
+                raise StitchConfigError(f"{path}: {len(done)} of {len(stream.index)} reference log-probs, but this "
+                                        "run resumes a trained model, which is no longer the reference")
+            table = {r["i"]: r for r in done}
+        else:
+            table = precompute_reference_logps(path, reference.model, stream, cfg.model.checkpoint,
+                                               device or torch.device("cpu"), reference._autocast, sequence_logps)
+        stream.reference_logps = lookup(table, path)
+    return stream
 
 
 def _only_adapters_train(model: nn.Module) -> bool:
@@ -289,12 +312,12 @@ def preference_step(
     label_tokens = 0
     for i, mb in enumerate(micro_batches):
         inputs = _to_device(mb, device)
-        ref_sums, _, ref_tok = reference.logps(model, inputs)
+        ref_sums = reference.logps(model, inputs, mb)
         ref_c, ref_r = ref_sums.chunk(2)
         if grad_sync is not None:
             grad_sync(i == len(micro_batches) - 1)
         with autocast():
-            sums, n_tok, per_tok = sequence_logps(model, inputs)  # rows [chosen..., rejected...]
+            sums, n_tok, _ = sequence_logps(model, inputs)  # rows [chosen..., rejected...]
         policy = PairLogps.from_rows(sums, n_tok)
         loss, parts = preference_loss(policy, ref_c, ref_r, terms, beta, cfg.label_smoothing, n_pairs,
                                       n_chosen_tokens)
@@ -308,7 +331,7 @@ def preference_step(
             acc["rewards/accuracies"] += (rc > rr).float().sum() / n_pairs
             acc["logps/chosen"] += policy.chosen.detach().sum() / n_pairs
             acc["logps/rejected"] += policy.rejected.detach().sum() / n_pairs
-            acc["kl_sum"] += (per_tok.detach() - ref_tok).sum()
+            acc["kl_sum"] += (sums.detach() - ref_sums).sum()  # = the per-token log-ratios summed
             acc["kl_tokens"] += n_tok.sum()
             for t, v in parts.items():
                 acc[f"loss/{t}"] += v.detach()

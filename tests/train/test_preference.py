@@ -172,6 +172,48 @@ def test_accumulating_unequal_micro_batches_equals_one_batch_of_all_the_pairs(ti
     torch.testing.assert_close(w_one, w_two, atol=1e-7, rtol=1e-6)  # the same update
 
 
+def test_precomputed_reference_logps_equal_the_copy_resume_a_partial_pass_and_refuse_other_data(
+        tiny_ckpt, colours, tmp_path):
+    from stitch.errors import DataError
+    from stitch.train.preference import Reference, preference_stream, sequence_logps
+    from stitch.train.reference_logps import precompute_reference_logps
+
+    train, _ = colours
+    extra = {"schedule": {"kind": "constant"}, "checkpoint": {"at_end": False, "save_final": False}}
+    copy_run = Trainer(load_config(None, data=_base(tiny_ckpt, tmp_path / "copy", train, "dpo", 2, **extra)))
+    a = copy_run.fit().records
+    cfg = _base(tiny_ckpt, tmp_path / "pre", train, "dpo", 2, preference={"reference": "precomputed"}, **extra)
+    b = Trainer(load_config(None, data=cfg)).fit().records
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "kl"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-5), key
+    path = tmp_path / "pre" / "reference_logps.jsonl"
+    full = path.read_text()
+    assert len(full.splitlines()) == 1 + 64
+    # a pass killed mid-way (10 records and half a line written) continues to the same file
+    lines = full.split("\n")
+    path.write_text("\n".join(lines[:11]) + "\n" + lines[11][:17])
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    stream = PreferenceStream(load_config(None, data=cfg).data, Processor.from_pretrained(tiny_ckpt))
+    precompute_reference_logps(path, model, stream, str(tiny_ckpt), torch.device("cpu"), contextlib.nullcontext,
+                               sequence_logps)
+    assert path.read_text() == full
+    # other answers in the same file: the stored digests no longer match
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    other = tmp_path / "train.jsonl"
+    other.write_text("".join(json.dumps({**r, "rejected": "purple", "image": str(train.parent / r["image"])}) + "\n"
+                             for r in rows))
+    processor = Processor.from_pretrained(tiny_ckpt)
+    reference = Reference(model, "precomputed", contextlib.nullcontext)
+    pref = {"reference": "precomputed", "reference_logps": str(path)}
+    for name, error in ((None, "made for datasets"), (str(train), "not the pair its reference log-probs")):
+        spec = {"path": str(other), **({"name": name} if name else {})}
+        tampered = _base(tiny_ckpt, tmp_path / "pre", other, "dpo", 2, **extra, preference=pref)
+        tampered["data"]["datasets"] = [spec]
+        tampered = load_config(None, data=tampered)
+        with pytest.raises(DataError, match=error):  # another dataset; the same one with other answers
+            next(iter(preference_stream(tampered, processor, copy_run.dist, reference, resumed=True)))
+
+
 # --------------------------------------------------------------------------- data
 def test_pairs_from_rlaif_v_llava_rlhf_and_trl_fields_render_with_answer_only_masks(tiny_ckpt, tmp_path):
     processor = Processor.from_pretrained(tiny_ckpt)
