@@ -374,6 +374,8 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     console.print(table)
     for a in answers:
         console.print(f"[dim]{a['image']}[/dim]  {a['question']}  ->  [bold]{a['answer']}[/bold]")
+    console.print(f"chat with it in a browser: [bold]stitch demo {final}[/bold] (then open http://127.0.0.1:7860); "
+                  f"or `stitch generate {final} --image PHOTO --prompt TEXT`, `stitch serve {final}`")
     return summary
 
 
