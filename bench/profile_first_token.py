@@ -64,7 +64,7 @@ def main() -> None:
 
     for _ in range(3):
         generate_one()
-    result = {"machine": machine_info(), "preset": args.preset, "compile": args.compile,
+    result = {"machine": machine_info(device), "preset": args.preset, "compile": args.compile,
               "vit_projector_s": timed(vit), "llm_prompt_s": timed(llm_prompt),
               "engine_first_token_s": timed(generate_one)}
     hf = build_hf(cfg, model, device, dtype)
