@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from _common import machine_info
-from generate_throughput import build_hf, model_config, prompts
+from generate_throughput import _BenchProcessor, build_hf, model_config, prompts
 
 from stitch.checkpoint.store import build_model
 from stitch.infer.engine import Engine, Request
@@ -47,7 +47,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg).to(device=device, dtype=dtype).eval()
     ids, pixels = prompts(cfg, 1, 5, 32, device, dtype)
-    engine = Engine(model, _Processor(), compile=args.compile)
+    engine = Engine(model, _BenchProcessor(), compile=args.compile)
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
 
     def generate_one():
@@ -90,22 +90,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "first_token_profile.json").write_text(json.dumps(result, indent=2))
     (out / "first_token_profile.txt").write_text(table_dev + "\n\n" + table_host)
-
-
-class _Processor:
-    class tokenizer:  # noqa: N801 - stands in for an attribute holding a tokenizer
-        eos_token_id = None
-        chat_template = None
-
-        @staticmethod
-        def decode(ids, skip_special_tokens: bool = True) -> str:
-            return " ".join(map(str, ids))
-
-        @staticmethod
-        def get_vocab() -> dict:
-            return {}
-
-    pad_token_id = 0
 
 
 if __name__ == "__main__":
