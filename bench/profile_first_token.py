@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from _common import machine_info
-from generate_throughput import _BenchProcessor, build_hf, model_config, prompts
+from generate_throughput import _BenchProcessor, build_hf, model_config, prompts, run_hf
 
 from stitch.checkpoint.store import build_model
 from stitch.infer.engine import Engine, Request
@@ -76,6 +76,12 @@ def main() -> None:
 
     hf_one()
     result["hf_first_token_s"] = timed(hf_one)
+    # As generate_throughput.py reports it: 128 new tokens, first token on the host, best of 3.
+    long = SamplingParams(max_new_tokens=128, ignore_eos=True)
+    engine.generate([Request(ids[0], pixels, long)])
+    result["engine_ttft_128_s"] = min(engine.generate([Request(ids[0], pixels, long)])[0].time_to_first_token
+                                      for _ in range(3))
+    result["hf_ttft_128_s"] = min(run_hf(hf, ids, pixels, 128, device)[1] for _ in range(3))
     print(json.dumps(result, indent=2))
     from torch.profiler import ProfilerActivity, profile
 
