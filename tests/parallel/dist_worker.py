@@ -22,7 +22,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from stitch.checkpoint.store import build_model
 from stitch.layout import from_live_shape
 from stitch.parallel import load_dcp, parallelize, save_dcp, split_batch
-from stitch.parallel.step import parallel_eval, parallel_train_step, save_weights, trainer_hooks
+from stitch.parallel.step import parallel_eval, save_weights, trainer_hooks
+from stitch.train.step import train_step
 from tests.parallel.common import (
     MAX_GRAD_NORM,
     STEPS,
@@ -77,14 +78,14 @@ def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, 
     losses, norms = [], []
     for step in range(first_step, first_step + steps):
         if packed:  # the trainer's way: packed rows cannot be split, so they come as micro-batches
-            result = parallel_train_step(pm, opt, make_packed_microbatches(cfg, step), max_grad_norm=MAX_GRAD_NORM)
+            result = train_step(pm, opt, make_packed_microbatches(cfg, step), max_grad_norm=MAX_GRAD_NORM)
             losses.append(result.loss)
             norms.append(result.grad_norm)
             continue
         batch = split_batch(make_batch(cfg, step), pm.dp_size, cfg.tokens_per_tile, cfg.image_token_id)[pm.dp_rank]
         if layout.get("pp", 1) > 1 and layout.get("pp_schedule") != "gpipe":  # the trainer's way
             micro = split_batch(batch, 2, cfg.tokens_per_tile, cfg.image_token_id)
-            result = parallel_train_step(pm, opt, micro, max_grad_norm=MAX_GRAD_NORM)
+            result = train_step(pm, opt, micro, max_grad_norm=MAX_GRAD_NORM)
             losses.append(result.loss)
             norms.append(result.grad_norm)
         else:  # the bare API: forward_backward (micro-batches split by the layout) + the caller's optimizer
