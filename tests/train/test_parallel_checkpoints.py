@@ -30,9 +30,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(ckpt: Path, out: Path) -> dict:
+def _config(ckpt: Path, out: Path, **sections) -> dict:
     return tiny_config(ckpt, out, train={"steps": STEPS, "global_batch_size": 4, "device": "cpu"},
-                       checkpoint={"every": 2, "at_end": True, "save_final": True, "keep_last": 3})
+                       checkpoint={"every": 2, "at_end": True, "save_final": True, "keep_last": 3}, **sections)
 
 
 def _torchrun(config: Path, *overrides: str) -> None:
@@ -100,6 +100,28 @@ def test_another_layout_resumes_it(runs):
     resumed = _rewind_to_step_2(runs["tp"], runs["root"] / "tp-to-pp")
     _torchrun(runs["config"], f"output_dir={resumed}", "parallel.pp=2")
     got, want = _losses(resumed), _losses(runs["single"])
+    assert [got[3], got[4]] == pytest.approx([want[3], want[4]], abs=1e-5)
+
+
+def test_a_changed_vision_tp_degree_resumes_with_the_loss_continuing(runs, small_ckpt):
+    """The ViT trains (AdamW moments on its attention), saved under tp2 with its 4 heads padded to 6 (vision_tp 2);
+    resumed with the ViT replicated (vision_tp 1, 4 heads) and in one process: the moments' global shapes differ,
+    which DCP cannot reshard alone, so the trainer's optimizer load re-pads them (stitch.parallel.dcp)."""
+    root, vit = runs["root"], {"unfreeze": {"vision": True}}
+    single = root / "vit-single"
+    Trainer(TrainConfig.model_validate(_config(small_ckpt, single, **vit)), console_print=lambda *_: None).fit()
+    want = _losses(single)
+    config = write_config(root / "vit-config.yaml", _config(small_ckpt, root / "unused", **vit))
+    padded = root / "vit-tp2-padded"
+    _torchrun(config, f"output_dir={padded}", "parallel.tp=2", "parallel.vision_padded_heads=6")
+    assert _losses(padded) == pytest.approx(want, abs=1e-5)
+    resumed = _rewind_to_step_2(padded, root / "vit-padded-to-replicated")
+    _torchrun(config, f"output_dir={resumed}", "parallel.tp=2", "parallel.vision_tp=1")
+    got = _losses(resumed)
+    assert [got[3], got[4]] == pytest.approx([want[3], want[4]], abs=1e-5)
+    one = _rewind_to_step_2(padded, root / "vit-padded-to-one")
+    Trainer(TrainConfig.model_validate(_config(small_ckpt, one, **vit)), console_print=lambda *_: None).fit()
+    got = _losses(one)
     assert [got[3], got[4]] == pytest.approx([want[3], want[4]], abs=1e-5)
 
 
