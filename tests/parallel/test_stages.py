@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from stitch.models.layers import varlen_available
 from stitch.models.vlm import VLM
 from stitch.parallel.pipeline import StageModule, microbatch_side
 from tests.parallel.common import build, make_batch, make_packed_microbatches, tiny_config
@@ -66,3 +67,22 @@ def test_last_stage_logits_match_the_model():
         side = {**microbatch_side(batch), "loss_scale": 1.0}
         logits = stages[1](stages[0](batch["input_ids"], **side), **side)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_rows_keep_the_varlen_kernel_in_stages():
+    """On CUDA in bf16 a stage's packed row takes FlashAttention's varlen kernel, as the unsplit model does."""
+    assert varlen_available(torch.device("cuda"), torch.bfloat16)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _batch("packed").items()}
+    reference = build(tiny_config()).cuda()
+    model = build(tiny_config()).cuda()
+    stages = _stages(model, [range(0, 2), range(2, 4)])
+    side = {**microbatch_side(batch), "loss_scale": 1.0}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = reference(**batch, num_label_tokens=1, return_logits=False).loss
+        h = stages[0](batch["input_ids"], **side)
+        assert stages[1].llm._use_varlen(batch["cu_seqlens"], 1, None, h)
+        got = stages[1](h, **side)
+    # Same kernels, same order: the hidden state crosses the cut in the weights' dtype (fp32) either way.
+    torch.testing.assert_close(got[0], expected.detach(), atol=1e-3, rtol=1e-4)
