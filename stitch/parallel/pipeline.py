@@ -44,13 +44,13 @@ def _llm_slice(llm: LLM, layers: range, first: bool, last: bool) -> LLM:
     first stage, the final norm and output layer on the last, `None` for the rest (what `LLM.forward` skips)."""
     part = LLM.__new__(LLM)
     nn.Module.__init__(part)
-    part.config = llm.config
+    # plain attributes (config, flags such as gradient_checkpointing) as the model has them; modules below
+    part.__dict__.update({k: v for k, v in vars(llm).items() if not k.startswith("_")})
     part.embed_tokens = llm.embed_tokens if first else None
     part.layers = nn.ModuleDict({str(i): llm.layers[str(i)] for i in layers})
     part.norm = llm.norm if last else None
     part.lm_head = llm.lm_head if last else None
     part.rotary = llm.rotary
-    part.gradient_checkpointing = llm.gradient_checkpointing
     return part
 
 

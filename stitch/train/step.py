@@ -102,6 +102,7 @@ def train_step(
         grad_norm = model.clip_grad_norm_(max_grad_norm)
         loss_t, n_global, device = out.loss, out.num_tokens, model.device
     else:
+        device = device if device is not None else next(model.parameters()).device
         loss_t, n_global, grad_norm = _forward_backward(model, micro_batches, device, autocast_dtype, max_grad_norm,
                                                         params)
     # One host sync for both; on a layout both are global, so every rank takes the same branch below.
