@@ -28,8 +28,10 @@ from stitch.device import compute_dtype
 from stitch.infer.generate import generate_batch
 from stitch.quickstart import (
     COLORS,
+    QUICKSTART_VISION,
     SHAPES,
     SYSTEM_PROMPT,
+    downsample_ratio_for,
     evaluate,
     image_captions,
     quickstart_recipe,
@@ -70,9 +72,9 @@ def run_variant(name: str, opts: dict[str, str], root: Path, device: str) -> dic
     recipe = quickstart_recipe(device, compute_dtype(device).precision)
     caption = opts.get("caption", recipe.caption_style)
     data = write_training_data(out / "data", caption_style=caption)
-    stitched = stitch_build(vision="internvit-64px", llm=str(bundled_smollm2()), out=out / "stitched",
+    stitched = stitch_build(vision=QUICKSTART_VISION, llm=str(bundled_smollm2()), out=out / "stitched",
                             tile_tags="none", image_wrapper="none", max_tiles=1, use_thumbnail=False, seed=0,
-                            downsample_ratio=0.25 if tokens == 4 else 0.125)
+                            downsample_ratio=downsample_ratio_for(tokens))
     cfg = json.loads((stitched / "config.json").read_text())
     cfg["system_prompt"] = SYSTEM_PROMPT
     (stitched / "config.json").write_text(json.dumps(cfg, indent=2))

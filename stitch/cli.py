@@ -27,6 +27,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "eval": "stitch.eval.runner:eval_cmd",
     "score": "stitch.eval.runner:score_cmd",
     "serve": "stitch.infer.server:serve",
+    "demo": "stitch.infer.demo:demo",
     "quickstart": "stitch.quickstart:quickstart",
     "env": "stitch.env:env",
 }

@@ -33,6 +33,10 @@ __all__ = [
     "Layout",
     "ShardRule",
     "shard_rule",
+    "LLM_LAYER_PLAN",
+    "VISION_LAYER_PLAN",
+    "PROJECTOR_PLAN",
+    "projector_is_split",
     "split_layers",
     "stage_of",
     "local_name",
@@ -60,24 +64,59 @@ class ShardRule:
     heads: bool = False
 
 
-_LLM_RULES: list[tuple[str, int]] = [
-    (r"llm\.embed_tokens\.weight", 0),  # vocabulary-parallel embedding
-    (r"llm\.lm_head\.weight", 0),  # vocabulary-parallel output (logits sharded on vocab)
-    (r"llm\.layers\.\d+\.self_attn\.[qkv]_proj\.(weight|bias)", 0),
-    (r"llm\.layers\.\d+\.self_attn\.o_proj\.weight", 1),
-    (r"llm\.layers\.\d+\.mlp\.(gate|up)_proj\.weight", 0),
-    (r"llm\.layers\.\d+\.mlp\.down_proj\.weight", 1),
-]
-_PROJECTOR_RULES: list[tuple[str, int]] = [
-    (r"projector\.linear_1\.(weight|bias)", 0),
-    (r"projector\.linear_2\.weight", 1),
-]
-_VISION_RULES: list[tuple[str, int, bool]] = [
-    (r"vision\.layers\.\d+\.attn\.[qkv]_proj\.(weight|bias)", 0, True),
-    (r"vision\.layers\.\d+\.attn\.[qk]_norm\.weight", 0, True),
-    (r"vision\.layers\.\d+\.attn\.o_proj\.weight", 1, True),
-    (r"vision\.layers\.\d+\.mlp\.fc1\.(weight|bias)", 0, False),
-    (r"vision\.layers\.\d+\.mlp\.fc2\.weight", 1, False),
+# The tensor-parallel plan, by module: "colwise" splits a Linear's output features (weight dim 0, and its bias),
+# "rowwise" its input features (weight dim 1; the bias is added once after the all-reduce, so it is replicated).
+# `stitch.parallel.tensor` applies exactly these styles at run time and `shard_rule` derives the per-tensor split
+# dims from them for `stitch reshard` and DCP, so the two cannot drift apart.
+LLM_LAYER_PLAN: dict[str, str] = {  # inside each `llm.layers.<i>` (Megatron's split of a decoder block)
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
+    "self_attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+}
+VISION_LAYER_PLAN: dict[str, str] = {  # inside each `vision.layers.<i>`, with the vision TP degree
+    "attn.q_proj": "colwise",
+    "attn.k_proj": "colwise",
+    "attn.v_proj": "colwise",
+    "attn.o_proj": "rowwise",
+    "mlp.fc1": "colwise",
+    "mlp.fc2": "rowwise",
+}
+PROJECTOR_PLAN: dict[str, str] = {"linear_1": "colwise", "linear_2": "rowwise"}  # see `projector_is_split`
+# Vision modules whose split dimension counts attention heads (zero-padded to the padded head count); the
+# full-width QK-norm weights are split with the heads too (`stitch.parallel.tensor.ShardedQKNorm`).
+_VISION_HEAD_MODULES = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj")
+_VISION_HEAD_NORMS = r"vision\.layers\.\d+\.attn\.[qk]_norm\.weight"
+# The embedding and output layer are vocabulary-parallel: both split their weight's dim 0 (the vocabulary).
+_VOCAB_PARALLEL = r"llm\.(embed_tokens|lm_head)\.weight"
+
+
+def projector_is_split(cfg: VLMConfig) -> bool:
+    """LLaVA's single `linear` projector stays replicated: its only layer would need a gather to feed the LLM;
+    the two-layer MLP projector splits colwise-then-rowwise like a transformer MLP."""
+    return cfg.projector.kind != "linear"
+
+
+def _tensor_rules(prefix: str, plan: dict[str, str]) -> list[tuple[str, int, str]]:
+    """(tensor-name pattern, split dim, module) for the Linear modules of `plan` under `prefix` (a regex)."""
+    rules = []
+    for module, style in plan.items():
+        path = prefix + re.escape(module)
+        if style == "colwise":
+            rules.append((path + r"\.(weight|bias)", 0, module))
+        else:
+            rules.append((path + r"\.weight", 1, module))
+    return rules
+
+
+_LLM_RULES = [(_VOCAB_PARALLEL, 0), *((p, d) for p, d, _ in _tensor_rules(r"llm\.layers\.\d+\.", LLM_LAYER_PLAN))]
+_PROJECTOR_RULES = [(p, d) for p, d, _ in _tensor_rules(r"projector\.", PROJECTOR_PLAN)]
+_VISION_RULES = [
+    *((p, d, m in _VISION_HEAD_MODULES) for p, d, m in _tensor_rules(r"vision\.layers\.\d+\.", VISION_LAYER_PLAN)),
+    (_VISION_HEAD_NORMS, 0, True),
 ]
 
 
@@ -86,8 +125,7 @@ def shard_rule(name: str, cfg: VLMConfig) -> ShardRule:
     for pattern, dim in _LLM_RULES:
         if re.fullmatch(pattern, name):
             return ShardRule(dim)
-    # LLaVA's single `linear` projector stays replicated: its only layer would need a gather to feed the LLM.
-    if cfg.projector.kind != "linear":
+    if projector_is_split(cfg):
         for pattern, dim in _PROJECTOR_RULES:
             if re.fullmatch(pattern, name):
                 return ShardRule(dim)

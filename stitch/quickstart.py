@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from stitch.errors import StitchError
 from stitch.eval.runner import score_dataset
 from stitch.eval.tasks import SHORT_ANSWER, load_task, open_image
 from stitch.infer.generate import generate_batch
+from stitch.models.vision import VISION_PRESETS
 from stitch.train.config import TrainConfig
 from stitch.train.log import plot_losses
 from stitch.train.trainer import Trainer, train_step
@@ -91,6 +93,27 @@ RECIPES = {
                                                                          train_vision=False),
                        image_tokens=1, caption_style="short", eval_reserve_min=1.6),
 }
+
+
+QUICKSTART_VISION = "internvit-64px"
+
+
+def downsample_ratio_for(image_tokens: int, vision: str = QUICKSTART_VISION) -> float:
+    """The pixel-shuffle ratio that leaves `image_tokens` tokens per image of the `vision` preset (one tile).
+
+    Pixel shuffle keeps a (grid x ratio)^2 square of the patch grid, so the count must be a square whose side
+    divides the grid: for the quickstart's 8x8 grid, 4 tokens -> 0.25 and 1 -> 0.125. One rule for the quickstart
+    and its sweep (`bench/quickstart_sweep.py`)."""
+    cfg = VISION_PRESETS[vision]
+    grid = cfg.image_size // cfg.patch_size
+    side = math.isqrt(image_tokens) if image_tokens > 0 else 0
+    if side == 0 or side * side != image_tokens or grid % side:
+        allowed = ", ".join(str(d * d) for d in range(1, grid + 1) if grid % d == 0)
+        raise StitchError(
+            f"image_tokens {image_tokens}: {vision} has a {grid}x{grid} patch grid, so the tokens per image must be "
+            f"a square whose side divides {grid} ({allowed})"
+        )
+    return side / grid
 
 
 def quickstart_recipe(device: str, precision: str) -> Recipe:
@@ -290,9 +313,9 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     counts = write_training_data(out / "data", caption_style=recipe.caption_style)
     console.print(f"data: {counts['captions']} captioned images (stage 1), {counts['questions']} questions (stage 2)")
     stitched = out / "stitched"
-    stitch_build(vision="internvit-64px", llm=str(gguf), out=stitched, tile_tags="none", image_wrapper="none",
-                 max_tiles=1, use_thumbnail=False, seed=seed, downsample_ratio=0.25 if recipe.image_tokens == 4
-                 else 0.125)
+    stitch_build(vision=QUICKSTART_VISION, llm=str(gguf), out=stitched, tile_tags="none", image_wrapper="none",
+                 max_tiles=1, use_thumbnail=False, seed=seed,
+                 downsample_ratio=downsample_ratio_for(recipe.image_tokens))
     cfg_path = stitched / "config.json"  # the short system prompt travels with the checkpoint
     cfg = json.loads(cfg_path.read_text())
     cfg["system_prompt"] = SYSTEM_PROMPT
@@ -374,6 +397,8 @@ def run_quickstart(out: Path, minutes: float | None = None, eval_samples: int = 
     console.print(table)
     for a in answers:
         console.print(f"[dim]{a['image']}[/dim]  {a['question']}  ->  [bold]{a['answer']}[/bold]")
+    console.print(f"chat with it in a browser: [bold]stitch demo {final}[/bold] (then open http://127.0.0.1:7860); "
+                  f"or `stitch generate {final} --image PHOTO --prompt TEXT`, `stitch serve {final}`")
     return summary
 
 

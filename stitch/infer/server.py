@@ -332,7 +332,6 @@ async def _sse(pipe: _Pipe, cid: str, created: int, model_name: str, include_usa
 
 # ------------------------------------------------------------------------------------------ command line
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Limits()
     parser.add_argument("checkpoint", help="a Stitch checkpoint folder (or an HF InternVL/LLaVA folder)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: loopback only; 0.0.0.0 exposes it to the network)")
@@ -351,6 +350,13 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continuous-batching", action="store_true",
                         help="requests join a running batch (a finished or spare row) instead of waiting for it "
                              "to end")
+    add_limit_arguments(parser)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The request limits (`Limits`) as flags, shared by `stitch serve` and `stitch demo`."""
+    d = Limits()
     parser.add_argument("--max-request-mb", type=float, default=d.max_body_bytes / MiB,
                         help=f"largest request body (default: {d.max_body_bytes // MiB})")
     parser.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / MiB,
@@ -363,7 +369,32 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest max_tokens a request may ask, and the default (default: {d.max_tokens})")
     parser.add_argument("--max-pending", type=int, default=d.max_pending,
                         help=f"requests in progress at once before new ones get 503 (default: {d.max_pending})")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """`Limits` from `add_limit_arguments`' flags; a non-positive one is a StitchError naming the flag."""
+    for flag in ("max_images", "max_tokens_limit", "max_pending", "max_image_pixels", "max_request_mb",
+                 "max_image_mb"):
+        if getattr(args, flag) <= 0:
+            raise StitchError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    return Limits(max_body_bytes=int(args.max_request_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
+                  max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+                  max_tokens=args.max_tokens_limit, max_pending=args.max_pending)
+
+
+def load_for_serving(checkpoint: Path, device_name: str | None, dtype_name: str | None):
+    """(model, processor, ComputeChoice) for a server: a bad folder or checkpoint is a one-line StitchError."""
+    if not checkpoint.is_dir():
+        raise StitchError(f"{checkpoint}: not a checkpoint folder")
+    device = resolve_device(device_name)
+    compute = compute_dtype(device, dtype_name)
+    try:
+        model, processor = load_pretrained(checkpoint, device=device, dtype=compute.dtype)
+    except StitchError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise StitchError(f"{checkpoint}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+    return model, processor, compute
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -423,24 +454,11 @@ def serve(args: argparse.Namespace) -> int:
     local = Path(args.allow_local_images) if args.allow_local_images else None
     if local is not None and not local.is_dir():
         raise StitchError(f"--allow-local-images {local}: not a folder")
-    for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-images", args.max_images),
-                        ("--max-tokens-limit", args.max_tokens_limit), ("--max-pending", args.max_pending),
-                        ("--max-image-pixels", args.max_image_pixels), ("--max-request-mb", args.max_request_mb),
-                        ("--max-image-mb", args.max_image_mb)):
-        if value <= 0:
-            raise StitchError(f"{flag} must be positive, got {value}")
-    limits = Limits(max_body_bytes=int(args.max_request_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
-                    max_image_pixels=args.max_image_pixels, max_images=args.max_images,
-                    max_tokens=args.max_tokens_limit, max_pending=args.max_pending)
+    if args.max_batch_size <= 0:
+        raise StitchError(f"--max-batch-size must be positive, got {args.max_batch_size}")
+    limits = limits_from_args(args)
     sock = listen_socket(args.host, args.port)  # before loading: a taken port fails fast
-    device = resolve_device(args.device)
-    compute = compute_dtype(device, args.dtype)
-    try:
-        model, processor = load_pretrained(ckpt, device=device, dtype=compute.dtype)
-    except StitchError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise StitchError(f"{ckpt}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+    model, processor, compute = load_for_serving(ckpt, args.device, args.dtype)
     engine = get_engine(model, processor, max_batch_size=args.max_batch_size, compile=args.compile,
                         continuous_batching=args.continuous_batching)
     name = args.model_name or ckpt.resolve().name

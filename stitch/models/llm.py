@@ -153,7 +153,13 @@ def build_attention_mask(
 
 
 class LLM(nn.Module):
-    """Decoder-only LM. `forward` returns final hidden states; `logits()`/loss helpers sit on top."""
+    """Decoder-only LM. `forward` returns final hidden states; `logits()`/loss helpers sit on top.
+
+    Prunable the torchtitan way: `forward` runs whatever layers `layers` holds (a ModuleList, or a ModuleDict
+    keyed by global layer index when a pipeline stage keeps only its slice) and skips a missing (`None`) final
+    norm, so a stage runs this same forward on its part. `embed_tokens`/`lm_head` may be `None` too; they are
+    read by `stitch.models.vlm.VLM`, not here.
+    """
 
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -209,12 +215,13 @@ class LLM(nn.Module):
             mask, is_causal = build_attention_mask(b, t, device, attention_mask, cu_seqlens, kv_len, cache_position)
             ctx = AttentionContext(cos, sin, mask, is_causal, kv_cache, cache_position)
         x = inputs_embeds
-        for layer in self.layers:
+        layers = self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers
+        for layer in layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
     def _use_varlen(self, cu_seqlens, batch: int, kv_cache, inputs_embeds) -> bool:
         """Packed rows need no mask: collate makes any padding its own segment, so `attention_mask` is moot."""

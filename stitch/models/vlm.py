@@ -3,6 +3,12 @@
 As in HF's InternVL/LLaVA, `input_ids` carry the image-context token once per image-embedding position, and
 `pixel_values` holds every tile of the batch in order of appearance. Tile tags and image wrappers are ordinary
 text tokens placed by the processor, so the model needs no knowledge of them: it only fills image positions.
+
+The forward is prunable the torchtitan way (`torchtitan/models/llama3/model/model.py`): a model whose
+`llm.embed_tokens` is `None` takes the previous pipeline stage's hidden state instead of token ids, its LLM runs
+the layers it holds, and one whose `llm.lm_head` is `None` returns the hidden state. A pipeline stage is thus
+this model with pieces removed (`stitch.parallel.pipeline.StageModule`), running this forward, varlen kernel
+path for packed rows included; nothing here knows about parallelism.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ class VLMOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     num_label_tokens: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None  # [B, T, D], only from a model without an output layer
 
 
 class VLM(nn.Module):
@@ -78,16 +85,33 @@ class VLM(nn.Module):
 
         Training passes `return_logits=False`: the loss is then computed from hidden states in chunks, only
         where labels exist, and the full logits tensor is never built. `fresh_cache`: see `LLM.forward`.
+
+        Pruned (a pipeline stage, see the module docstring): without `llm.embed_tokens`, `input_ids` is the
+        previous stage's hidden state [B, T, D]; without `llm.lm_head`, the output carries only `hidden_states`.
         """
-        embeds = self.embed(input_ids, pixel_values)
-        hidden = self.llm(embeds, position_ids, attention_mask, cu_seqlens, kv_cache, cache_position, max_seqlen,
+        if self.llm.embed_tokens is not None:
+            h = self.embed(input_ids, pixel_values)  # [B, T] ids -> [B, T, D]
+        else:
+            h = input_ids  # [B, T, D] from the previous stage
+        hidden = self.llm(h, position_ids, attention_mask, cu_seqlens, kv_cache, cache_position, max_seqlen,
                           fresh_cache)
+        if self.llm.lm_head is None:
+            return VLMOutput(logits=None, hidden_states=hidden)
         loss = n_tokens = logits = None
         if labels is not None:
-            loss, n_tokens = token_loss(hidden, self.llm.lm_head, labels, num_label_tokens)
+            loss, n_tokens = self.label_loss(hidden, labels, num_label_tokens)
         if return_logits:
             logits = self.llm.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return VLMOutput(logits=logits, loss=loss, num_label_tokens=n_tokens)
+
+    def label_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, num_label_tokens: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token-weighted loss, labelled tokens) of final hidden states [B, T, D]; see `token_loss`.
+
+        A method so that a layout whose output layer is split (vocabulary-parallel logits) can supply its own
+        cross-entropy without the forward changing."""
+        return token_loss(hidden, self.llm.lm_head, labels, num_label_tokens)
 
     def parts(self) -> dict[str, nn.Module]:
         """The named parts that stages freeze/train and reports count (prismatic-style)."""

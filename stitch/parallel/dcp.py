@@ -13,6 +13,7 @@ loading; `parallel.vision_padded_heads` (e.g. 32) set in both runs avoids it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from stitch.config import VLMConfig
 from stitch.errors import CheckpointError
 from stitch.layout import pad_heads, shard_rule, unpad_heads
 from stitch.parallel.runtime import ParallelModel
 
-__all__ = ["save_dcp", "load_dcp"]
+__all__ = ["save_dcp", "load_dcp", "load_repadded"]
+
+# The parameter a state entry belongs to: model entries are `model.<fqn>`, optimizer moments `optim.state.<fqn>.
+# exp_avg` (nested) or `optimizer.state.<fqn>.exp_avg` (the trainer's flattened state): the name runs up to its
+# first `.weight`/`.bias`.
+_PARAM = re.compile(r"(?:^|\.)((?:vision|projector|llm)\..*?\.(?:weight|bias))(?:\.|$)")
 
 
 def save_dcp(pm: ParallelModel, optimizer: torch.optim.Optimizer | None, path: str | Path,
@@ -50,14 +57,13 @@ def _tensors(obj: Any, path: tuple = ()):
             yield from _tensors(value, (*path, key))
 
 
-def _stage_padding_fixes(state: dict[str, Any], path: Path, pm: ParallelModel) -> list[tuple]:
+def _stage_padding_fixes(state: dict[str, Any], path: Path, cfg: VLMConfig) -> list[tuple]:
     """Swap tensors saved with another ViT head padding for full placeholders of the saved shape.
 
     Returns what `_apply_padding_fixes` needs to put them, re-padded, into the live tensors after loading.
     Any other shape difference is an error naming the tensor.
     """
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    cfg = pm.config
     fixes = []
     for obj_path, container, key, value in _tensors(state):
         flat = ".".join(map(str, obj_path))
@@ -68,23 +74,24 @@ def _stage_padding_fixes(state: dict[str, Any], path: Path, pm: ParallelModel) -
             continue
         if not hasattr(stored, "size") or tuple(stored.size) == tuple(value.shape):
             continue
-        fqn = obj_path[1] if obj_path[0] == "model" else obj_path[2] if obj_path[:2] == ("optim", "state") else ""
-        rule = shard_rule(str(fqn), cfg)
-        if not rule.heads:
+        param = _PARAM.search(flat)
+        rule = shard_rule(param.group(1), cfg) if param else None
+        if rule is None or not rule.heads:
             raise CheckpointError(
                 f"{path}: '{flat}' was saved with shape {tuple(stored.size)}, the model has {tuple(value.shape)}"
             )
-        placeholder = torch.zeros(tuple(stored.size), dtype=stored.properties.dtype, device=pm.device)
+        placeholder = torch.zeros(tuple(stored.size), dtype=stored.properties.dtype, device=value.device)
         container[key] = placeholder
         fixes.append((container, key, value, placeholder, rule.dim, stored.size[rule.dim] // cfg.vision.head_dim))
     return fixes
 
 
 @torch.no_grad()
-def _apply_padding_fixes(fixes: list[tuple], pm: ParallelModel) -> None:
-    heads = pm.config.vision.num_heads
-    live_padded = pm.layout.padded_heads(pm.config)
+def _apply_padding_fixes(fixes: list[tuple], cfg: VLMConfig) -> None:
+    """Re-pad each loaded tensor from the saved head count to the live one (read off the live global shape)."""
+    heads, head_dim = cfg.vision.num_heads, cfg.vision.head_dim
     for container, key, live, loaded, dim, saved_padded in fixes:
+        live_padded = live.shape[dim] // head_dim
         full = pad_heads(unpad_heads(loaded, dim, heads, saved_padded, str(key)), dim, heads, live_padded)
         if isinstance(live, DTensor):
             live.to_local().copy_(distribute_tensor(full, live.device_mesh, live.placements).to_local())
@@ -93,17 +100,26 @@ def _apply_padding_fixes(fixes: list[tuple], pm: ParallelModel) -> None:
         container[key] = live
 
 
+def load_repadded(state: dict[str, Any], path: str | Path, cfg: VLMConfig) -> None:
+    """`dcp.load(state, path)` in place, plus the ViT head re-padding DCP cannot do (see the module docstring).
+
+    The one DCP read path: `load_dcp` here and the trainer's optimizer state (`stitch.train.state`) both use it,
+    so a checkpoint saved under one ViT tensor-parallel degree (or padding) resumes under another, in one
+    process too. Collective under a layout."""
+    path = Path(path)
+    fixes = _stage_padding_fixes(state, path, cfg)
+    dcp.load(state, checkpoint_id=str(path))
+    _apply_padding_fixes(fixes, cfg)
+
+
 def load_dcp(pm: ParallelModel, optimizer: torch.optim.Optimizer | None, path: str | Path,
              extra: dict[str, Any] | None = None) -> None:
     """Collective: restore weights (and optimizer state, and `extra`) saved by `save_dcp` under any layout."""
-    path = Path(path)
     model_sd, optim_sd = get_state_dict(pm.model, optimizer if optimizer is not None else [])
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optim"] = optim_sd
     state.update(extra or {})
-    fixes = _stage_padding_fixes(state, path, pm)
-    dcp.load(state, checkpoint_id=str(path))
-    _apply_padding_fixes(fixes, pm)
+    load_repadded(state, path, pm.config)
     set_state_dict(pm.model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))

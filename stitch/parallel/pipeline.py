@@ -1,11 +1,12 @@
-"""Pipeline parallelism: the model cut into stages that reuse its own modules, run by torch's schedules.
+"""Pipeline parallelism: the model cut into stages that run its own forward, driven by torch's schedules.
 
-A `StageModule` holds references to one stage's share of a built VLM under the model's own attribute names
-(`vision.*`, `projector.*`, `llm.embed_tokens`, `llm.layers.<global index>`, `llm.norm`, `llm.lm_head`), so state
-dicts, optimizer states and DCP checkpoints keep the unsplit model's names whatever the layout. Stage 0 embeds
-(ViT -> projector -> token embeddings with image positions filled); the last stage normalises and computes the
-summed loss itself, so the schedule's loss function only scales it and the output layer never leaves the
-module (FSDP gathers its weight only inside a module's forward).
+A `StageModule` is a `VLM` pruned the torchtitan way (`stitch.models.vlm`): it shares one stage's share of a
+built VLM's modules under the model's own attribute names (`vision.*`, `projector.*`, `llm.embed_tokens`,
+`llm.layers.<global index>`, `llm.norm`, `llm.lm_head`), the others `None`, so `VLM.forward` runs on the slice
+(RoPE, masks, the varlen kernel for packed rows, activation checkpointing: all the model's), and state dicts,
+optimizer states and DCP checkpoints keep the unsplit model's names whatever the layout. The last stage returns
+the scaled summed loss itself, so the schedule's loss function only checks it and the output layer never leaves
+the module (FSDP gathers its weight only inside a module's forward).
 
 Only the hidden state travels between stages. Everything else a stage needs per micro-batch (labels, masks,
 position ids, pixel values, packed-sequence boundaries) is handed to each stage before the step as a list, one
@@ -23,15 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-from torch.utils.checkpoint import checkpoint
 
-from stitch.models.llm import AttentionContext, build_attention_mask, token_loss
+from stitch.models.llm import LLM
 from stitch.models.vlm import VLM
 from stitch.parallel.tensor import vocab_parallel_loss_sum
 
 __all__ = ["StageModule", "PipelineRunner", "microbatch_side"]
 
-SIDE_KEYS = ("pixel_values", "attention_mask", "position_ids", "cu_seqlens", "labels")
+SIDE_KEYS = ("pixel_values", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen", "labels")
 
 
 def microbatch_side(batch: dict[str, Any]) -> dict[str, Any]:
@@ -39,32 +39,39 @@ def microbatch_side(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch.get(k) for k in SIDE_KEYS}
 
 
-class StageModule(nn.Module):
-    """One pipeline stage (or the whole model when pp = 1) built from a VLM's own modules.
+def _llm_slice(llm: LLM, layers: range, first: bool, last: bool) -> LLM:
+    """An `LLM` sharing `llm`'s modules for one stage: its `layers` (by global index), the embedding on the
+    first stage, the final norm and output layer on the last, `None` for the rest (what `LLM.forward` skips)."""
+    part = LLM.__new__(LLM)
+    nn.Module.__init__(part)
+    # plain attributes (config, flags such as gradient_checkpointing) as the model has them; modules below
+    part.__dict__.update({k: v for k, v in vars(llm).items() if not k.startswith("_")})
+    part.embed_tokens = llm.embed_tokens if first else None
+    part.layers = nn.ModuleDict({str(i): llm.layers[str(i)] for i in layers})
+    part.norm = llm.norm if last else None
+    part.lm_head = llm.lm_head if last else None
+    part.rotary = llm.rotary
+    return part
+
+
+class StageModule(VLM):
+    """One pipeline stage (or the whole model when pp = 1): the VLM pruned to this stage's pieces.
 
     forward(x, **side): x is `input_ids` [B, T] on the first stage, the hidden state [B, T, D] elsewhere.
     Returns the hidden state (not last), the scaled loss sum [1] (last, mode "loss") or logits (last, "logits").
     `side` comes either as keyword arguments (pp = 1) or from `push_side` (pipeline schedules).
+    Set gradient checkpointing on the model before building stages (the flag is copied).
     """
 
     def __init__(self, model: VLM, index: int, num_stages: int, layers: range, tp_loss: bool):
-        super().__init__()
+        nn.Module.__init__(self)
         self.index, self.num_stages = index, num_stages
         self.is_first, self.is_last = index == 0, index == num_stages - 1
         self.config = model.config
         self.tp_loss = tp_loss
-        self._llm_ref = (model.llm,)  # read live flags (gradient checkpointing) without registering it
-        if self.is_first:
-            self.vision = model.vision
-            self.projector = model.projector
-        self.llm = nn.Module()
-        self.llm.layers = nn.ModuleDict({str(i): model.llm.layers[str(i)] for i in layers})
-        if self.is_first:
-            self.llm.embed_tokens = model.llm.embed_tokens
-        if self.is_last:
-            self.llm.norm = model.llm.norm
-            self.llm.lm_head = model.llm.lm_head
-        self.rotary = model.llm.rotary
+        self.vision = model.vision if self.is_first else None
+        self.projector = model.projector if self.is_first else None
+        self.llm = _llm_slice(model.llm, layers, self.is_first, self.is_last)
         self.comm_dtype = next(model.parameters()).dtype
         self.mode = "loss"
         self.run_vision_always = False  # set under data parallelism (see _idle_vision)
@@ -72,13 +79,6 @@ class StageModule(nn.Module):
         self._cursor = 0
         self.loss_sums: list[torch.Tensor] = []
         self.consumed: list[int] = []
-
-    # VLM.embed / image_embeddings read these attributes; reuse them so the splice logic lives in one place.
-    image_embeddings = VLM.image_embeddings
-
-    @property
-    def image_token_id(self) -> int:
-        return self.config.image_token_id
 
     def push_side(self, side: list[dict[str, Any]]) -> None:
         self._side, self._cursor = side, 0
@@ -92,50 +92,51 @@ class StageModule(nn.Module):
         self._cursor += 1
         return side
 
+    def label_loss(self, hidden, labels, num_label_tokens=None):
+        """Under tensor parallelism the logits stay split on the vocabulary (`vocab_parallel_loss_sum`)."""
+        if not self.tp_loss:
+            return super().label_loss(hidden, labels, num_label_tokens)
+        loss_sum, n = vocab_parallel_loss_sum(hidden, self.llm.lm_head, labels)
+        return loss_sum / (num_label_tokens if num_label_tokens is not None else max(n, 1)), n
+
     def forward(self, x: torch.Tensor, **side: Any) -> torch.Tensor:
         if not side:
             side = self._next_side()
-        if self.is_first:
-            pixel_values = side.get("pixel_values")
-            h = VLM.embed(self, x, pixel_values)  # [B, T, D]
-            if self.run_vision_always and (pixel_values is None or pixel_values.numel() == 0):
-                h = h + self._idle_vision(h)
-        else:
-            h = x
-        b, t, _ = h.shape
-        position_ids = side.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(t, device=h.device)[None].expand(b, t)
-        cos, sin = self.rotary(position_ids, h.dtype)
-        mask, is_causal = build_attention_mask(b, t, h.device, side.get("attention_mask"), side.get("cu_seqlens"))
-        ctx = AttentionContext(cos, sin, mask, is_causal)
-        recompute = self._llm_ref[0].gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.llm.layers.values():
-            h = checkpoint(layer, h, ctx, use_reentrant=False) if recompute else layer(h, ctx)
+        wants_loss = self.is_last and self.mode == "loss"
+        out = super().forward(
+            x,
+            pixel_values=side.get("pixel_values"),
+            labels=side["labels"] if wants_loss else None,
+            attention_mask=side.get("attention_mask"),
+            position_ids=side.get("position_ids"),
+            cu_seqlens=side.get("cu_seqlens"),
+            max_seqlen=side.get("max_seqlen"),
+            num_label_tokens=1,  # a sum: the caller's loss_scale makes it the step's token-weighted mean
+            return_logits=self.is_last and self.mode == "logits",
+        )
         if not self.is_last:
-            return h.to(self.comm_dtype)
-        h = self.llm.norm(h)
-        if self.mode == "logits":
-            logits = self.llm.lm_head(h)
-            return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
-        labels = side["labels"]
-        if self.tp_loss:
-            loss_sum, _ = vocab_parallel_loss_sum(h, self.llm.lm_head, labels)
+            result = out.hidden_states.to(self.comm_dtype)
+        elif self.mode == "logits":
+            logits = out.logits
+            result = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
         else:
-            loss_sum, _ = token_loss(h, self.llm.lm_head, labels, num_label_tokens=1)
-        self.loss_sums.append(loss_sum.detach())
-        return (loss_sum * side["loss_scale"]).reshape(1).clone()  # not a view: FSDP hooks its outputs
+            self.loss_sums.append(out.loss.detach())
+            result = (out.loss * side["loss_scale"]).reshape(1).clone()  # not a view: FSDP hooks its outputs
+        return result
 
-    def _idle_vision(self, h: torch.Tensor) -> torch.Tensor:
-        """0 x (the ViT and projector on one blank tile), for a text-only micro-batch under FSDP.
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """`VLM.embed`, plus 0 x (the ViT and projector on one blank tile) for a text-only micro-batch under FSDP.
 
-        Every data-parallel rank must run the same sharded modules (their all-gathers and gradient reductions
-        are collectives); a rank whose micro-batch has no image would otherwise skip the ViT and hang the
-        others. The blank tile contributes exactly zero to the output and to the gradients.
+        Every data-parallel rank must run the same sharded modules in the same order (their all-gathers and
+        gradient reductions are collectives); a rank whose micro-batch has no image would otherwise skip the
+        ViT and hang the others. The blank tile contributes exactly zero to the output and to the gradients.
         """
-        size = self.config.vision.image_size
-        blank = torch.zeros(1, self.config.vision.num_channels, size, size, device=h.device)
-        return self.image_embeddings(blank).sum().to(h.dtype) * 0.0
+        h = super().embed(input_ids, pixel_values)  # [B, T, D]
+        if self.run_vision_always and (pixel_values is None or pixel_values.numel() == 0):
+            size = self.config.vision.image_size
+            blank = torch.zeros(1, self.config.vision.num_channels, size, size, device=h.device)
+            h = h + self.image_embeddings(blank).sum().to(h.dtype) * 0.0
+        return h
 
 
 def _schedule_class(name: str):

@@ -56,6 +56,11 @@ def _pad_to(x: torch.Tensor | None, rows: int, seq: int, value: int) -> torch.Te
     return torch.nn.functional.pad(x, (0, seq - x.shape[1], 0, rows - x.shape[0]), value=value)
 
 
+def _extend_segments(cu_seqlens: torch.Tensor, seq: int) -> torch.Tensor:
+    """Boundaries [n+1] of a packed row right-padded to `seq` tokens: the padding is one more segment."""
+    return torch.cat([cu_seqlens, cu_seqlens.new_tensor([seq])])
+
+
 def split_batch(batch: dict[str, Any], parts: int, tokens_per_tile: int, image_token_id: int) -> list[dict]:
     """Split a padded batch by rows into `parts` equal batches, giving each its own tiles of `pixel_values`.
 
@@ -237,6 +242,10 @@ class ParallelModel:
             side["labels"] = _pad_to(side["labels"], rows, seq, -100)
             side["attention_mask"] = _pad_to(side["attention_mask"], rows, seq, 0)
             side["position_ids"] = _pad_to(side["position_ids"], rows, seq, 0)
+            if side["cu_seqlens"] is not None and mb["input_ids"].shape[1] != seq:
+                # the padding becomes a last segment of its own, as collate pads a packed row
+                side["cu_seqlens"] = _extend_segments(side["cu_seqlens"], seq)
+                side["max_seqlen"] = None
             side["loss_scale"] = scale
             sides.append(side)
         return ids, sides

@@ -1,18 +1,14 @@
-"""One optimizer step on a `ParallelModel`, with the single-process trainer's semantics, and weight export.
+"""What the trainer needs around a `ParallelModel` besides the step: evaluation over data ranks, the launcher's
+`Distributed` fields, and weight export.
 
-`parallel_train_step` mirrors `stitch.train.trainer.train_step` (token-weighted loss over the whole global
-batch, clipping, a non-finite loss or gradient norm skips the update) but lets the layout run the micro-batches
-(a pipeline schedule cannot be driven one micro-batch at a time) and clips with a norm that counts every shard
-and stage once. `save_weights` writes the trained weights as a Stitch checkpoint from all ranks at once.
+The training step itself is `stitch.train.step.train_step`, one function for every layout (it calls
+`ParallelModel.forward_backward` and `clip_grad_norm_` for a layout). `save_weights` writes the trained weights
+as a Stitch checkpoint from all ranks at once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,50 +21,7 @@ from stitch.checkpoint.reshard import DiskLayout, rank_dir
 from stitch.layout import from_live_shape, local_name, stage_of
 from stitch.parallel.runtime import ParallelModel, parallelize
 
-__all__ = ["ParallelStepResult", "parallel_train_step", "parallel_eval", "trainer_hooks", "save_weights"]
-
-
-@dataclass
-class ParallelStepResult:
-    """Same fields as `stitch.train.trainer.StepResult`."""
-
-    loss: float
-    grad_norm: float
-    label_tokens: int
-    skipped: bool
-
-
-def parallel_train_step(
-    pm: ParallelModel,
-    optimizer: torch.optim.Optimizer | None,
-    micro_batches: Sequence[dict],
-    *,
-    max_grad_norm: float | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> ParallelStepResult:
-    """Forward/backward over this rank's micro-batches, clip, update (collective: every rank calls it).
-
-    `optimizer` may be None on a rank with nothing to train (e.g. a middle pipeline stage while only the
-    projector trains); it still takes part in the collectives.
-    """
-    autocast = (
-        torch.autocast(device_type=pm.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        out = pm.forward_backward(list(micro_batches))
-    norm = float(pm.clip_grad_norm_(max_grad_norm))
-    loss = float(out.loss)
-    skipped = not (math.isfinite(loss) and math.isfinite(norm))  # identical on every rank: both are global
-    if optimizer is not None:
-        if not skipped:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        for p in pm.parameters():
-            p.grad = None
-    return ParallelStepResult(loss, norm, out.num_tokens, skipped)
+__all__ = ["parallel_eval", "trainer_hooks", "save_weights"]
 
 
 @torch.no_grad()
@@ -80,11 +33,11 @@ def parallel_eval(pm: ParallelModel, batch: dict) -> tuple[float, int]:
 
 
 def trainer_hooks(parallel_cfg: Any) -> dict[str, Any]:
-    """Keyword arguments for `stitch.train.trainer.Distributed` in a torchrun process, before any model exists.
+    """Keyword arguments for `stitch.train.step.Distributed` in a torchrun process, before any model exists.
 
     `Distributed(**trainer_hooks(cfg.parallel))`: global rank, this rank's data-parallel coordinate (from the
-    mesh order (pp, dp_replicate, dp_shard, tp), so TP and PP ranks of one data rank read the same data),
-    `parallelize`, and the step and evaluation functions that let the layout drive the micro-batches.
+    mesh order (pp, dp_replicate, dp_shard, tp), so TP and PP ranks of one data rank read the same data), and
+    `parallelize`. Everything else (step, evaluation, collective checkpoints) follows from the `ParallelModel`.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -100,10 +53,6 @@ def trainer_hooks(parallel_cfg: Any) -> dict[str, Any]:
         "dp_rank": (rank // tp) % dp,
         "dp_size": dp,
         "parallelize": lambda model, cfg: parallelize(model, cfg.parallel),
-        "step_fn": parallel_train_step,
-        "eval_fn": parallel_eval,
-        "barrier": dist.barrier,
-        "save_weights": save_weights,
     }
 
 

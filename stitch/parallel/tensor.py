@@ -1,15 +1,16 @@
 """Tensor parallelism applied to a built model from outside, with DTensor's column/row-parallel styles.
 
-Per LLM decoder layer (Megatron's split): q/k/v and gate/up are column-parallel (each rank computes a slice of
-the heads / of the FFN), o_proj and down_proj row-parallel (partial sums all-reduced once per block). The
-attention reshapes with `view(b, t, -1, head_dim)`, so a rank's slice of heads works without model changes.
-The embedding is vocabulary-parallel (each rank looks up its rows, partial results are summed) and so is the
-output layer: logits stay sharded on the vocabulary and `vocab_parallel_loss_sum` computes the cross-entropy
-under `loss_parallel`, so full logits are never gathered.
+The plan (which module is split which way) is `stitch.layout`'s, the one `stitch reshard` and DCP resharding read;
+this module only turns it into DTensor styles. Per LLM decoder layer (Megatron's split): q/k/v and gate/up are
+column-parallel (each rank computes a slice of the heads / of the FFN), o_proj and down_proj row-parallel (partial
+sums all-reduced once per block). The attention reshapes with `view(b, t, -1, head_dim)`, so a rank's slice of heads
+works without model changes. The embedding is vocabulary-parallel (each rank looks up its rows, partial results are
+summed) and so is the output layer: logits stay sharded on the vocabulary and `vocab_parallel_loss_sum` computes the
+cross-entropy under `loss_parallel`, so full logits are never gathered.
 
 The ViT gets its own degree (`vision_tp`, 1 = replicated). Its heads are zero-padded to a multiple of it (see
-`stitch.layout`), and InternViT-6B's QK-norm, which normalises over the full width, is replaced by
-`ShardedQKNorm`: it sums squares over the rank's slice, all-reduces the sum and divides by the real width.
+`stitch.layout`), and InternViT-6B's QK-norm, which normalises over the full width, is replaced by `ShardedQKNorm`:
+it sums squares over the rank's slice, all-reduces the sum and divides by the real width.
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from stitch.layout import pad_heads
+from stitch.layout import LLM_LAYER_PLAN, PROJECTOR_PLAN, VISION_LAYER_PLAN, pad_heads, projector_is_split
 from stitch.models.llm import chunked_cross_entropy_sum, labelled_positions
 from stitch.models.vision import VisionAttention, VisionEncoder
 from stitch.models.vlm import VLM
 
 __all__ = ["apply_llm_tp", "apply_vision_tp", "pad_vision_heads", "ShardedQKNorm", "vocab_parallel_loss_sum"]
+
+
+_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def _dtensor_plan(plan: dict[str, str]) -> dict[str, ColwiseParallel | RowwiseParallel]:
+    """DTensor styles for one of `stitch.layout`'s module plans (the plan `stitch reshard` splits files by)."""
+    return {module: _STYLES[style]() for module, style in plan.items()}
 
 
 def _keep_requires_grad(module: nn.Module):
@@ -48,17 +57,8 @@ def apply_llm_tp(model: VLM, tp_mesh: DeviceMesh) -> None:
     flags = _keep_requires_grad(model)
     llm = model.llm
     layers = llm.layers.values() if isinstance(llm.layers, nn.ModuleDict) else llm.layers
-    plan = {
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(),
-    }
     for layer in layers:
-        parallelize_module(layer, tp_mesh, plan)
+        parallelize_module(layer, tp_mesh, _dtensor_plan(LLM_LAYER_PLAN))
     embed = getattr(llm, "embed_tokens", None)
     head = getattr(llm, "lm_head", None)
     tied = embed is not None and head is not None and head.weight is embed.weight
@@ -70,8 +70,8 @@ def apply_llm_tp(model: VLM, tp_mesh: DeviceMesh) -> None:
         if tied:  # both are Shard(0) over the vocabulary: one parameter serves both again
             head.weight = embed.weight
     projector = getattr(model, "projector", None)
-    if projector is not None and hasattr(projector, "linear_2"):
-        parallelize_module(projector, tp_mesh, {"linear_1": ColwiseParallel(), "linear_2": RowwiseParallel()})
+    if projector is not None and projector_is_split(model.config):
+        parallelize_module(projector, tp_mesh, _dtensor_plan(PROJECTOR_PLAN))
     _restore_requires_grad(model, flags)
 
 
@@ -151,18 +151,7 @@ def apply_vision_tp(vision: VisionEncoder, tp_mesh: DeviceMesh | None, padded_he
         attn = layer.attn
         pad_vision_heads(attn, cfg.num_heads, padded_heads)
         if tp_mesh is not None:
-            parallelize_module(
-                layer,
-                tp_mesh,
-                {
-                    "attn.q_proj": ColwiseParallel(),
-                    "attn.k_proj": ColwiseParallel(),
-                    "attn.v_proj": ColwiseParallel(),
-                    "attn.o_proj": RowwiseParallel(),
-                    "mlp.fc1": ColwiseParallel(),
-                    "mlp.fc2": RowwiseParallel(),
-                },
-            )
+            parallelize_module(layer, tp_mesh, _dtensor_plan(VISION_LAYER_PLAN))
             # VisionAttention reshapes with its `num_heads` attribute: make it the local count.
             attn.num_heads = padded_heads // degree
         if attn.q_norm is not None and (tp_mesh is not None or padded_heads != cfg.num_heads):

@@ -28,6 +28,8 @@ from stitch.device import compute_dtype, resolve_device
 from stitch.errors import StitchConfigError, StitchError
 from stitch.models.lora import has_lora
 from stitch.models.vlm import VLM
+from stitch.parallel.runtime import ParallelModel
+from stitch.parallel.step import save_weights
 from stitch.train.config import TrainConfig
 from stitch.train.frozen import FrozenLinearWeights
 from stitch.train.log import MetricsLog, Progress, plot_losses
@@ -48,7 +50,7 @@ from stitch.train.state import (
     save_checkpoint,
     seed_everything,
 )
-from stitch.train.step import Distributed, _to_device, train_step
+from stitch.train.step import Distributed, eval_batch, train_step
 from stitch.train.synthetic import SyntheticStream
 
 __all__ = ["Trainer", "TrainingError"]
@@ -169,16 +171,17 @@ class Trainer:
         self.scheduler = None
         if self.params or self.dist.parallelize is None:
             # Under a layout a rank may hold nothing trainable (a middle pipeline stage in pretraining): it
-            # still joins every collective through `step_fn`, with no optimizer.
+            # still joins every collective through `train_step`, with no optimizer.
             self.optimizer = build_optimizer(model.parts(), cfg.optim, self.device)
             self.scheduler = build_scheduler(self.optimizer, cfg.schedule.kind, cfg.schedule.warmup_steps,
                                              cfg.decay_steps, cfg.optim.lr, cfg.schedule.min_lr)
         if self.dist.collective and self._checkpoints_needed(resume_from):
-            if self.dist.save_weights is None or self.dist.barrier is None:
+            if not isinstance(self.module, ParallelModel):
                 raise StitchConfigError(
-                    "checkpoints under a parallel layout need the layout's collective writer (Distributed."
-                    "save_weights and barrier; stitch.parallel.step.trainer_hooks supplies them): set "
-                    "checkpoint.every=0 checkpoint.at_end=false checkpoint.save_final=false, or pass them"
+                    "checkpoints under a parallel layout need the layout's collective writer (save_weights and "
+                    "barrier, which a stitch.parallel.ParallelModel from Distributed.parallelize brings): set "
+                    "checkpoint.every=0 checkpoint.at_end=false checkpoint.save_final=false, or parallelize with "
+                    "stitch.parallel"
                 )
             if cfg.lora.enabled:
                 raise StitchConfigError(
@@ -336,19 +339,14 @@ class Trainer:
         groups = self.optimizer.param_groups if self.optimizer is not None else []
         lrs = {g["name"].split(".")[0]: g["lr"] for g in groups}
         lr = cfg.optim.lr * self.schedule(self.state.step)  # the schedule at this step
-        if self.reference is not None:
+        if self.reference is not None:  # dpo / mpo
             result = preference_step(self.module, self.optimizer, micro, self.reference, cfg.preference,
                                      self.reference.terms, device=self.device, autocast_dtype=self.autocast_dtype,
                                      max_grad_norm=cfg.optim.max_grad_norm, params=self.params)
-        elif self.dist.step_fn is not None:
-            result = self.dist.step_fn(self.module, self.optimizer, micro, max_grad_norm=cfg.optim.max_grad_norm,
-                                       autocast_dtype=self.autocast_dtype)
         else:
-            result = train_step(
-                self.module, self.optimizer, micro, device=self.device, autocast_dtype=self.autocast_dtype,
-                max_grad_norm=cfg.optim.max_grad_norm, params=self.params, all_reduce=self.dist.all_reduce,
-                grad_sync=self.dist.grad_sync,
-            )
+            result = train_step(self.module, self.optimizer, micro, device=self.device,
+                                autocast_dtype=self.autocast_dtype, max_grad_norm=cfg.optim.max_grad_norm,
+                                params=self.params)
         if self.scheduler is not None:
             self.scheduler.step()
         dt = time.perf_counter() - t0
@@ -398,26 +396,16 @@ class Trainer:
         if stream is None:
             return None
         self.module.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
+        loss_sum, tokens = 0.0, 0
         try:
             for i, batch in enumerate(stream):
                 if i >= self.cfg.eval.batches:
                     break
-                with autocast:
-                    if self.dist.eval_fn is not None:
-                        loss, n = self.dist.eval_fn(self.module, batch)
-                        total += torch.tensor([loss * n, n], device=self.device, dtype=torch.float64)
-                        continue
-                    out = self.module(**_to_device(batch, self.device), return_logits=False)
-                n = out.num_label_tokens.double()
-                total += torch.stack([out.loss.double() * n, n])
+                loss, n = eval_batch(self.module, batch, self.device, self.autocast_dtype)
+                loss_sum, tokens = loss_sum + loss * n, tokens + n
         finally:
             self.module.train()
-        if self.dist.all_reduce is not None and self.dist.eval_fn is None:  # eval_fn's values are global
-            total = self.dist.all_reduce(total)
-        return float(total[0] / total[1]) if total[1] > 0 else None
+        return loss_sum / tokens if tokens > 0 else None
 
     def _evaluate(self, metrics: MetricsLog | None, progress: Progress) -> None:
         # Validation must not move any RNG the training run depends on (resume would then diverge).
@@ -435,8 +423,8 @@ class Trainer:
         d = self.dist
         if not d.collective:
             return None
-        write = d.save_weights
-        return Collective(rank=d.rank, barrier=d.barrier, write_weights=lambda folder: write(self.module, folder))
+        return Collective(rank=d.rank, barrier=torch.distributed.barrier,
+                          write_weights=lambda folder: save_weights(self.module, folder))
 
     def cast_frozen_weights(self) -> None:
         """For the loop: on a CPU autocast's per-forward cast of frozen weights costs as much as the matmuls,

@@ -51,6 +51,7 @@ from stitch.checkpoint.lora import write_adapter_files
 from stitch.checkpoint.store import model_state
 from stitch.errors import CheckpointError
 from stitch.models.lora import has_lora
+from stitch.parallel.dcp import load_repadded
 
 __all__ = [
     "Collective",
@@ -375,7 +376,7 @@ def load_train_state(ckpt: str | Path, model, optimizer: torch.optim.Optimizer |
         flat = _is_flat(ts / "optimizer")
     except Exception as e:  # a missing or unreadable .metadata
         raise CheckpointError(f"{ts / 'optimizer'}: cannot read the optimizer checkpoint ({e})") from e
-    dcp, get_osd, set_osd = _dcp(flatten=flat)
+    _, get_osd, set_osd = _dcp(flatten=flat)
     osd: dict = {}
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
@@ -383,7 +384,10 @@ def load_train_state(ckpt: str | Path, model, optimizer: torch.optim.Optimizer |
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load({"optimizer": osd}, checkpoint_id=str(ts / "optimizer"))
+            # stitch.parallel's DCP read path: it re-pads ViT heads saved under another vision TP degree.
+            load_repadded({"optimizer": osd}, ts / "optimizer", model.config)
+    except CheckpointError:
+        raise
     except Exception as e:  # DCP raises several types (CheckpointException, RuntimeError, ...)
         raise CheckpointError(f"{ts / 'optimizer'}: cannot load the optimizer state ({e})") from e
     if optimizer is not None:

@@ -1,12 +1,15 @@
-"""One optimizer step, for every layout: `train_step` and what a parallel launcher plugs into it (`Distributed`).
+"""One optimizer step, for every layout: `train_step`, `eval_batch`, and what a launcher passes (`Distributed`).
 
-`train_step(model, optimizer, micro_batches, ...)` is one optimizer step over a list of micro-batches: it counts
-the label tokens of the whole global batch first (summed over data-parallel ranks through the `all_reduce` hook),
-passes that count to every micro-batch forward so each loss is `sum / N_global`, and the summed gradients are
-exactly the gradient of the per-token mean over the global batch, however unequal the micro-batches
-(token-weighted, not batch-averaged). Then clipping, the non-finite check and the update. `stitch.parallel` reuses
-the numerics (`stitch.parallel.step.parallel_train_step` mirrors it under a pipeline schedule); the bookkeeping
-around the step is `stitch.train.loop.Trainer`'s.
+`train_step(model, optimizer, micro_batches, ...)` is one optimizer step over a list of micro-batches, whatever
+runs them (torchtitan's `forward_backward_step` / `train_step`, with the layout a branch inside):
+- one process (`model` an `nn.Module`): the label tokens of the whole batch are counted first and passed to
+  every micro-batch forward, so each loss is `sum / N` and the summed gradients are exactly the gradient of the
+  per-token mean over the batch, however unequal the micro-batches (token-weighted, not batch-averaged);
+- a parallel layout (`model` a `stitch.parallel.ParallelModel`): the layout's `forward_backward` does the same
+  with `N` counted over every data-parallel rank, running the micro-batches itself (a pipeline schedule cannot
+  be driven one micro-batch at a time), and clipping counts every shard and stage once.
+Then, for both: the non-finite check, the update, one `StepResult`. The bookkeeping around the step is
+`stitch.train.loop.Trainer`'s.
 """
 
 from __future__ import annotations
@@ -15,18 +18,21 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from stitch.parallel.runtime import ParallelModel
+from stitch.parallel.step import parallel_eval
 from stitch.train.config import TrainConfig
 
-__all__ = ["train_step", "StepResult", "Distributed", "count_label_tokens", "mask_is_redundant", "MODEL_INPUTS"]
+__all__ = ["train_step", "eval_batch", "StepResult", "Distributed", "count_label_tokens", "mask_is_redundant",
+           "MODEL_INPUTS"]
 
 # Batch keys the model takes; the rest (num_tiles, sample_keys, the micro-batch's own num_label_tokens) stay out.
 MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen")
+
 
 # ------------------------------------------------------------------------------------------- the step
 @dataclass
@@ -68,90 +74,108 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | ParallelModel,
+    optimizer: torch.optim.Optimizer | None,
     micro_batches: Sequence[dict],
     *,
-    device: torch.device,
+    device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
     max_grad_norm: float | None = None,
     params: Sequence[torch.Tensor] | None = None,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    grad_sync: Callable[[bool], None] | None = None,
 ) -> StepResult:
-    """One optimizer step over `micro_batches` (this rank's share of the global batch).
+    """One optimizer step over `micro_batches` (this rank's share of the global batch); see the module docstring.
 
-    Hooks for a parallel wrapper (all optional; defaults are single-process):
-    - `all_reduce(t)`: sum `t` over data-parallel ranks in place and return it (the label count and the loss);
-    - `grad_sync(on)`: called before each backward with True only for the last micro-batch (DDP `no_sync` /
-      FSDP2 `set_requires_gradient_sync`), so gradients are reduced once per step;
-    - `params`: the trainable parameters to clip (default: those of `model` with requires_grad).
-    A non-finite loss or gradient norm skips the update (gradients are dropped) and returns skipped=True;
-    the caller counts it. The model is assumed in train mode; gradients are left cleared.
+    `params`: the trainable parameters to clip in one process (default: those of `model` with requires_grad).
+    Under a layout every rank calls it (collective) and `optimizer` may be None on a rank with nothing to train
+    (a middle pipeline stage while only the projector trains). A non-finite loss or gradient norm skips the
+    update (gradients are dropped) and returns skipped=True; the caller counts it. The model is assumed in
+    train mode; gradients are left cleared.
     """
+    if isinstance(model, ParallelModel):
+        with _autocast(model.device, autocast_dtype):
+            out = model.forward_backward(list(micro_batches))
+        grad_norm = model.clip_grad_norm_(max_grad_norm)
+        loss_t, n_global, device = out.loss, out.num_tokens, model.device
+    else:
+        device = device if device is not None else next(model.parameters()).device
+        loss_t, n_global, grad_norm = _forward_backward(model, micro_batches, device, autocast_dtype, max_grad_norm,
+                                                        params)
+    # One host sync for both; on a layout both are global, so every rank takes the same branch below.
+    loss, norm = (float(x) for x in torch.stack([loss_t.float(), grad_norm.float().to(device)]).tolist())
+    skipped = not (math.isfinite(loss) and math.isfinite(norm))
+    if optimizer is not None:
+        if not skipped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        for p in model.parameters():
+            p.grad = None
+    return StepResult(loss, norm, n_global, skipped=skipped)
+
+
+def _forward_backward(
+    model: nn.Module,
+    micro_batches: Sequence[dict],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    max_grad_norm: float | None,
+    params: Sequence[torch.Tensor] | None,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """One process: (summed token-weighted loss, label tokens, gradient norm before clipping)."""
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
-    n_local = torch.tensor(float(count_label_tokens(micro_batches)), device=device)
-    n_global = all_reduce(n_local.clone()) if all_reduce is not None else n_local
-    # An all-masked global batch has no loss; dividing by 1 keeps it 0 rather than NaN.
-    denom = torch.clamp(n_global, min=1.0)
+    n_global = count_label_tokens(micro_batches)
+    # An all-masked batch has no loss; dividing by 1 keeps it 0 rather than NaN. A tensor, not a number, so a
+    # compiled model does not specialise on each step's count.
+    denom = torch.tensor(float(max(n_global, 1)), device=device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    for i, mb in enumerate(micro_batches):
+    autocast = _autocast(device, autocast_dtype)
+    for mb in micro_batches:
         inputs = _to_device(mb, device)
-        if grad_sync is not None:
-            grad_sync(i == len(micro_batches) - 1)
         with autocast:
             out = model(**inputs, num_label_tokens=denom, return_logits=False)
         out.loss.backward()
         loss_sum += out.loss.detach().float()
-    if all_reduce is not None:
-        loss_sum = all_reduce(loss_sum)
     max_norm = max_grad_norm if max_grad_norm is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=device.type == "cuda" or None)
-    loss, norm = (float(x) for x in torch.stack([loss_sum, grad_norm.float().to(device)]).tolist())
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, norm, int(n_global.item()), skipped=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, norm, int(n_global.item()), skipped=False)
+    return loss_sum, n_global, grad_norm
+
+
+@torch.no_grad()
+def eval_batch(
+    model: nn.Module | ParallelModel, batch: dict, device: torch.device, autocast_dtype: torch.dtype | None = None
+) -> tuple[float, int]:
+    """(mean next-token loss, labelled tokens) of one validation batch; under a layout over all data ranks
+    (collective), in one process of this batch."""
+    with _autocast(device, autocast_dtype):
+        if isinstance(model, ParallelModel):
+            return parallel_eval(model, batch)
+        out = model(**_to_device(batch, device), return_logits=False)
+    return float(out.loss), int(out.num_label_tokens)
 
 
 # ------------------------------------------------------------------------------------------- the launcher's hooks
 @dataclass
 class Distributed:
-    """What a parallel launcher supplies; the defaults describe one process on one device.
+    """What a parallel launcher supplies (`stitch.parallel.step.trainer_hooks`); the defaults are one process.
 
     - `rank`: the global rank (rank 0 logs, prints and writes the run's files); `dp_rank`/`dp_size`: this
       rank's place among data-parallel replicas (the data stream is split by these, the global batch too);
-    - `parallelize(model, cfg)`: the module to train (e.g. `stitch.parallel.parallelize`'s handle); the
-      optimizer is built afterwards from `model.parts()`, so it sees the sharded/pruned parameters;
-    - `all_reduce`, `grad_sync`: passed to `train_step` (see there);
-    - `step_fn(module, optimizer, micro_batches, max_grad_norm=, autocast_dtype=)`: replaces `train_step`
-      when the layout must drive the micro-batches itself (a pipeline schedule); it returns an object with
-      `StepResult`'s fields (`stitch.parallel.step.parallel_train_step` fits);
-    - `eval_fn(module, batch) -> (mean loss, label tokens)`, both over all ranks, for validation under such
-      a layout (collective: every rank calls it).
-    - `barrier()`, `save_weights(module, folder)`: collectives for checkpoints under the layout (every rank
-      writes its share of one step folder, `stitch.train.state`); without them such a run cannot save.
+    - `parallelize(model, cfg)`: the module to train, a `stitch.parallel.ParallelModel`; the optimizer is
+      built afterwards from `model.parts()`, so it sees the sharded/pruned parameters. The step, evaluation and
+      the collective checkpoint writer all follow from that handle (`train_step`, `eval_batch`,
+      `stitch.parallel.step.save_weights`).
     """
 
     rank: int = 0
     dp_rank: int = 0
     dp_size: int = 1
     parallelize: Callable[[nn.Module, TrainConfig], Any] | None = None
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-    grad_sync: Callable[[bool], None] | None = None
-    step_fn: Callable[..., Any] | None = None
-    eval_fn: Callable[[Any, dict], tuple[float, int]] | None = None
-    barrier: Callable[[], None] | None = None
-    save_weights: Callable[[Any, Path], None] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -161,4 +185,3 @@ class Distributed:
     def collective(self) -> bool:
         """A parallel layout whose ranks write checkpoints together."""
         return self.parallelize is not None
-

@@ -4,7 +4,7 @@ This module gathers the names of a training run from where they live, so `from s
 keeps working:
 
 - `stitch.train.step`: `train_step` (one optimizer step over a list of micro-batches, token-weighted over the
-  global batch), `StepResult`, and `Distributed` (the hooks a parallel launcher supplies);
+  global batch, for every layout), `StepResult`, and `Distributed` (what a parallel launcher passes);
 - `stitch.train.loop`: `Trainer` (everything around the step: model, stage, data, schedule, logging, evaluation,
   checkpoints, resume, signals) and `TrainingError`;
 - `stitch.train.model_setup`: loading or random-initialising the model, dropout, compile and activation

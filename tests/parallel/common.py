@@ -9,11 +9,16 @@ from __future__ import annotations
 import torch
 
 from stitch.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from stitch.data.collate import Sample, collate
 from stitch.models.vlm import VLM
 
 IMAGE_TOKEN = 5
 ROWS, SEQ = 4, 24
 STEPS = 3
+# make_batch's rows cut to these lengths and packed two per row: two packed micro-batches of unequal length
+# (41 and 29 tokens), so a pipeline pads the second, and every row's tiles stay whole.
+PACKED_LENGTHS = ((24, 17), (20, 9))
+MODEL_KEYS = ("input_ids", "labels", "pixel_values", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen")
 MAX_GRAD_NORM = 2.0  # below most steps' norm (2.3 to 4.8), so clipping is exercised too
 
 
@@ -80,5 +85,45 @@ def reference_run(cfg: VLMConfig, steps: int = STEPS, optimizer: str = "sgd"):
         opt.step()
         opt.zero_grad()
         losses.append(out.loss.item())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, state, norms
+
+
+def make_packed_microbatches(cfg: VLMConfig, step: int) -> list[dict]:
+    """Batch `step`'s rows cut to `PACKED_LENGTHS` and packed by `stitch.data.collate` (one micro-batch a row)."""
+    batch = make_batch(cfg, step)
+    tiles = ((batch["input_ids"] == IMAGE_TOKEN).sum(1) // cfg.tokens_per_tile).tolist()
+    first_tile = [sum(tiles[:row]) for row in range(ROWS)]
+    lengths = [n for row in PACKED_LENGTHS for n in row]
+    samples = [
+        Sample(batch["input_ids"][row, :n], batch["labels"][row, :n],
+               batch["pixel_values"][first_tile[row] : first_tile[row] + tiles[row]] if tiles[row] else None)
+        for row, n in enumerate(lengths)
+    ]
+    micro, start = [], 0
+    for row in PACKED_LENGTHS:
+        packed = collate(samples[start : start + len(row)], pack=True)
+        micro.append({k: packed[k] for k in MODEL_KEYS if packed.get(k) is not None})
+        start += len(row)
+    return micro
+
+
+def packed_reference_run(cfg: VLMConfig, steps: int = STEPS):
+    """`reference_run` on the packed micro-batches: one process, token-weighted over both rows of a step."""
+    model = build(cfg)
+    opt = make_optimizer(model.parameters())
+    losses, norms = [], []
+    for step in range(steps):
+        micro = make_packed_microbatches(cfg, step)
+        total = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+        loss = 0.0
+        for mb in micro:
+            out = model(**mb, num_label_tokens=total, return_logits=False)
+            out.loss.backward()
+            loss += out.loss.item()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM).item())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return losses, state, norms

@@ -22,8 +22,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from stitch.checkpoint.store import build_model
 from stitch.layout import from_live_shape
 from stitch.parallel import load_dcp, parallelize, save_dcp, split_batch
-from stitch.parallel.step import parallel_eval, parallel_train_step, save_weights, trainer_hooks
-from tests.parallel.common import MAX_GRAD_NORM, STEPS, build, make_batch, make_optimizer, tiny_config
+from stitch.parallel.step import parallel_eval, save_weights, trainer_hooks
+from stitch.train.step import train_step
+from tests.parallel.common import (
+    MAX_GRAD_NORM,
+    STEPS,
+    build,
+    make_batch,
+    make_optimizer,
+    make_packed_microbatches,
+    tiny_config,
+)
 
 MB2 = {"pp_microbatches": 2}
 # STITCH_TEST_DEVICE=cpu keeps the run on gloo/CPU on a machine that has GPUs (default: CUDA when available).
@@ -40,6 +49,9 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
                                     "pp_layers_per_stage": [0, 2, 1, 1]}),
         ("pp2_1f1b_tied", "tied", {"pp": 2, "pp_schedule": "1f1b", **MB2}),
         ("tp2_tied", "tied", {"tp": 2}),
+        # packed rows (cu_seqlens) through the model's own forward: two packed micro-batches of unequal length
+        ("pp2_packed", "packed", {"pp": 2, "pp_schedule": "1f1b", **MB2}),
+        ("tp2_packed", "packed", {"tp": 2}),
     ],
     "four": [
         ("tp2_pp2", "base", {"tp": 2, "pp": 2, "pp_schedule": "1f1b", **MB2, "pp_layers_per_stage": [3, 1]}),
@@ -53,7 +65,8 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
 def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, resume_from: Path | None = None,
           save_to: Path | None = None, first_step: int = 0, optimizer: str = "sgd", weights: Path | None = None,
           ) -> None:
-    cfg = tiny_config(variant)
+    packed = variant == "packed"  # the base model, trained on `make_packed_microbatches`
+    cfg = tiny_config("base" if packed else variant)
     if weights is None:
         pm = parallelize(build(cfg), layout, device=DEVICE)
     else:  # meta-device build: each rank allocates and reads only its own shards
@@ -64,10 +77,15 @@ def train(name: str, variant: str, layout: dict, out: Path, steps: int = STEPS, 
         load_dcp(pm, opt, resume_from)
     losses, norms = [], []
     for step in range(first_step, first_step + steps):
+        if packed:  # the trainer's way: packed rows cannot be split, so they come as micro-batches
+            result = train_step(pm, opt, make_packed_microbatches(cfg, step), max_grad_norm=MAX_GRAD_NORM)
+            losses.append(result.loss)
+            norms.append(result.grad_norm)
+            continue
         batch = split_batch(make_batch(cfg, step), pm.dp_size, cfg.tokens_per_tile, cfg.image_token_id)[pm.dp_rank]
         if layout.get("pp", 1) > 1 and layout.get("pp_schedule") != "gpipe":  # the trainer's way
             micro = split_batch(batch, 2, cfg.tokens_per_tile, cfg.image_token_id)
-            result = parallel_train_step(pm, opt, micro, max_grad_norm=MAX_GRAD_NORM)
+            result = train_step(pm, opt, micro, max_grad_norm=MAX_GRAD_NORM)
             losses.append(result.loss)
             norms.append(result.grad_norm)
         else:  # the bare API: forward_backward (micro-batches split by the layout) + the caller's optimizer

@@ -1,7 +1,7 @@
 """Real torchrun launches (gloo, CPU) against a single-process reference computed here.
 
 Two launches serve every layout: 2 processes (dp2 FSDP, dp2 replicated, tp2, tp2 with a replicated ViT, pp2
-GPipe uneven, pp2 1F1B, pp2 interleaved 1F1B, tied embeddings under pp2 and tp2, and the DCP dp2 -> tp2
+GPipe uneven, pp2 1F1B, pp2 interleaved 1F1B, tied embeddings and packed rows under pp2 and tp2, the DCP dp2 -> tp2
 resume) and 4 processes (tp2 x pp2, dp2 x tp2, HSDP 2 x 2 (one rank's row is text-only: the idle ViT must
 still join FSDP's collectives), tp4 with a tp2 ViT, and logits from a `stitch reshard` checkpoint).
 Each layout trains the tiny VLM for 3 fp32 steps; losses must match within 1e-5 and weights afterwards too.
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from stitch.checkpoint.reshard import open_weights, reshard_checkpoint
 from stitch.checkpoint.store import save
-from tests.parallel.common import STEPS, build, make_batch, reference_run, tiny_config
+from tests.parallel.common import STEPS, build, make_batch, packed_reference_run, reference_run, tiny_config
 from tests.parallel.dist_worker import SCENARIOS
 
 pytestmark = pytest.mark.dist
@@ -54,7 +54,9 @@ def _torchrun(nproc: int, out: Path, *scenarios: str, device: str = "cpu") -> No
 
 @pytest.fixture(scope="module")
 def references() -> dict:
-    return {variant: reference_run(tiny_config(variant)) for variant in ("base", "tied", "mha")}
+    runs = {variant: reference_run(tiny_config(variant)) for variant in ("base", "tied", "mha")}
+    runs["packed"] = packed_reference_run(tiny_config())  # the base model on packed rows
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,7 @@ def _results(out: Path, name: str) -> tuple[list[float], dict[str, torch.Tensor]
 
 
 def _eval_loss(state: dict[str, torch.Tensor], variant: str) -> float:
+    variant = "base" if variant == "packed" else variant
     model = build(tiny_config(variant)).eval()
     model.load_state_dict(state)
     with torch.no_grad():
@@ -109,7 +112,7 @@ def _compare(out: Path, name: str, variant: str, references: dict, tol: float = 
     for key, value in ref_state.items():
         assert (saved[key] - value).abs().max().item() <= tol, f"{name}: saved {key}"
     # The steps really trained: the weights moved far more than the tolerance.
-    initial = build(tiny_config(variant)).state_dict()
+    initial = build(tiny_config("base" if variant == "packed" else variant)).state_dict()
     moved = max((ref_state[k] - v).abs().max().item() for k, v in initial.items())
     assert moved > 100 * tol
 

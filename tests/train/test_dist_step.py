@@ -1,5 +1,6 @@
 """The token-weighted step stays exact across data-parallel ranks: 2 gloo ranks, each with its own unequal
-micro-batches, give the gradient of the whole global batch's per-token mean."""
+micro-batches, give the gradient of the whole global batch's per-token mean through `train_step` on a
+`stitch.parallel` data-parallel layout (the same function one process uses)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from stitch.checkpoint.store import load_model
 from stitch.data.collate import collate
@@ -21,8 +23,8 @@ pytestmark = pytest.mark.dist
 SYN = SyntheticConfig(enabled=True, min_tokens=8, max_tokens=40, answer_fraction=0.6, vocab_limit=250)
 
 
-class _SyncedGrads(torch.optim.Optimizer):
-    """Sums gradients over ranks (what DDP/FSDP do) and records them."""
+class _RecordGrads(torch.optim.Optimizer):
+    """Records the (already data-parallel reduced) gradients instead of stepping."""
 
     def __init__(self, params):
         super().__init__(params, {"lr": 0.0})
@@ -31,8 +33,8 @@ class _SyncedGrads(torch.optim.Optimizer):
     def step(self, closure=None):
         for g in self.param_groups:
             for p in g["params"]:
-                dist.all_reduce(p.grad)
-                self.grads.append(p.grad.clone())
+                grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                self.grads.append(grad.clone())
 
 
 def _samples(model):
@@ -47,21 +49,19 @@ def _trainable(model):
 
 
 def _worker(rank: int, world: int, ckpt: str, init: str, out: str) -> None:
-    from stitch.train.trainer import train_step
+    from stitch.parallel import parallelize
+    from stitch.train.step import train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     model = load_model(ckpt).train()
-    opt = _SyncedGrads(_trainable(model))
+    _trainable(model)
     samples = _samples(model)
+    pm = parallelize(model, {"dp": 2, "fsdp": False}, device=torch.device("cpu"))
+    opt = _RecordGrads([p for p in pm.parameters() if p.requires_grad])
     mine = samples[rank * 4 : rank * 4 + 4]
     micro = [collate(mine[:1]), collate(mine[1:4])]  # unequal micro-batches, unequal ranks
-
-    def all_reduce(t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t)
-        return t
-
-    res = train_step(model, opt, micro, device=torch.device("cpu"), max_grad_norm=None, all_reduce=all_reduce)
+    res = train_step(pm, opt, micro, max_grad_norm=None)
     if rank == 0:
         torch.save({"loss": res.loss, "n": res.label_tokens, "grads": opt.grads}, out)
     dist.barrier()

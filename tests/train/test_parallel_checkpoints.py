@@ -31,8 +31,10 @@ def _free_port() -> int:
 
 
 def _config(ckpt: Path, out: Path) -> dict:
+    """The ViT trains too, so the optimizer holds moments of its (head-padded under TP) attention tensors."""
     return tiny_config(ckpt, out, train={"steps": STEPS, "global_batch_size": 4, "device": "cpu"},
-                       checkpoint={"every": 2, "at_end": True, "save_final": True, "keep_last": 3})
+                       checkpoint={"every": 2, "at_end": True, "save_final": True, "keep_last": 3},
+                       unfreeze={"vision": True})
 
 
 def _torchrun(config: Path, *overrides: str) -> None:
@@ -60,15 +62,16 @@ def _rewind_to_step_2(run: Path, copy: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(small_ckpt, tmp_path_factory) -> dict[str, Path]:
-    """One process straight through; tp2 and pp2 under torchrun with checkpoints at steps 2 and 4."""
+    """One process straight through; tp2 (the ViT's 4 heads padded to 6) and pp2 under torchrun with checkpoints
+    at steps 2 and 4."""
     root = tmp_path_factory.mktemp("parallel-ckpt")
     single = root / "single"
     Trainer(TrainConfig.model_validate(_config(small_ckpt, single)), console_print=lambda *_: None).fit()
     config = write_config(root / "config.yaml", _config(small_ckpt, root / "unused"))
     out = {"single": single, "config": config, "root": root}
-    for layout in ("tp", "pp"):
+    for layout, extra in (("tp", ["parallel.vision_padded_heads=6"]), ("pp", [])):
         out[layout] = root / layout
-        _torchrun(config, f"output_dir={out[layout]}", f"parallel.{layout}=2")
+        _torchrun(config, f"output_dir={out[layout]}", f"parallel.{layout}=2", *extra)
     return out
 
 
@@ -99,6 +102,17 @@ def test_one_process_resumes_a_layout_checkpoint(runs, layout, small_ckpt):
 def test_another_layout_resumes_it(runs):
     resumed = _rewind_to_step_2(runs["tp"], runs["root"] / "tp-to-pp")
     _torchrun(runs["config"], f"output_dir={resumed}", "parallel.pp=2")
+    got, want = _losses(resumed), _losses(runs["single"])
+    assert [got[3], got[4]] == pytest.approx([want[3], want[4]], abs=1e-5)
+
+
+def test_a_changed_vision_tp_degree_resumes_with_the_loss_continuing(runs):
+    """Saved under tp2 with the ViT's 4 heads padded to 6 (vision_tp 2), resumed with the ViT replicated (vision_tp
+    1, 4 heads): its AdamW moments' global shapes differ, which DCP cannot reshard alone, so the trainer's
+    optimizer load re-pads them (stitch.parallel.dcp.load_repadded). tp2 -> pp2 and tp2 -> one process above
+    take the same path."""
+    resumed = _rewind_to_step_2(runs["tp"], runs["root"] / "tp-vit-padded-to-replicated")
+    _torchrun(runs["config"], f"output_dir={resumed}", "parallel.tp=2", "parallel.vision_tp=1")
     got, want = _losses(resumed), _losses(runs["single"])
     assert [got[3], got[4]] == pytest.approx([want[3], want[4]], abs=1e-5)
 
