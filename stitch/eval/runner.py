@@ -97,13 +97,17 @@ def score_dataset(
     for s in data.samples:
         text = texts.get(s.id)
         if text is None:
-            judged.append(Judged(0.0, None, "missing"))
-        elif not text.strip():
-            judged.append(Judged(0.0, None, "empty"))
+            j = Judged(0.0, None, "missing")
         elif scorer.judge is None:
-            judged.append(Judged(0.0))  # filled in below, corpus-level
+            j = Judged(0.0, None, "ok" if text.strip() else "empty")  # filled in below, corpus-level
         else:
-            judged.append(scorer.judge(s, text))
+            # The reference scores empty predictions by its rules too (an empty answer can match one).
+            j = scorer.judge(s, text)
+            if not text.strip():
+                j.status = "empty"
+        j.readings = {name: (fn(s, text) if text and text.strip() else 0.0) for name, (fn, _) in
+                      scorer.readings.items()}  # fmt: skip
+        judged.append(j)
 
     extra: dict[str, Any] = {}
     if scorer.corpus is not None and data.samples:
@@ -128,11 +132,18 @@ def score_dataset(
         "missing_predictions": statuses["missing"],
         "empty_predictions": statuses["empty"],
         "unparsable": statuses["unparsable"],
+        "guessed": statuses["guessed"],
         "unknown_prediction_ids": len(set(texts) - {s.id for s in data.samples}),
         "malformed_prediction_rows": predictions.malformed_rows,
         "duplicate_prediction_ids": predictions.duplicate_ids,
         "skipped": dict(sorted(data.skipped.items())),
     }
+    if scorer.readings:
+        summary["readings"] = {
+            name: {**_reading_score(scorer, [j.readings[name] for j in judged]), "rule": rule}
+            for name, (_, rule) in scorer.readings.items()
+        }
+    summary["rules"] = scorer.rules
     breakdown = _breakdown(task.group, scorer, data.samples, judged)
     if scorer.report is not None:
         extra.update(scorer.report(data.samples, judged))
@@ -141,10 +152,17 @@ def score_dataset(
     if extra:
         summary["extra"] = extra
     rows = [
-        {"id": s.id, "prediction": texts.get(s.id), "extracted": j.extracted, "score": j.score, "status": j.status}
+        {"id": s.id, "prediction": texts.get(s.id), "extracted": j.extracted, "score": j.score, "status": j.status,
+         **({"readings": j.readings} if j.readings else {})}
         for s, j in zip(data.samples, judged)
     ]
     return summary, rows
+
+
+def _reading_score(scorer: Scorer, scores: list[float]) -> dict[str, float]:
+    """A reading's number in the headline's terms (points or a percentage) and its mean."""
+    mean = sum(scores) / len(scores) if scores else 0.0
+    return {"score": scorer.group_scores(scores) if scores else 0.0, "mean": mean}
 
 
 def _breakdown(group: str | None, scorer: Scorer, samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:

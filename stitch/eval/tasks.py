@@ -78,7 +78,7 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         _task("vqav2", "VQAv2 (val)", "vqa_accuracy", read_vqav2, group="answer_type"),
-        _task("textvqa", "TextVQA (val)", "vqa_accuracy", read_textvqa),
+        _task("textvqa", "TextVQA (val)", "vqa_accuracy/textvqa", read_textvqa),
         _task("docvqa", "DocVQA (val)", "anls", read_docvqa),
         _task("infovqa", "InfographicVQA (val)", "anls", read_infovqa),
         _task("chartqa", "ChartQA (test)", "relaxed_accuracy", read_chartqa, group="split"),

@@ -207,7 +207,7 @@ def test_mmmu_parquet(tmp_path):
     assert [s.id for s in data.samples] == ["validation_Art_1", "validation_Math_2"]
     mc, open_q = data.samples
     assert len(mc.images) == 2 and mc.conversation[0]["content"].startswith("<image>\n<image>\n<image 1> Which")
-    assert "(A) Baroque\n(B) Gothic\n" + t.MULTIPLE_CHOICE in mc.conversation[0]["content"]
+    assert "\nA. Baroque\nB. Gothic\n\n" + t.MULTIPLE_CHOICE in mc.conversation[0]["content"]
     assert mc.references == ["B"] and mc.meta == {"subject": "Art", "question_type": "multiple-choice"}
     assert open_q.references == ["2", "2.0"] and open_q.choices is None and open_q.meta["subject"] == "Math"
     assert data.skipped == {"no question or options": 1, "answer is not an option": 1, "missing image": 1}
