@@ -120,6 +120,8 @@ def score_dataset(
     n = len(data.samples)
     statuses = Counter(j.status for j in judged)
     mean = sum(j.score for j in judged) / n if n else 0.0
+    if scorer.aggregate is not None and n:
+        mean = scorer.aggregate(data.samples, judged)
     summary: dict[str, Any] = {
         "task": task.name,
         "title": task.title,
@@ -168,10 +170,17 @@ def _reading_score(scorer: Scorer, scores: list[float]) -> dict[str, float]:
 def _breakdown(group: str | None, scorer: Scorer, samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
     if group is None:
         return {}
-    scores: dict[str, list[float]] = defaultdict(list)
+    members: dict[str, list[tuple[Sample, Judged]]] = defaultdict(list)
     for s, j in zip(samples, judged):
-        scores[str(s.meta.get(group) or "unknown")].append(j.score)
-    return {k: {"score": scorer.group_scores(v), "samples": len(v)} for k, v in sorted(scores.items())}
+        members[str(s.meta.get(group) or "unknown")].append((s, j))
+    out: dict[str, Any] = {}
+    for k, pairs in sorted(members.items()):
+        if scorer.aggregate is not None:  # the headline's own aggregation, within the group
+            score = 100.0 * scorer.aggregate([s for s, _ in pairs], [j for _, j in pairs])
+        else:
+            score = scorer.group_scores([j.score for _, j in pairs])
+        out[k] = {"score": score, "samples": len(pairs)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

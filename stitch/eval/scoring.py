@@ -15,6 +15,7 @@ from typing import Any
 
 from stitch.errors import StitchError
 from stitch.eval import metrics, reference
+from stitch.eval import reference_choice as C
 from stitch.eval.readers.common import Sample, clean_answers
 
 __all__ = ["Judged", "Scorer", "SCORERS", "get_scorer", "judge"]
@@ -51,9 +52,12 @@ class Scorer:
     corpus: Corpus | None = None
     points: bool = False
     unit: str = "%"
-    report: Callable[[list[Sample], list[Judged]], dict[str, float]] | None = None
+    report: Callable[[list[Sample], list[Judged]], dict[str, Any]] | None = None
     rules: str = ""
     readings: dict[str, tuple[Reading, str]] = field(default_factory=dict)
+    # The headline mean when it is not the mean over samples (MMBench's circular groups, MMStar's macro
+    # average, POPE's F1): (samples, judged) -> a number in [0, 1].
+    aggregate: Callable[[list[Sample], list[Judged]], float] | None = None
 
     def headline(self, judged: list[Judged], mean: float) -> dict[str, Any]:
         """The number the benchmark reports: a percentage, points (out of 1000 on OCRBench's full set), or
@@ -178,6 +182,60 @@ _STITCH_VQA = (_vqa_stitch, "Stitch: empty human answers dropped, an empty predi
                "through the full EvalAI processor")  # fmt: skip
 _LMMS = R.REFERENCE
 
+def _mmbench(sample: Sample, prediction: str) -> Judged:
+    letters = metrics.choice_letters(len(sample.choices or []))
+    letter = C.mmbench_read(prediction, dict(zip(letters, sample.choices or [])))
+    return Judged(float(letter == sample.references[0]), letter, "ok" if letter else "unparsable")
+
+
+def _mmbench_circular(samples: list[Sample], judged: list[Judged]) -> float:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for s, j in zip(samples, judged):
+        groups[s.meta.get("circular_group", s.id)].append(j.score)
+    return C.circular_accuracy(groups)
+
+
+def _mmstar(sample: Sample, prediction: str) -> Judged:
+    right, letter = C.mmstar_correct(prediction, sample.references[0])
+    return Judged(float(right), letter, "ok" if letter else "unparsable")
+
+
+def _mmstar_macro(samples: list[Sample], judged: list[Judged]) -> float:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for s, j in zip(samples, judged):
+        groups[str(s.meta.get("l2_category"))].append(j.score)
+    return C.macro_average(groups)
+
+
+def _seed(sample: Sample, prediction: str) -> Judged:
+    right, letter = C.seed_correct(prediction, sample.references[0])
+    return Judged(float(right), letter)
+
+
+def _scienceqa(sample: Sample, prediction: str) -> Judged:
+    return Judged(float(C.scienceqa_correct(prediction, sample.references[0])))
+
+
+def _pope(sample: Sample, prediction: str) -> Judged:
+    pred = prediction.lower().strip()
+    return Judged(float(pred == sample.references[0]), pred, "ok" if pred in ("yes", "no") else "unparsable")
+
+
+def _pope_pairs(samples: list[Sample], judged: list[Judged]) -> list[tuple[str, str, str]]:
+    # A missing prediction reads as "" (neither yes nor no), as an empty response would.
+    return [(s.meta.get("split", "unknown"), j.extracted or "", s.references[0]) for s, j in zip(samples, judged)]
+
+
+def _pope_f1(samples: list[Sample], judged: list[Judged]) -> float:
+    return C.pope_metrics([(p, g) for _, p, g in _pope_pairs(samples, judged)])["f1"]
+
+
+def _pope_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
+    """POPE's report: accuracy, precision, recall, F1 and yes ratio over all and per split."""
+    pairs = _pope_pairs(samples, judged)
+    return {"all": C.pope_metrics([(p, g) for _, p, g in pairs]), "by_split": C.pope_by_split(pairs)}
+
+
 # Keyed by metric, or "metric/variant" where one metric has per-benchmark rules (TextVQA's processor).
 SCORERS: dict[str, Scorer] = {
     "vqa_accuracy": Scorer("vqa_accuracy", _vqav2, rules=f"{_LMMS} vqav2_process_results (EvalAI punctuation and "
@@ -209,6 +267,18 @@ SCORERS: dict[str, Scorer] = {
                                             "never match")}),
     "cider": Scorer("cider", corpus=_cider, unit="CIDEr x100", rules="pycocoevalcap CIDEr-D (PTB or simple "
                     "tokenizer, as the summary's extra.tokenizer says)"),
+    "mmbench": Scorer("mmbench", _mmbench, aggregate=_mmbench_circular, rules=f"{_LMMS} MMBench static "
+                      "evaluation (can_infer, else extract_mcq_answer; no GPT), circular: a question counts when "
+                      "every rotation of its options is right"),
+    "mmstar": Scorer("mmstar", _mmstar, aggregate=_mmstar_macro, rules=f"{_LMMS} mmstar exact_match "
+                     "(extract_mcq_answer A-D); headline = mean of the l2-category means"),
+    "seedbench": Scorer("seedbench", _seed, rules=f"{_LMMS} seed_process_result (first character of the stripped "
+                        "prediction, case-insensitive)"),
+    "scienceqa": Scorer("scienceqa", _scienceqa, rules=f"{_LMMS} sqa_process_results (the letter, or 'X.' with a "
+                        "capital X)"),
+    "pope": Scorer("pope", _pope, aggregate=_pope_f1, report=_pope_lines, rules=f"{_LMMS} pope (lower-cased, "
+                   "stripped exact yes/no); headline = F1 of 'yes' over all splits; extra has accuracy, "
+                   "precision, recall, F1 and yes_ratio (share of 'yes' answers) per split"),
     "exact_match": Scorer("exact_match", _exact_match, rules="equal ignoring case, surrounding space and a final "
                           "period"),
 }

@@ -34,6 +34,7 @@ from stitch.eval.readers.common import (
     parquet_files,
 )
 from stitch.eval.readers.docs import read_chartqa, read_docvqa, read_infovqa, read_ocrbench
+from stitch.eval.readers.mcq_suites import read_mmbench, read_mmstar, read_pope, read_scienceqa, read_seedbench
 from stitch.eval.readers.multiple_choice import read_ai2d, read_mathvista, read_mmmu
 from stitch.eval.readers.vqa import read_easy_vqa, read_realworldqa, read_textvqa, read_vqav2
 from stitch.eval.scoring import SCORERS, Scorer
@@ -48,6 +49,11 @@ METRICS = (
     "ocrbench",
     "cider",
     "exact_match",
+    "mmbench",
+    "mmstar",
+    "pope",
+    "seedbench",
+    "scienceqa",
 )
 
 
@@ -88,6 +94,11 @@ TASKS: dict[str, Task] = {
         _task("ocrbench", "OCRBench", "ocrbench", read_ocrbench, group="category", max_new_tokens=64),
         _task("coco", "COCO captions (Karpathy test)", "cider", read_coco, max_new_tokens=48),
         _task("realworldqa", "RealWorldQA", "exact_match", read_realworldqa),
+        _task("mmbench", "MMBench (en dev, circular)", "mmbench", read_mmbench, group="category"),
+        _task("mmstar", "MMStar (val)", "mmstar", read_mmstar, group="category"),
+        _task("pope", "POPE (test)", "pope", read_pope, group="split"),
+        _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type"),
+        _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject"),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
     ]
 }
@@ -95,7 +106,9 @@ TASKS: dict[str, Task] = {
 ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": "docvqa",
            "infographicvqa": "infovqa", "info-vqa": "infovqa", "chart-qa": "chartqa", "mmmu-val": "mmmu",
            "ocr-bench": "ocrbench", "coco-caption": "coco", "coco-captions": "coco", "cococaption": "coco",
-           "realworld-qa": "realworldqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa"}  # fmt: skip
+           "realworld-qa": "realworldqa", "spdocvqa": "docvqa", "sp-docvqa": "docvqa",
+           "mmbench-en": "mmbench", "seed-bench": "seedbench", "seedbench-img": "seedbench",
+           "scienceqa-img": "scienceqa", "sqa": "scienceqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa"}  # fmt: skip
 
 
 def get_task(name: str) -> Task:
