@@ -69,6 +69,13 @@ class Task:
     needs_data: bool = True
     # Enough for the customary short answers; captions, OCR transcripts and MathVista's values run longer.
     max_new_tokens: int = 16
+    # Bumped whenever the reader, prompt or metric rules change what a score means (summaries record it).
+    version: str = "2"
+
+    @property
+    def prompt(self) -> str:
+        """The prompt template, as summaries record it."""
+        return PROMPTS.get(self.name, "<question>")
 
     @property
     def metric(self) -> str:
@@ -102,6 +109,24 @@ TASKS: dict[str, Task] = {
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
     ]
 }
+_SHORT = "<question>\nAnswer the question using a single word or phrase."
+_LETTER = "Answer with the option's letter from the given choices directly."
+PROMPTS = {
+    "vqav2": _SHORT, "textvqa": _SHORT, "docvqa": _SHORT, "infovqa": _SHORT, "chartqa": _SHORT,
+    "easy-vqa": _SHORT, "pope": _SHORT,
+    "ai2d": f"<question>\nA. <option>\nB. <option>...\n{_LETTER}",
+    "mmmu": f"<image>... <question>\nA. <option>...\n\n{_LETTER} | open: <question>\n\nAnswer the question "
+            "using a single word or phrase.",
+    "mathvista": "<query> (the benchmark's own field)",
+    "ocrbench": "<question>",
+    "coco": "Provide a one-sentence caption for the provided image.",
+    "realworldqa": "<question> (carries its own instruction)",
+    "mmbench": f"[<hint> ]<question> There are several options:\nA. <option>...\n{_LETTER} (each rotation)",
+    "mmstar": f"<question with its options>\n{_LETTER[:-1]}",
+    "seedbench": f"<question>\nA. <choice_a>\nB. <choice_b>\nC. <choice_c>\nD. <choice_d>\n{_LETTER}",
+    "scienceqa": f"[Context: <hint>\n]<question>\nA. <option>...\n{_LETTER}",
+}  # fmt: skip
+
 # Other spellings people type.
 ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": "docvqa",
            "infographicvqa": "infovqa", "info-vqa": "infovqa", "chart-qa": "chartqa", "mmmu-val": "mmmu",
