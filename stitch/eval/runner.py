@@ -394,6 +394,11 @@ def eval_cmd(args: argparse.Namespace) -> int:
     # Under torchrun each rank takes its own GPU (LOCAL_RANK) unless --device names one.
     args.device = resolve_device(args.device or ranks.default_device())  # checked before data and model load
     ranks.init(args.device)
+    # One dtype for every rank (the CPU's "auto" choice is a timing probe, which ranks could answer apart), and
+    # the summary records what was used rather than "auto".
+    choice = compute_dtype(args.device, args.dtype) if ranks.main else None
+    choice = ranks.gather(choice)[0]
+    args.dtype = str(choice.dtype).replace("torch.", "")
 
     data = load_task(task.name, args.data, limit=args.limit)
     if ranks.main:  # fold in what an earlier (killed) run left, before anyone reads the file
