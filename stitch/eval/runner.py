@@ -437,6 +437,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
         data.samples = [s for s in data.samples if s.id not in ids]
         data.skipped[reason] += len(ids)
 
+    seconds = round(time.time() - started, 2)
     preds = read_predictions(pred_path, task=task.name) if pred_path.is_file() else Predictions({})
     extra = {
         "checkpoint": str(args.ckpt),
@@ -448,7 +449,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
                      "batch_size": args.batch_size, "dtype": args.dtype, "device": str(args.device)},
         "processes": ranks.world,
         "image_cache": dict(cache_totals) if cache_totals else None,
-        "generation_seconds": round(time.time() - started, 2),
+        "generation_seconds": seconds,
         "generated": len(todo) - sum(len(ids) for ids in skipped_ids.values()),
     }  # fmt: skip
     _finish(data, preds, args, extra)
