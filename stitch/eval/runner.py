@@ -20,7 +20,11 @@ from typing import Any
 from stitch.data.skips import SampleError
 from stitch.device import compute_dtype, resolve_device
 from stitch.errors import DataError, StitchError
+from stitch.eval.image_cache import ImageEmbeddingCache
+from stitch.eval.provenance import checkpoint_fingerprint
+from stitch.eval.reference import REFERENCE
 from stitch.eval.scoring import Judged, Scorer, judge  # noqa: F401  (judge: still importable from here)
+from stitch.eval.sharding import Ranks, fold_in, shard_files, shard_path, share
 from stitch.eval.tasks import TASKS, Sample, TaskData, get_task, load_task, open_image
 from stitch.infer.pretrained import load_pretrained
 
@@ -97,13 +101,17 @@ def score_dataset(
     for s in data.samples:
         text = texts.get(s.id)
         if text is None:
-            judged.append(Judged(0.0, None, "missing"))
-        elif not text.strip():
-            judged.append(Judged(0.0, None, "empty"))
+            j = Judged(0.0, None, "missing")
         elif scorer.judge is None:
-            judged.append(Judged(0.0))  # filled in below, corpus-level
+            j = Judged(0.0, None, "ok" if text.strip() else "empty")  # filled in below, corpus-level
         else:
-            judged.append(scorer.judge(s, text))
+            # The reference scores empty predictions by its rules too (an empty answer can match one).
+            j = scorer.judge(s, text)
+            if not text.strip():
+                j.status = "empty"
+        j.readings = {name: (fn(s, text) if text and text.strip() else 0.0) for name, (fn, _) in
+                      scorer.readings.items()}  # fmt: skip
+        judged.append(j)
 
     extra: dict[str, Any] = {}
     if scorer.corpus is not None and data.samples:
@@ -116,10 +124,15 @@ def score_dataset(
     n = len(data.samples)
     statuses = Counter(j.status for j in judged)
     mean = sum(j.score for j in judged) / n if n else 0.0
+    if scorer.aggregate is not None and n:
+        mean = scorer.aggregate(data.samples, judged)
     summary: dict[str, Any] = {
         "task": task.name,
         "title": task.title,
         "metric": task.metric,
+        "task_version": task.version,
+        "prompt": task.prompt,
+        "reference": REFERENCE,
         "data": data.source,
         "samples": n,
         "mean": mean,
@@ -128,11 +141,18 @@ def score_dataset(
         "missing_predictions": statuses["missing"],
         "empty_predictions": statuses["empty"],
         "unparsable": statuses["unparsable"],
+        "guessed": statuses["guessed"],
         "unknown_prediction_ids": len(set(texts) - {s.id for s in data.samples}),
         "malformed_prediction_rows": predictions.malformed_rows,
         "duplicate_prediction_ids": predictions.duplicate_ids,
         "skipped": dict(sorted(data.skipped.items())),
     }
+    if scorer.readings:
+        summary["readings"] = {
+            name: {**_reading_score(scorer, [j.readings[name] for j in judged]), "rule": rule}
+            for name, (_, rule) in scorer.readings.items()
+        }
+    summary["rules"] = scorer.rules
     breakdown = _breakdown(task.group, scorer, data.samples, judged)
     if scorer.report is not None:
         extra.update(scorer.report(data.samples, judged))
@@ -141,19 +161,33 @@ def score_dataset(
     if extra:
         summary["extra"] = extra
     rows = [
-        {"id": s.id, "prediction": texts.get(s.id), "extracted": j.extracted, "score": j.score, "status": j.status}
+        {"id": s.id, "prediction": texts.get(s.id), "extracted": j.extracted, "score": j.score, "status": j.status,
+         **({"readings": j.readings} if j.readings else {})}
         for s, j in zip(data.samples, judged)
     ]
     return summary, rows
 
 
+def _reading_score(scorer: Scorer, scores: list[float]) -> dict[str, float]:
+    """A reading's number in the headline's terms (points or a percentage) and its mean."""
+    mean = sum(scores) / len(scores) if scores else 0.0
+    return {"score": scorer.group_scores(scores) if scores else 0.0, "mean": mean}
+
+
 def _breakdown(group: str | None, scorer: Scorer, samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
     if group is None:
         return {}
-    scores: dict[str, list[float]] = defaultdict(list)
+    members: dict[str, list[tuple[Sample, Judged]]] = defaultdict(list)
     for s, j in zip(samples, judged):
-        scores[str(s.meta.get(group) or "unknown")].append(j.score)
-    return {k: {"score": scorer.group_scores(v), "samples": len(v)} for k, v in sorted(scores.items())}
+        members[str(s.meta.get(group) or "unknown")].append((s, j))
+    out: dict[str, Any] = {}
+    for k, pairs in sorted(members.items()):
+        if scorer.aggregate is not None:  # the headline's own aggregation, within the group
+            score = 100.0 * scorer.aggregate([s for s, _ in pairs], [j for _, j in pairs])
+        else:
+            score = scorer.group_scores([j.score for _, j in pairs])
+        out[k] = {"score": score, "samples": len(pairs)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -300,7 +334,10 @@ def eval_cmd_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-sample predictions JSONL, appended as generated and used to resume "
         "(default: the --out path with .predictions.jsonl)",
     )
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available; under "
+                        "torchrun the rank's LOCAL_RANK GPU)")
+    parser.add_argument("--no-image-cache", dest="image_cache", action="store_false",
+                        help="run the vision encoder for every question, even when an image was seen before")
     parser.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -353,35 +390,85 @@ def eval_cmd(args: argparse.Namespace) -> int:
     for flag, path in (("--predictions", pred_path), ("--out", out)):
         if path.is_dir():
             raise StitchError(f"{flag} {path}: is a folder; give a file path")
-    args.device = resolve_device(args.device)  # checked before the data and the model load
+    ranks = Ranks()
+    # Under torchrun each rank takes its own GPU (LOCAL_RANK) unless --device names one.
+    args.device = resolve_device(args.device or ranks.default_device())  # checked before data and model load
+    ranks.init(args.device)
+    # One dtype for every rank (the CPU's "auto" choice is a timing probe, which ranks could answer apart), and
+    # the summary records what was used rather than "auto".
+    choice = compute_dtype(args.device, args.dtype) if ranks.main else None
+    choice = ranks.gather(choice)[0]
+    args.dtype = str(choice.dtype).replace("torch.", "")
 
     data = load_task(task.name, args.data, limit=args.limit)
-    done = _resume(pred_path, task.name)
+    if ranks.main:  # fold in what an earlier (killed) run left, before anyone reads the file
+        _resume(pred_path, task.name)
+        for shard in shard_files(pred_path):
+            _resume(shard, task.name)
+        fold_in(pred_path, [s.id for s in data.samples], _raw_rows)
+    ranks.barrier()
+    done = set(read_predictions(pred_path, task=task.name).texts) if pred_path.is_file() else set()
     todo = [s for s in data.samples if s.id not in done]
-    print(
-        f"{task.title}: {len(data.samples)} samples from {data.source}"
-        + (f", {sum(data.skipped.values())} rows skipped" if data.skipped else "")
-        + (f"; resuming, {len(data.samples) - len(todo)} already in {pred_path}" if done else ""),
-        file=sys.stderr,
-    )
+    mine = share(todo, ranks.rank, ranks.world)
+    if ranks.main:
+        print(
+            f"{task.title}: {len(data.samples)} samples from {data.source}"
+            + (f", {sum(data.skipped.values())} rows skipped" if data.skipped else "")
+            + (f"; resuming, {len(data.samples) - len(todo)} already in {pred_path}" if done else "")
+            + (f"; {len(todo)} to generate over {ranks.world} processes" if ranks.distributed else ""),
+            file=sys.stderr,
+        )
 
     started = time.time()
-    skipped = _generate(args, task.name, todo, pred_path, max_new_tokens) if todo else {}
-    for reason, ids in skipped.items():
+    target = shard_path(pred_path, ranks.rank) if ranks.distributed else pred_path
+    skipped, cache = _generate(args, task.name, mine, target, max_new_tokens) if mine else ({}, {})
+    gathered = ranks.gather(({k: sorted(v) for k, v in skipped.items()}, cache))  # also waits for every rank
+    if not ranks.main:
+        ranks.close()
+        return 0
+    fold_in(pred_path, [s.id for s in data.samples], _raw_rows)
+    skipped_ids: dict[str, set[str]] = defaultdict(set)
+    cache_totals: Counter = Counter()
+    for rank_skipped, rank_cache in gathered:
+        for reason, ids in rank_skipped.items():
+            skipped_ids[reason].update(ids)
+        cache_totals.update(rank_cache)
+    for reason, ids in skipped_ids.items():
         data.samples = [s for s in data.samples if s.id not in ids]
         data.skipped[reason] += len(ids)
 
+    seconds = round(time.time() - started, 2)
     preds = read_predictions(pred_path, task=task.name) if pred_path.is_file() else Predictions({})
     extra = {
         "checkpoint": str(args.ckpt),
+        "checkpoint_sha256": checkpoint_fingerprint(args.ckpt),
         "predictions": str(pred_path),
         "max_new_tokens": max_new_tokens,
         "batch_size": args.batch_size,
-        "generation_seconds": round(time.time() - started, 2),
-        "generated": len(todo) - sum(len(ids) for ids in skipped.values()),
-    }
+        "decoding": {"strategy": "greedy", "temperature": 0.0, "max_new_tokens": max_new_tokens,
+                     "batch_size": args.batch_size, "dtype": args.dtype, "device": str(args.device)},
+        "processes": ranks.world,
+        "image_cache": dict(cache_totals) if cache_totals else None,
+        "generation_seconds": seconds,
+        "generated": len(todo) - sum(len(ids) for ids in skipped_ids.values()),
+    }  # fmt: skip
     _finish(data, preds, args, extra)
+    ranks.close()
     return 0
+
+
+def _raw_rows(path: Path) -> dict[str, str]:
+    """{id: the line as written} of a predictions file (rows without an id are dropped)."""
+    rows: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("id") is not None:
+                rows[str(row["id"])] = line if line.endswith("\n") else line + "\n"
+    return rows
 
 
 def _load_model(args: argparse.Namespace):
@@ -394,16 +481,21 @@ def _load_model(args: argparse.Namespace):
     return model, processor
 
 
-def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_tokens: int) -> dict[str, set[str]]:
+def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_tokens: int
+              ) -> tuple[dict[str, set[str]], dict[str, int]]:
     """Generate answers for `todo`, appending one JSONL row per sample; returns the ids it could not run, by
     reason (an unreadable image, a sample the processor refuses, one longer than the model's context): those
-    are skipped and counted by the caller, and the rest of their batch still runs."""
+    are skipped and counted by the caller, and the rest of their batch still runs; and the image-embedding
+    cache's counts (questions about one image run the vision encoder once; `--no-image-cache` turns it off)."""
     # Imported at call time, so a stand-in generation module (the eval tests install one in sys.modules) is used.
     try:
         from stitch.infer.generate import generate_batch
     except ImportError as e:
         raise StitchError(f"stitch eval needs stitch.infer.generate.generate_batch ({e})") from e
     model, processor = _load_model(args)
+    cache = None
+    if getattr(args, "image_cache", True) and ImageEmbeddingCache.supports(model):
+        cache = ImageEmbeddingCache(model).install()
     skipped: dict[str, set[str]] = {}
 
     def skip(sample: Sample, reason: str, detail: object) -> None:
@@ -452,4 +544,6 @@ def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_toke
             if time.time() - last_report > 10 or written == len(todo):
                 print(f"  {written}/{len(todo)} generated", file=sys.stderr)
                 last_report = time.time()
-    return skipped
+    if cache is not None:
+        cache.remove()
+    return skipped, (cache.stats() if cache is not None else {})

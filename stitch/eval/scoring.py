@@ -10,42 +10,54 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stitch.errors import StitchError
-from stitch.eval import metrics
-from stitch.eval.readers.common import Sample
+from stitch.eval import metrics, reference
+from stitch.eval import reference_choice as C
+from stitch.eval.readers.common import Sample, clean_answers
 
 __all__ = ["Judged", "Scorer", "SCORERS", "get_scorer", "judge"]
 
 
 @dataclass
 class Judged:
-    """One sample's score in [0, 1], what the parser read from the prediction, and its status: "ok",
-    "missing" (no prediction), "empty" or "unparsable" (all three score 0)."""
+    """One sample's headline score in [0, 1], what the parser read from the prediction, and its status: "ok",
+    "missing" (no prediction, scores 0), "empty", "unparsable" or "guessed" (MMMU's random option); the
+    `readings` are the same sample under Stitch's other readings (by name)."""
 
     score: float
     extracted: Any = None
     status: str = "ok"
+    readings: dict[str, float] = field(default_factory=dict)
 
 
 # corpus(predictions by id, samples, caption tokenizer) -> (score by sample id, extra summary fields)
 Corpus = Callable[[dict[str, str], list[Sample], str], tuple[dict[str, float], dict[str, Any]]]
+# A reading: (sample, non-empty prediction) -> score in [0, 1].
+Reading = Callable[[Sample, str], float]
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """A benchmark's metric: `judge(sample, prediction)` for a per-sample one, `corpus` for a corpus-level one;
-    `points`: the headline and breakdown are sums of points (else percentages of the mean) in `unit`;
-    `report(samples, judged)`: extra summary lines."""
+    """A benchmark's metric: `judge(sample, prediction)` for a per-sample one (by the reference rules; it also
+    sees empty predictions, since the reference scores them), `corpus` for a corpus-level one; `points`: the
+    headline and breakdown are sums of points (else percentages of the mean) in `unit`; `report(samples,
+    judged)`: extra summary lines; `rules`: what the headline follows, as the summary records it;
+    `readings`: Stitch's stricter or more lenient readings, reported beside the headline, each with its rule."""
 
     metric: str
     judge: Callable[[Sample, str], Judged] | None = None
     corpus: Corpus | None = None
     points: bool = False
     unit: str = "%"
-    report: Callable[[list[Sample], list[Judged]], dict[str, float]] | None = None
+    report: Callable[[list[Sample], list[Judged]], dict[str, Any]] | None = None
+    rules: str = ""
+    readings: dict[str, tuple[Reading, str]] = field(default_factory=dict)
+    # The headline mean when it is not the mean over samples (MMBench's circular groups, MMStar's macro
+    # average, POPE's F1): (samples, judged) -> a number in [0, 1].
+    aggregate: Callable[[list[Sample], list[Judged]], float] | None = None
 
     def headline(self, judged: list[Judged], mean: float) -> dict[str, Any]:
         """The number the benchmark reports: a percentage, points (out of 1000 on OCRBench's full set), or
@@ -59,16 +71,23 @@ class Scorer:
         return sum(scores) if self.points else 100.0 * sum(scores) / len(scores)
 
 
-def _vqa_accuracy(sample: Sample, prediction: str) -> Judged:
-    return Judged(metrics.vqa_accuracy(prediction, sample.references))
+R = reference
+
+
+def _vqav2(sample: Sample, prediction: str) -> Judged:
+    return Judged(R.vqav2_accuracy(prediction, sample.references))
+
+
+def _textvqa(sample: Sample, prediction: str) -> Judged:
+    return Judged(R.textvqa_accuracy(prediction, sample.references))
 
 
 def _anls(sample: Sample, prediction: str) -> Judged:
-    return Judged(metrics.anls(prediction, sample.references))
+    return Judged(float(R.anls(prediction, sample.references)))
 
 
 def _relaxed_accuracy(sample: Sample, prediction: str) -> Judged:
-    return Judged(max(metrics.relaxed_accuracy(prediction, r) for r in sample.references))
+    return Judged(float(any(R.relaxed_correctness(prediction, r) for r in sample.references)))
 
 
 def _exact_match(sample: Sample, prediction: str) -> Judged:
@@ -76,29 +95,72 @@ def _exact_match(sample: Sample, prediction: str) -> Judged:
 
 
 def _ocrbench(sample: Sample, prediction: str) -> Judged:
-    return Judged(metrics.ocrbench_match(prediction, sample.references, sample.meta.get("dataset_name", "")))
+    return Judged(float(R.ocrbench_match(prediction, sample.references, sample.meta.get("dataset_name", ""))))
 
 
-def _multiple_choice(sample: Sample, prediction: str) -> Judged:
-    score, letter = metrics.multiple_choice_accuracy(prediction, sample.references[0], sample.choices or [])
-    return Judged(score, letter, "unparsable" if letter is None else "ok")
+def _ai2d(sample: Sample, prediction: str) -> Judged:
+    """Reported "unparsable" when what is read is not one of the option letters (it then cannot match)."""
+    read = R.ai2d_read(prediction)
+    letters = [c.lower() for c in metrics.choice_letters(len(sample.choices or []))]
+    status = "ok" if read in letters else "unparsable"
+    return Judged(float(R.ai2d_correct(prediction, sample.references[0])), read.upper() if status == "ok" else read,
+                  status)
 
 
 def _mmmu(sample: Sample, prediction: str) -> Judged:
     """MMMU mixes multiple-choice questions (with choices) and open ones."""
     if sample.choices:
-        return _multiple_choice(sample, prediction)
-    candidates = metrics.parse_open_response(prediction)
-    return Judged(float(metrics.open_answer_correct(sample.references, candidates)), candidates)
+        letter, guessed = R.mmmu_multiple_choice(prediction, sample.choices, sample.id)
+        return Judged(float(letter == sample.references[0]), letter, "guessed" if guessed else "ok")
+    candidates = R.mmmu_parse_open(prediction)
+    gold = sample.meta.get("raw_answer", sample.references)
+    return Judged(float(R.mmmu_open_correct(gold, candidates)), candidates)
 
 
 def _mathvista(sample: Sample, prediction: str) -> Judged:
     m = sample.meta
+    right, value, extraction = R.mathvista_correct(prediction, sample.references[0], m["question_type"],
+                                                   m["answer_type"], sample.choices, m.get("precision"))  # fmt: skip
+    # Nothing read: for options the reference takes the nearest one ("guessed"), else the answer is wrong.
+    status = "ok" if extraction else "guessed" if m["question_type"] == "multi_choice" else "unparsable"
+    return Judged(float(right), value, status)
+
+
+# Stitch's readings (the rules `stitch score` used before the headline followed the reference).
+
+
+def _vqa_stitch(sample: Sample, prediction: str) -> float:
+    return metrics.vqa_accuracy(prediction, clean_answers(sample.references))
+
+
+def _anls_stitch(sample: Sample, prediction: str) -> float:
+    return metrics.anls(prediction, clean_answers(sample.references))
+
+
+def _relaxed_lenient(sample: Sample, prediction: str) -> float:
+    return max(metrics.relaxed_accuracy(prediction, r) for r in clean_answers(sample.references))
+
+
+def _mmmu_parser(sample: Sample, prediction: str) -> float:
+    return metrics.multiple_choice_accuracy(prediction, sample.references[0], sample.choices or [])[0]
+
+
+def _mmmu_no_guess(sample: Sample, prediction: str) -> float:
+    if sample.choices:
+        return _mmmu_parser(sample, prediction)
+    candidates = metrics.parse_open_response(prediction)
+    return float(metrics.open_answer_correct(sample.references, candidates))
+
+
+def _mathvista_rules(sample: Sample, prediction: str) -> float:
+    m = sample.meta
     value = metrics.mathvista_extract(prediction, m["question_type"], m["answer_type"], sample.choices,
-                                      m.get("precision"))
-    if value is None:
-        return Judged(0.0, None, "unparsable")
-    return Judged(float(metrics.mathvista_correct(value, sample.references[0], m["answer_type"])), value)
+                                      m.get("precision"))  # fmt: skip
+    return float(metrics.mathvista_correct(value, sample.references[0], m["answer_type"]))
+
+
+def _ocrbench_stitch(sample: Sample, prediction: str) -> float:
+    return metrics.ocrbench_match(prediction, clean_answers(sample.references), sample.meta.get("dataset_name", ""))
 
 
 def _cider(texts: dict[str, str], samples: list[Sample], caption_tokenizer: str):
@@ -116,19 +178,109 @@ def _ocrbench_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, fl
     return {"text_recognition": recognition, "final_score": sum(by_cat.values())}
 
 
+_STITCH_VQA = (_vqa_stitch, "Stitch: empty human answers dropped, an empty prediction is wrong, every answer "
+               "through the full EvalAI processor")  # fmt: skip
+_LMMS = R.REFERENCE
+
+def _mmbench(sample: Sample, prediction: str) -> Judged:
+    letters = metrics.choice_letters(len(sample.choices or []))
+    letter = C.mmbench_read(prediction, dict(zip(letters, sample.choices or [])))
+    return Judged(float(letter == sample.references[0]), letter, "ok" if letter else "unparsable")
+
+
+def _mmbench_circular(samples: list[Sample], judged: list[Judged]) -> float:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for s, j in zip(samples, judged):
+        groups[s.meta.get("circular_group", s.id)].append(j.score)
+    return C.circular_accuracy(groups)
+
+
+def _mmstar(sample: Sample, prediction: str) -> Judged:
+    right, letter = C.mmstar_correct(prediction, sample.references[0])
+    return Judged(float(right), letter, "ok" if letter else "unparsable")
+
+
+def _mmstar_macro(samples: list[Sample], judged: list[Judged]) -> float:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for s, j in zip(samples, judged):
+        groups[str(s.meta.get("l2_category"))].append(j.score)
+    return C.macro_average(groups)
+
+
+def _seed(sample: Sample, prediction: str) -> Judged:
+    right, letter = C.seed_correct(prediction, sample.references[0])
+    return Judged(float(right), letter)
+
+
+def _scienceqa(sample: Sample, prediction: str) -> Judged:
+    return Judged(float(C.scienceqa_correct(prediction, sample.references[0])))
+
+
+def _pope(sample: Sample, prediction: str) -> Judged:
+    pred = prediction.lower().strip()
+    return Judged(float(pred == sample.references[0]), pred, "ok" if pred in ("yes", "no") else "unparsable")
+
+
+def _pope_pairs(samples: list[Sample], judged: list[Judged]) -> list[tuple[str, str, str]]:
+    # A missing prediction reads as "" (neither yes nor no), as an empty response would.
+    return [(s.meta.get("split", "unknown"), j.extracted or "", s.references[0]) for s, j in zip(samples, judged)]
+
+
+def _pope_f1(samples: list[Sample], judged: list[Judged]) -> float:
+    return C.pope_metrics([(p, g) for _, p, g in _pope_pairs(samples, judged)])["f1"]
+
+
+def _pope_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
+    """POPE's report: accuracy, precision, recall, F1 and yes ratio over all and per split."""
+    pairs = _pope_pairs(samples, judged)
+    return {"all": C.pope_metrics([(p, g) for _, p, g in pairs]), "by_split": C.pope_by_split(pairs)}
+
+
+# Keyed by metric, or "metric/variant" where one metric has per-benchmark rules (TextVQA's processor).
 SCORERS: dict[str, Scorer] = {
-    s.metric: s
-    for s in [
-        Scorer("vqa_accuracy", _vqa_accuracy),
-        Scorer("anls", _anls),
-        Scorer("relaxed_accuracy", _relaxed_accuracy),
-        Scorer("multiple_choice", _multiple_choice),
-        Scorer("mmmu", _mmmu),
-        Scorer("mathvista", _mathvista),
-        Scorer("ocrbench", _ocrbench, points=True, report=_ocrbench_lines),
-        Scorer("cider", corpus=_cider, unit="CIDEr x100"),
-        Scorer("exact_match", _exact_match),
-    ]
+    "vqa_accuracy": Scorer("vqa_accuracy", _vqav2, rules=f"{_LMMS} vqav2_process_results (EvalAI punctuation and "
+                           "digit/article steps, no tokenising step; leave-one-out over 10)",
+                           readings={"stitch": _STITCH_VQA}),
+    "vqa_accuracy/textvqa": Scorer("vqa_accuracy", _textvqa, rules=f"{_LMMS} textvqa_process_results (full "
+                                   "EvalAI processor on both sides; leave-one-out)", readings={"stitch": _STITCH_VQA}),
+    "anls": Scorer("anls", _anls, rules=f"{_LMMS} anls (threshold 0.5; raw-length denominator)",
+                   readings={"stitch": (_anls_stitch, "Stitch: length of the normalised strings, empty answers "
+                                        "dropped, an empty prediction scores 0")}),
+    "relaxed_accuracy": Scorer("relaxed_accuracy", _relaxed_accuracy,
+                               rules=f"{_LMMS} chartqa relaxed_correctness (5%; '45%' = 0.45; target 0 exact)",
+                               readings={"lenient": (_relaxed_lenient, "Stitch: trailing % optional, thousands "
+                                                     "separators accepted, target 0 matched numerically")}),
+    "multiple_choice": Scorer("multiple_choice", _ai2d, rules=f"{_LMMS} ai2d (letter filter '^\\s*([A-Z])\\.', "
+                              "exact match ignoring case and punctuation)",
+                              readings={"mmmu_parser": (_mmmu_parser, "MMMU's rule-based parser, no guess")}),
+    "mmmu": Scorer("mmmu", _mmmu, rules=f"{_LMMS} mmmu parse_multi_choice_response / parse_open_response / "
+                   f"eval_open; random option when nothing parses, seeded ({R.MMMU_FALLBACK_SEED}, sample id)",
+                   readings={"no_guess": (_mmmu_no_guess, "Stitch: unparsable answers wrong, no guess; list-form "
+                                          "open answers parsed")}),
+    "mathvista": Scorer("mathvista", _mathvista, rules=f"{_LMMS} mathvista extract_answer (quick_extract off, no "
+                        "LLM judge: ''), normalize_extracted_answer (nearest option), safe_equal",
+                        readings={"rules": (_mathvista_rules, "Stitch: MMMU parser for options, last number for "
+                                            "values, no nearest-option guess")}),
+    "ocrbench": Scorer("ocrbench", _ocrbench, points=True, report=_ocrbench_lines,
+                       rules=f"{_LMMS} ocrbench_process_results (substring; full-width folded; HME100k spaceless)",
+                       readings={"stitch": (_ocrbench_stitch, "Stitch: no full-width folding, empty answers "
+                                            "never match")}),
+    "cider": Scorer("cider", corpus=_cider, unit="CIDEr x100", rules="pycocoevalcap CIDEr-D (PTB or simple "
+                    "tokenizer, as the summary's extra.tokenizer says)"),
+    "mmbench": Scorer("mmbench", _mmbench, aggregate=_mmbench_circular, rules=f"{_LMMS} MMBench static "
+                      "evaluation (can_infer, else extract_mcq_answer; no GPT), circular: a question counts when "
+                      "every rotation of its options is right"),
+    "mmstar": Scorer("mmstar", _mmstar, aggregate=_mmstar_macro, rules=f"{_LMMS} mmstar exact_match "
+                     "(extract_mcq_answer A-D); headline = mean of the l2-category means"),
+    "seedbench": Scorer("seedbench", _seed, rules=f"{_LMMS} seed_process_result (first character of the stripped "
+                        "prediction, case-insensitive)"),
+    "scienceqa": Scorer("scienceqa", _scienceqa, rules=f"{_LMMS} sqa_process_results (the letter, or 'X.' with a "
+                        "capital X)"),
+    "pope": Scorer("pope", _pope, aggregate=_pope_f1, report=_pope_lines, rules=f"{_LMMS} pope (lower-cased, "
+                   "stripped exact yes/no); headline = F1 of 'yes' over all splits; extra has accuracy, "
+                   "precision, recall, F1 and yes_ratio (share of 'yes' answers) per split"),
+    "exact_match": Scorer("exact_match", _exact_match, rules="equal ignoring case, surrounding space and a final "
+                          "period"),
 }
 
 

@@ -34,6 +34,7 @@ from stitch.eval.readers.common import (
     parquet_files,
 )
 from stitch.eval.readers.docs import read_chartqa, read_docvqa, read_infovqa, read_ocrbench
+from stitch.eval.readers.mcq_suites import read_mmbench, read_mmstar, read_pope, read_scienceqa, read_seedbench
 from stitch.eval.readers.multiple_choice import read_ai2d, read_mathvista, read_mmmu
 from stitch.eval.readers.vqa import read_easy_vqa, read_realworldqa, read_textvqa, read_vqav2
 from stitch.eval.scoring import SCORERS, Scorer
@@ -48,6 +49,11 @@ METRICS = (
     "ocrbench",
     "cider",
     "exact_match",
+    "mmbench",
+    "mmstar",
+    "pope",
+    "seedbench",
+    "scienceqa",
 )
 
 
@@ -63,6 +69,13 @@ class Task:
     needs_data: bool = True
     # Enough for the customary short answers; captions, OCR transcripts and MathVista's values run longer.
     max_new_tokens: int = 16
+    # Bumped whenever the reader, prompt or metric rules change what a score means (summaries record it).
+    version: str = "2"
+
+    @property
+    def prompt(self) -> str:
+        """The prompt template, as summaries record it."""
+        return PROMPTS.get(self.name, "<question>")
 
     @property
     def metric(self) -> str:
@@ -78,7 +91,7 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         _task("vqav2", "VQAv2 (val)", "vqa_accuracy", read_vqav2, group="answer_type"),
-        _task("textvqa", "TextVQA (val)", "vqa_accuracy", read_textvqa),
+        _task("textvqa", "TextVQA (val)", "vqa_accuracy/textvqa", read_textvqa),
         _task("docvqa", "DocVQA (val)", "anls", read_docvqa),
         _task("infovqa", "InfographicVQA (val)", "anls", read_infovqa),
         _task("chartqa", "ChartQA (test)", "relaxed_accuracy", read_chartqa, group="split"),
@@ -88,14 +101,39 @@ TASKS: dict[str, Task] = {
         _task("ocrbench", "OCRBench", "ocrbench", read_ocrbench, group="category", max_new_tokens=64),
         _task("coco", "COCO captions (Karpathy test)", "cider", read_coco, max_new_tokens=48),
         _task("realworldqa", "RealWorldQA", "exact_match", read_realworldqa),
+        _task("mmbench", "MMBench (en dev, circular)", "mmbench", read_mmbench, group="category"),
+        _task("mmstar", "MMStar (val)", "mmstar", read_mmstar, group="category"),
+        _task("pope", "POPE (test)", "pope", read_pope, group="split"),
+        _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type"),
+        _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject"),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
     ]
 }
+_SHORT = "<question>\nAnswer the question using a single word or phrase."
+_LETTER = "Answer with the option's letter from the given choices directly."
+PROMPTS = {
+    "vqav2": _SHORT, "textvqa": _SHORT, "docvqa": _SHORT, "infovqa": _SHORT, "chartqa": _SHORT,
+    "easy-vqa": _SHORT, "pope": _SHORT,
+    "ai2d": f"<question>\nA. <option>\nB. <option>...\n{_LETTER}",
+    "mmmu": f"<image>... <question>\nA. <option>...\n\n{_LETTER} | open: <question>\n\nAnswer the question "
+            "using a single word or phrase.",
+    "mathvista": "<query> (the benchmark's own field)",
+    "ocrbench": "<question>",
+    "coco": "Provide a one-sentence caption for the provided image.",
+    "realworldqa": "<question> (carries its own instruction)",
+    "mmbench": f"[<hint> ]<question> There are several options:\nA. <option>...\n{_LETTER} (each rotation)",
+    "mmstar": f"<question with its options>\n{_LETTER[:-1]}",
+    "seedbench": f"<question>\nA. <choice_a>\nB. <choice_b>\nC. <choice_c>\nD. <choice_d>\n{_LETTER}",
+    "scienceqa": f"[Context: <hint>\n]<question>\nA. <option>...\n{_LETTER}",
+}  # fmt: skip
+
 # Other spellings people type.
 ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": "docvqa",
            "infographicvqa": "infovqa", "info-vqa": "infovqa", "chart-qa": "chartqa", "mmmu-val": "mmmu",
            "ocr-bench": "ocrbench", "coco-caption": "coco", "coco-captions": "coco", "cococaption": "coco",
-           "realworld-qa": "realworldqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa"}  # fmt: skip
+           "realworld-qa": "realworldqa", "spdocvqa": "docvqa", "sp-docvqa": "docvqa",
+           "mmbench-en": "mmbench", "seed-bench": "seedbench", "seedbench-img": "seedbench",
+           "scienceqa-img": "scienceqa", "sqa": "scienceqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa"}  # fmt: skip
 
 
 def get_task(name: str) -> Task:

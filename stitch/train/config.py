@@ -170,12 +170,24 @@ class LogConfig(_Base):
     peak_tflops: float | None = Field(default=None, gt=0)  # per device, for MFU; default: from the device name
 
 
+class BenchmarkSpec(_Base):
+    """A benchmark scored at every checkpoint: `stitch eval` on the saved checkpoint (see docs/eval.md)."""
+
+    task: str = Field(min_length=1)  # a `stitch eval --task` name
+    data: str | None = None  # its local folder (easy-vqa needs none)
+    limit: int | None = Field(default=None, gt=0)  # the first N samples, for a quick signal
+    batch_size: int = Field(default=8, gt=0)
+    max_new_tokens: int | None = Field(default=None, gt=0)  # default: the task's
+
+
 class EvalConfig(_Base):
-    """Periodic validation loss. Data: `data` if given, else the training blend's `val` split."""
+    """Periodic validation loss. Data: `data` if given, else the training blend's `val` split. `tasks`:
+    benchmarks scored at each checkpoint (metrics.jsonl and TensorBoard as `bench/TASK`)."""
 
     every: int = Field(default=0, ge=0)  # 0: off
     batches: int = Field(default=8, gt=0)  # micro-batches per evaluation (the same ones every time)
     data: DataConfig | None = None
+    tasks: list[BenchmarkSpec] = Field(default_factory=list)
 
 
 class ParallelConfig(_Base):

@@ -30,6 +30,7 @@ from stitch.models.lora import has_lora
 from stitch.models.vlm import VLM
 from stitch.parallel.runtime import ParallelModel
 from stitch.parallel.step import save_weights
+from stitch.train.benchmarks import score_benchmarks
 from stitch.train.config import TrainConfig
 from stitch.train.frozen import FrozenLinearWeights
 from stitch.train.log import MetricsLog, Progress, plot_losses
@@ -270,7 +271,7 @@ class Trainer:
                 if cfg.eval.every and step % cfg.eval.every == 0:
                     self._evaluate(metrics, progress)
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-                    self.save()
+                    self._benchmarks(self.save(), metrics)
                     last_saved = step
                 if self._signalled_or_late(loop_start):
                     break
@@ -278,7 +279,7 @@ class Trainer:
             if ran and self._stop is None and cfg.eval.every and self.state.step % cfg.eval.every:
                 self._evaluate(metrics, progress)
             if last_saved != self.state.step and (cfg.checkpoint.at_end or self._stop is not None):
-                self.save()
+                self._benchmarks(self.save(), metrics)
         finally:
             self._restore_signals(handlers)
             progress.close()
@@ -417,6 +418,17 @@ class Trainer:
         if metrics is not None:
             metrics.write({"step": self.state.step, "val_loss": val})
         progress.message(f"step {self.state.step}: val loss {val:.4f}")
+
+    def _benchmarks(self, ckpt: Path, metrics: MetricsLog | None) -> None:
+        """`eval.tasks`: score the benchmarks on the checkpoint just saved (main process; stitch.train.benchmarks)."""
+        if not self.cfg.eval.tasks or metrics is None or self._stop is not None:
+            return
+        scores, errors = score_benchmarks(ckpt, self.cfg.eval.tasks, self.out, self.state.step, str(self.device))
+        for line in errors:
+            self.log(line)
+        if scores:
+            metrics.write({"step": self.state.step, **scores})
+            self.log(f"step {self.state.step}: " + ", ".join(f"{k[6:]} {v:.2f}" for k, v in scores.items()))
 
     # ------------------------------------------------------------------ checkpoints
     def _collective(self) -> Collective | None:

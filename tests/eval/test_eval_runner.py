@@ -74,7 +74,9 @@ def test_score_chartqa_mmmu_mathvista_ocrbench(tmp_path):
     write_json(tmp_path / "c" / "test" / "test_human.json", [{"imgname": "c.png", "query": "q", "label": "-12"}])
     write_json(tmp_path / "c" / "test" / "test_augmented.json", [{"imgname": "c.png", "query": "q", "label": "45"}])
     s, _ = runner.score_dataset(load_task("chartqa", tmp_path / "c"), {"human-0": "-12.5", "augmented-0": "45%"})
-    assert s["score"] == 100.0 and set(s["breakdown"]) == {"human", "augmented"}
+    # The reference reads "45%" as 0.45 (wrong against 45); Stitch's lenient reading accepts it.
+    assert s["score"] == 50.0 and set(s["breakdown"]) == {"human", "augmented"}
+    assert s["readings"]["lenient"]["score"] == 100.0
 
     write_parquet(tmp_path / "m" / "validation-0.parquet", [
         {"id": "validation_Art_1", "question": "q", "options": "['x', 'y']", "answer": "B",
@@ -93,7 +95,9 @@ def test_score_chartqa_mmmu_mathvista_ocrbench(tmp_path):
          "answer_type": "integer", "precision": None, "decoded_image": image_cell(), "metadata": {"task": "b"}},
     ])  # fmt: skip
     s, _ = runner.score_dataset(load_task("mathvista", tmp_path / "v"), {"1": "B", "2": "no number"})
-    assert s["score"] == 50.0 and s["unparsable"] == 1
+    # Without its LLM judge the reference reads neither "B" (it takes the nearest option, "1") nor a number.
+    assert s["score"] == 0.0 and (s["guessed"], s["unparsable"]) == (1, 1)
+    assert s["readings"]["rules"]["score"] == 50.0
 
     png(tmp_path / "o" / "OCRBench_Images" / "a.png")
     write_json(tmp_path / "o" / "OCRBench.json", [

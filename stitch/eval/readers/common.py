@@ -67,11 +67,14 @@ def conversation(text: str, n_images: int = 1) -> list[dict[str, str]]:
 
 
 def multiple_choice_prompt(question: str, choices: list[str], style: str = "dot") -> str:
-    """`question`, then the options lettered "A. text" (style "dot") or "(A) text" (style "paren", MMMU's),
-    then the customary instruction to answer with the letter."""
+    """`question`, then the options lettered "A. text" (style "dot") or "(A) text" (style "paren"),
+    then the customary instruction to answer with the letter ("mmmu": "A. text" and a blank line before it, as
+    lmms-eval prompts MMMU)."""
     letters = [chr(ord("A") + i) for i in range(len(choices))]
-    fmt = "{}. {}" if style == "dot" else "({}) {}"
+    fmt = "({}) {}" if style == "paren" else "{}. {}"
     options = "\n".join(fmt.format(letter, c) for letter, c in zip(letters, choices))
+    if style == "mmmu":  # lmms-eval's MMMU `construct_prompt`: a blank line before the instruction
+        return f"{question}\n{options}\n\n{MULTIPLE_CHOICE}"
     return f"{question}\n{options}\n{MULTIPLE_CHOICE}"
 
 
@@ -205,6 +208,40 @@ def text_of(value: Any) -> str | None:
         return None
     value = value.strip()
     return value or None
+
+
+def raw_text_of(value: Any) -> str | None:
+    """A string as released (not stripped; numbers become strings), or None when it is blank or not text.
+    Headline metrics see the raw text because the reference code does (ANLS lengths count raw spaces)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value
+
+
+def raw_answers_of(value: Any) -> list[str]:
+    """Answer strings as released, empty ones included (the reference scores against them: an empty human
+    answer matches an empty prediction), from a list of strings or {"answer": ...} dicts, or a string.
+    [] when there is no non-empty answer at all."""
+    if value is None:
+        return []
+    if isinstance(value, (str, int, float)):
+        value = [value]
+    out = []
+    for a in value:
+        if isinstance(a, dict):
+            a = a.get("answer")
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            a = str(a)
+        if isinstance(a, str):
+            out.append(a)
+    return out if any(a.strip() for a in out) else []
+
+
+def clean_answers(answers: list[str]) -> list[str]:
+    """Stitch's readings drop empty answers and surrounding whitespace."""
+    return [a.strip() for a in answers if a.strip()]
 
 
 def answers_of(value: Any) -> list[str]:

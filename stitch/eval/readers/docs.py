@@ -13,7 +13,6 @@ from stitch.eval.readers.common import (
     ImageRef,
     Sample,
     Skip,
-    answers_of,
     conversation,
     find_file,
     first_file,
@@ -22,6 +21,8 @@ from stitch.eval.readers.common import (
     load_json,
     parquet_files,
     parquet_image,
+    raw_answers_of,
+    raw_text_of,
     text_of,
 )
 from stitch.eval.readers.vqa import read_parquet_vqa, vqa_sample
@@ -73,7 +74,7 @@ def read_chartqa(root: Path, skip: Skip) -> Iterator[Sample]:
     (column 'type' = human_test / augmented_test)."""
 
     def sample(sid: str, question: Any, answer: Any, image, split: str) -> Sample | None:
-        q, a = text_of(question), text_of(answer)
+        q, a = text_of(question), raw_text_of(answer)
         if q is None or a is None:
             skip("no question or answer")
             return None
@@ -117,7 +118,7 @@ def read_chartqa(root: Path, skip: Skip) -> Iterator[Sample]:
 def _ocr_sample(
     sid: Any, question: Any, answers: Any, category: Any, dataset: Any, image: ImageRef | None, skip: Skip
 ) -> Sample | None:
-    q, refs = text_of(question), answers_of(answers)
+    q, refs = text_of(question), raw_answers_of(answers)
     if q is None or not refs or not text_of(category):
         skip("malformed row")
         return None

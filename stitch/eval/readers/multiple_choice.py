@@ -135,7 +135,7 @@ def read_mmmu(root: Path, skip: Skip) -> Iterator[Sample]:
         meta = {"subject": subject, "question_type": row.get("question_type") or "multiple-choice"}
         if meta["question_type"] == "multiple-choice":
             s = _mc_sample(sid, row.get("question"), row.get("options"), row.get("answer"), images, skip,
-                           style="paren", meta=meta)  # fmt: skip
+                           style="mmmu", meta=meta)  # fmt: skip
         else:
             q, refs = text_of(row.get("question")), _mmmu_answer(row.get("answer"))
             if q is None or not refs:
@@ -144,7 +144,9 @@ def read_mmmu(root: Path, skip: Skip) -> Iterator[Sample]:
             if not images or any(i is None for i in images):
                 skip("missing image")
                 continue
-            s = Sample(sid, images, conversation(f"{q}\n{SHORT_ANSWER}", len(images)), refs, meta=meta)
+            # The reference compares against the answer cell as it is (a list written as a string included).
+            meta["raw_answer"] = str(row.get("answer"))
+            s = Sample(sid, images, conversation(f"{q}\n\n{SHORT_ANSWER}", len(images)), refs, meta=meta)
         if s:
             yield s
 

@@ -13,7 +13,6 @@ from stitch.eval.readers.common import (
     ImageRef,
     Sample,
     Skip,
-    answers_of,
     conversation,
     find_file,
     first_file,
@@ -22,12 +21,13 @@ from stitch.eval.readers.common import (
     load_json,
     parquet_files,
     parquet_image,
+    raw_answers_of,
     text_of,
 )
 
 
 def vqa_sample(sid: Any, question: Any, answers: Any, image: ImageRef | None, skip: Skip, meta=None) -> Sample | None:
-    q, refs = text_of(question), answers_of(answers)
+    q, refs = text_of(question), raw_answers_of(answers)
     if sid is None or q is None:
         skip("no id or question")
         return None

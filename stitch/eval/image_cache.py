@@ -1,0 +1,94 @@
+"""An image-embedding cache for evaluation: questions that share an image run the vision encoder once.
+
+Benchmarks ask several questions about each image (easy-vqa about 10, VQAv2 about 5), and the vision encoder
+plus projector is a large part of answering a short question. The cache wraps the model's `image_embeddings`
+(pixel tiles -> projected embeddings) and keys each tile by a hash of its pixel values, so it needs no image ids
+and is correct whatever the reader or the processor does: equal pixels give equal embeddings. It is bounded by
+bytes and evicts the least recently used tiles; a benchmark's questions come grouped by image, so a small budget
+already catches nearly every repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+__all__ = ["ImageEmbeddingCache"]
+
+
+class ImageEmbeddingCache:
+    """Memoises `model.image_embeddings` per tile. `install()` replaces the method on this model instance only;
+    `remove()` puts it back. `hits` / `misses` count tiles."""
+
+    def __init__(self, model: Any, max_bytes: int = 1 << 30):
+        self.model = model
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._original = None
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Stitch VLMs have `image_embeddings` and `config.tokens_per_tile`; other models run uncached."""
+        return callable(getattr(model, "image_embeddings", None)) and hasattr(
+            getattr(model, "config", None), "tokens_per_tile"
+        )
+
+    def install(self) -> ImageEmbeddingCache:
+        self._original = self.model.image_embeddings
+        self.model.image_embeddings = self._embeddings
+        return self
+
+    def remove(self) -> None:
+        if self._original is not None:
+            self.model.image_embeddings = self._original
+            self._original = None
+
+    def stats(self) -> dict[str, int]:
+        return {"tile_hits": self.hits, "tile_misses": self.misses, "cached_tiles": len(self._entries)}
+
+    @staticmethod
+    def _key(tile: torch.Tensor) -> bytes:
+        data = tile.detach().contiguous().cpu()
+        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=20)
+        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+        return digest.digest()
+
+    def _embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [tiles, 3, H, W] -> [tiles * tokens_per_tile, D], computing only unseen tiles."""
+        keys = [self._key(t) for t in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self._entries]
+        fresh: dict[bytes, torch.Tensor] = {}
+        if missing:
+            # Unique unseen tiles only (one image may be asked twice in the same batch).
+            unique = list(dict.fromkeys(keys[i] for i in missing))
+            first = [keys.index(k) for k in unique]
+            out = self._original(pixel_values[first])  # [n * tokens, D]
+            for k, emb in zip(unique, out.unflatten(0, (len(unique), -1))):  # [tokens, D] each
+                fresh[k] = emb
+                self._store(k, emb)
+        self.misses += len(fresh)
+        self.hits += len(keys) - len(fresh)
+        parts = []
+        for k in keys:
+            emb = fresh.get(k)
+            if emb is None:
+                emb = self._entries[k]
+                self._entries.move_to_end(k)
+            parts.append(emb)
+        return torch.cat(parts, dim=0)
+
+    def _store(self, key: bytes, emb: torch.Tensor) -> None:
+        size = emb.numel() * emb.element_size()
+        if size > self.max_bytes:
+            return
+        self._entries[key] = emb.detach()
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
