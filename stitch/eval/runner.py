@@ -20,12 +20,12 @@ from typing import Any
 from stitch.data.skips import SampleError
 from stitch.device import compute_dtype, resolve_device
 from stitch.errors import DataError, StitchError
-from stitch.eval.image_cache import ImageEmbeddingCache
 from stitch.eval.provenance import checkpoint_fingerprint
 from stitch.eval.reference import REFERENCE
 from stitch.eval.scoring import Judged, Scorer, judge  # noqa: F401  (judge: still importable from here)
 from stitch.eval.sharding import Ranks, fold_in, shard_files, shard_path, share
 from stitch.eval.tasks import TASKS, Sample, TaskData, get_task, load_task, open_image
+from stitch.infer.image_cache import ImageEmbeddingCache
 from stitch.infer.pretrained import load_pretrained
 
 # Keys a predictions row may use for its id and its text (other systems write them differently).

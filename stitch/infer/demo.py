@@ -34,6 +34,7 @@ from stitch.errors import StitchError
 from stitch.infer.api_types import APIError, Limits
 from stitch.infer.engine import Engine
 from stitch.infer.generate import get_engine
+from stitch.infer.image_cache import ImageEmbeddingCache
 from stitch.infer.request import IMAGE_FORMATS, decode_image
 from stitch.infer.sampling import SamplingParams
 from stitch.infer.server import add_limit_arguments, limits_from_args, load_for_serving
@@ -146,6 +147,8 @@ def build_demo(model, processor, *, limits: Limits | None = None, engine: Engine
     import gradio as gr
 
     limits = limits or Limits()
+    if ImageEmbeddingCache.supports(model):  # later turns re-send the chat's images: encode each once
+        ImageEmbeddingCache(model, max_bytes=256 << 20).install()
     backend = DemoBackend(engine or get_engine(model, processor), limits,
                           int(model.config.llm.max_position_embeddings))
     default_new = max(1, min(max_new_tokens, limits.max_tokens))

@@ -14,8 +14,8 @@ import pytest
 
 import stitch
 from stitch.checkpoint.build import stitch_build
-from stitch.eval.image_cache import ImageEmbeddingCache
 from stitch.eval.tasks import load_task, open_image
+from stitch.infer.image_cache import ImageEmbeddingCache
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,11 +1,12 @@
-"""An image-embedding cache for evaluation: questions that share an image run the vision encoder once.
+"""An image-embedding cache: questions (or chat turns) that share an image run the vision encoder once.
 
 Benchmarks ask several questions about each image (easy-vqa about 10, VQAv2 about 5), and the vision encoder
 plus projector is a large part of answering a short question. The cache wraps the model's `image_embeddings`
 (pixel tiles -> projected embeddings) and keys each tile by a hash of its pixel values, so it needs no image ids
 and is correct whatever the reader or the processor does: equal pixels give equal embeddings. It is bounded by
 bytes and evicts the least recently used tiles; a benchmark's questions come grouped by image, so a small budget
-already catches nearly every repeat.
+already catches nearly every repeat. A chat (`stitch demo`) sends its whole conversation again every turn, so
+its images come from the cache from the second turn on.
 """
 
 from __future__ import annotations
