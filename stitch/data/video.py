@@ -200,8 +200,8 @@ def _open_container(src: str | Path | bytes, limits: VideoLimits):
         raise SampleError("empty_video", f"{name}: empty file")
     try:
         container = av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src), metadata_errors="ignore")
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise SampleError("unreadable_video", f"{name}: {e}") from e
+    except (av.FFmpegError, OSError, ValueError) as e:  # FFmpeg's text without its repeat of the path
+        raise SampleError("unreadable_video", f"{name}: {getattr(e, 'strerror', None) or e}") from e
     if not container.streams.video:
         container.close()
         raise SampleError("empty_video", f"{name}: no video stream")

@@ -82,3 +82,31 @@ def encode(frames: np.ndarray, path: Path | None = None, container: str = "mp4",
     if path is not None:
         Path(path).write_bytes(data)
     return data
+
+
+def drifting_square(num_frames: int = 8, size: int = 56, direction: int = 1, square: int = 14, step: int = 7,
+                    seed: int = 0) -> np.ndarray:
+    """uint8 [F, size, size, 3]: a bright square drifting `step` px per frame to the right (direction 1) or
+    left (-1), wrapping around the edges, from a random start over a noisy background. Any single frame is
+    equally likely under either direction, so only the order of the frames tells them apart."""
+    rng = np.random.default_rng(seed)
+    x0, y = int(rng.integers(0, size)), int(rng.integers(0, size - square))
+    frames = rng.integers(0, 60, size=(num_frames, size, size, 3), dtype=np.uint8)
+    cols = np.arange(square)
+    for t in range(num_frames):
+        xs = (x0 + direction * step * t + cols) % size
+        frames[t, y : y + square][:, xs] = (250, 220, 40)
+    return frames
+
+
+def drifting_bar(num_frames: int = 8, size: int = 56, direction: int = 1, width: int = 14, step: int = 14,
+                 seed: int = 0) -> np.ndarray:
+    """uint8 [F, size, size, 3]: a full-height bright bar drifting `step` px per frame right (1) or left (-1),
+    wrapping around, from a random start over noise: every frame is equally likely under both directions."""
+    rng = np.random.default_rng(seed)
+    x0 = int(rng.integers(0, size))
+    frames = rng.integers(0, 60, size=(num_frames, size, size, 3), dtype=np.uint8)
+    cols = np.arange(width)
+    for t in range(num_frames):
+        frames[t][:, (x0 + direction * step * t + cols) % size] = (250, 220, 40)
+    return frames
