@@ -35,6 +35,7 @@ from stitch.eval.readers.common import (
 )
 from stitch.eval.readers.docs import read_chartqa, read_docvqa, read_infovqa, read_ocrbench
 from stitch.eval.readers.multiple_choice import read_ai2d, read_mathvista, read_mmmu
+from stitch.eval.readers.video import read_motionbench, read_mvbench, read_physgame, read_videomme
 from stitch.eval.readers.vqa import read_easy_vqa, read_realworldqa, read_textvqa, read_vqav2
 from stitch.eval.scoring import SCORERS, Scorer
 
@@ -89,13 +90,19 @@ TASKS: dict[str, Task] = {
         _task("coco", "COCO captions (Karpathy test)", "cider", read_coco, max_new_tokens=48),
         _task("realworldqa", "RealWorldQA", "exact_match", read_realworldqa),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
+        _task("mvbench", "MVBench", "multiple_choice", read_mvbench, group="task"),
+        _task("videomme", "Video-MME (w/o subtitles)", "multiple_choice", read_videomme, group="duration"),
+        _task("motionbench", "MotionBench (dev)", "multiple_choice", read_motionbench, group="question_type"),
+        _task("physgame", "PhysGameBench", "multiple_choice", read_physgame, group="category"),
     ]
 }
 # Other spellings people type.
 ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": "docvqa",
            "infographicvqa": "infovqa", "info-vqa": "infovqa", "chart-qa": "chartqa", "mmmu-val": "mmmu",
            "ocr-bench": "ocrbench", "coco-caption": "coco", "coco-captions": "coco", "cococaption": "coco",
-           "realworld-qa": "realworldqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa"}  # fmt: skip
+           "realworld-qa": "realworldqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa",
+           "mv-bench": "mvbench", "video-mme": "videomme", "motion-bench": "motionbench",
+           "physgamebench": "physgame", "phys-game-bench": "physgame"}  # fmt: skip
 
 
 def get_task(name: str) -> Task:
