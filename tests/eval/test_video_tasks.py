@@ -40,8 +40,8 @@ def test_mvbench_layout_prompt_and_breakdown(tmp_path):
     assert first.videos == [str(root / "video" / "star" / "Charades_v1_480" / "a.mp4")]
     content = first.conversation[0]["content"]
     assert content.startswith("<video>\nCarefully watch the video")
-    assert "Question: What did the person do first?\nOptions:\n(A) sat\n(B) stood\n(C) ran\nOnly give the best option." \
-        in content
+    options = "Options:\n(A) sat\n(B) stood\n(C) ran\nOnly give the best option."
+    assert f"Question: What did the person do first?\n{options}" in content
     assert first.meta["bound"] == [1.0, 3.0]
     summary, _ = runner.score_dataset(data, {"action_sequence/0": "(B) stood", "counterfactual_inference/0": "A"})
     assert summary["score"] == pytest.approx(50.0)
