@@ -45,6 +45,10 @@ def test_far_apart_frames_are_reached_by_seeking(tmp_path):
     assert video.indices == [0, 49, 99, 149, 199]
     assert [frame_number(f) for f in video.frames] == video.indices
     assert video.timestamps == pytest.approx([i / 25 for i in video.indices])
+    # B-frames (decode order differs from display order): still the frames asked for
+    bframes = encode(numbered_frames(120), fps=25, gop=30, preset="medium")
+    wanted = [3, 4, 33, 61, 62, 90, 119, 7]
+    assert [frame_number(f) for f in decode_frames(bframes, wanted)[0]] == wanted
 
 
 def test_frame_folder_and_decoded_frames(tmp_path):

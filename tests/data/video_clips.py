@@ -51,7 +51,7 @@ def frame_number(frame) -> int:
 
 
 def encode(frames: np.ndarray, path: Path | None = None, container: str = "mp4", fps: int = 8,
-           gop: int | None = None, faststart: bool = False) -> bytes:
+           gop: int | None = None, faststart: bool = False, preset: str = "ultrafast") -> bytes:
     """Encode uint8 [F, H, W, 3] frames; writes `path` when given; returns the bytes. `faststart` (the index
     first, as streaming mp4s have it, so a cut file still opens) needs `path`: FFmpeg rewrites the file."""
     import av
@@ -69,7 +69,7 @@ def encode(frames: np.ndarray, path: Path | None = None, container: str = "mp4",
     if gop:
         stream.codec_context.gop_size = gop
     if codec == "libx264":
-        stream.options = {"crf": "10", "preset": "ultrafast"}
+        stream.options = {"crf": "10", "preset": preset}  # "medium" and slower code B-frames, as cameras do
     for f in frames:
         for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
             out.mux(packet)
