@@ -25,5 +25,6 @@ def load(path: str | Path, device="cpu", dtype=None, **kwargs: Any):
 
 
 def generate(model, processor, images, prompt, **kwargs: Any) -> str:
-    """Answer `prompt` about `images` (paths or PIL images); see `stitch.infer.generate.generate`."""
+    """Answer `prompt` about `images` (paths or PIL images) and, with `videos=`, videos (`num_frames=` per
+    video); see `stitch.infer.generate.generate`."""
     return _generate(model, processor, images, prompt, **kwargs)

@@ -264,6 +264,13 @@ class VLMConfig(_Base):
     image_wrapper: Literal["nvlm", "internvl", "none"] = "nvlm"
     max_tiles: int = Field(default=6, ge=1)
     use_thumbnail: bool = True
+    # Video (stitch.data.video): each frame is one tile. "internvl" lays a <video> out as transformers'
+    # InternVLProcessor does ("Frame1: <img>...</img>\nFrame2: ..."), "nvlm" as the seed system does (the frames
+    # spliced at the placeholder as the tiles of one image); "auto" follows image_wrapper.
+    video_layout: Literal["auto", "internvl", "nvlm"] = "auto"
+    video_frames: int = Field(default=8, ge=1)  # frames sampled per video unless a caller asks otherwise
+    video_sampling: Literal["uniform", "internvl", "hf", "fps"] = "uniform"
+    video_timestamps: bool = False  # "Frame1 (0.0s): ..." in the internvl layout
     # System message the processor adds when a conversation has none (training and inference alike), so a
     # model fine-tuned with a short system prompt is always asked the way it was trained. None: the chat
     # template's own default.
@@ -275,6 +282,12 @@ class VLMConfig(_Base):
     def _check(self) -> VLMConfig:
         self.tokens_per_tile  # noqa: B018 - raises when the projector cannot fold the encoder's token grid
         return self
+
+    @property
+    def resolved_video_layout(self) -> str:
+        if self.video_layout != "auto":
+            return self.video_layout
+        return "internvl" if self.image_wrapper == "internvl" else "nvlm"
 
     @property
     def tokens_per_tile(self) -> int:

@@ -178,7 +178,7 @@ class ConsumerStream:
             try:
                 record = source.get(index, key)
                 sample = self.processor.encode(
-                    record.conversation, record.images, max_length=self.cfg.seq_length,
+                    record.conversation, record.images, record.videos, max_length=self.cfg.seq_length,
                     dataset=name, key=f"{name}#{index}",
                 )
             except SampleError as e:
@@ -311,6 +311,11 @@ class DataStream:
             budget_steps=data_cfg.tile_budgets,
             system_prompt=data_cfg.system_prompt,
             chat_format=data_cfg.chat_format,
+            num_frames=data_cfg.num_frames,
+            frame_sampling=data_cfg.frame_sampling,
+            sample_fps=data_cfg.sample_fps,
+            max_frames=data_cfg.max_frames,
+            min_frames=data_cfg.min_frames,
         )
         self.processor = processor
         self.dataset = BlendDataset(

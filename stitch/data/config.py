@@ -45,6 +45,13 @@ class DataConfig(_Base):
     # Tile budgets tried in order when image tokens would overflow seq_length (only those below max_tiles).
     tile_budgets: list[int] = Field(default_factory=lambda: [12, 8, 6, 4, 2, 1])
     max_image_pixels: int = Field(default=64_000_000, gt=0)  # larger images are skipped (decompression bomb)
+    # Video frames (stitch.data.video): None keeps the model config's video_frames / video_sampling. The
+    # token budget lowers the frame count (halving, not below min_frames) before image tiles and text.
+    num_frames: int | None = Field(default=None, ge=1)
+    frame_sampling: Literal["uniform", "internvl", "hf", "fps"] | None = None
+    sample_fps: float | None = Field(default=None, gt=0)  # frames per second of video, for "fps"
+    max_frames: int | None = Field(default=None, ge=1)
+    min_frames: int = Field(default=1, ge=1)
     max_skip_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     skip_check_after: int = Field(default=100, ge=1)  # attempts on a dataset before its skip rate is judged
 

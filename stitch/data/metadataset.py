@@ -45,6 +45,7 @@ class DatasetSpec(_Base):
     prompt_task: str | None = None
     prompt_variant: str | None = None
     image_root: str | None = None  # base folder for relative image paths (default: the file's folder)
+    video_root: str | None = None  # base folder for relative video paths (default: image_root)
     split: str = "train"  # Energon split part / easy-vqa split
     limit: int | None = Field(default=None, gt=0)  # use only the first N records (debugging, smoke runs)
     name: str | None = None  # shown in reports; default: the path
@@ -108,8 +109,9 @@ def load_blend(path: str | Path, split: str = "train", _chain: tuple[Path, ...] 
             total = sum(d.weight for d in inner)
             out.extend(d.model_copy(update={"weight": weight * d.weight / total}) for d in inner)
             continue
-        if entry.get("image_root") and not Path(entry["image_root"]).is_absolute():
-            entry["image_root"] = str((path.parent / entry["image_root"]).resolve())
+        for root in ("image_root", "video_root"):
+            if entry.get(root) and not Path(entry[root]).is_absolute():
+                entry[root] = str((path.parent / entry[root]).resolve())
         if "split_part" in entry:  # Energon's name for the split of a prepared dataset
             entry["split"] = entry.pop("split_part")
         entry.update(path=entry_path, weight=weight)

@@ -5,10 +5,15 @@ template, the image-context token, tiling, tile tags, wrappers and normalisation
 Training data goes through `encode()` (one unbatched `Sample`, errors as `SampleError` so the data stream can
 skip and count them); callers that want a ready batch of one use `processor(conversation, images, ...)`.
 
-Tile budget step-down: when `max_length` is given and the image tokens would overflow it, the tile budget is
-lowered (max_tiles, then 12 -> 8 -> 6 -> 4 -> 2 -> 1 below it) until the sample fits; only if it still does
-not fit at one tile per image is the text cut (never inside an image: images that don't fit are dropped
-with everything after them). A training sample left with no assistant token fails with `fully_masked`.
+Videos (`<video>` placeholders, `stitch.data.video` / `video_layout`): each video is probed (header only),
+its frames sampled by the configured rule, laid out per `config.resolved_video_layout`, and only the chosen
+frames are decoded, once, after the budget below has settled their count.
+
+Visual-token budget step-down: when `max_length` is given and the visual tokens would overflow it, first the
+frame count of every video is lowered (halving, down to `min_frames`), then the tile budget of the images
+(max_tiles, then 12 -> 8 -> 6 -> 4 -> 2 -> 1 below it), until the sample fits; only if it still does not fit
+is the text cut (never inside an image or frame: those that don't fit are dropped with everything after
+them). A training sample left with no assistant token fails with `fully_masked`.
 """
 
 from __future__ import annotations
@@ -25,15 +30,24 @@ import torch
 from stitch.config import VLMConfig
 from stitch.data.chat import (
     IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
     ChatEncoder,
     Encoded,
     add_image_token,
     validate_conversation,
 )
 from stitch.data.collate import Sample
-from stitch.data.image import ImageInput, ImageProcessor, load_image, tile_budgets, tile_count, tile_image
+from stitch.data.image import ImageInput, ImageProcessor, load_image, tile_budgets, tile_image
 from stitch.data.skips import SampleError
+from stitch.data.video import (
+    VideoInfo,
+    VideoInput,
+    VideoLimits,
+    decode_frames,
+    frame_steps,
+    probe_video,
+    sample_indices,
+)
+from stitch.data.video_layout import expand_videos, insert_default_placeholders, visual_order
 from stitch.errors import StitchConfigError
 
 __all__ = ["Processor", "add_image_token", "PLAIN_TEMPLATE"]
@@ -78,6 +92,13 @@ class Processor:
         self.encoder = ChatEncoder(tokenizer, config, token_id)
         self.budget_steps = tuple(budget_steps)
         self.system_prompt = system_prompt if system_prompt is not None else config.system_prompt
+        self.num_frames = config.video_frames
+        self.frame_sampling = config.video_sampling
+        self.sample_fps: float | None = None  # for the "fps" rule
+        self.max_frames: int | None = None
+        self.min_frames = 1
+        self.frames_fps = 1.0  # the rate of a folder of frames / of decoded frames given as a list
+        self.video_limits = VideoLimits()
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, **kwargs: Any) -> Processor:
@@ -106,12 +127,20 @@ class Processor:
         budget_steps: Sequence[int] | None = None,
         system_prompt: str | None = None,
         chat_format: str = "template",
+        **video: Any,
     ) -> Processor:
         """A copy sharing the tokenizer, with data-config options applied (used by the training stream).
 
         `chat_format="plain"` renders LLaVA's plain pretraining format instead of the chat template (on a
-        private copy of the tokenizer, so checkpoints keep the model's own template)."""
+        private copy of the tokenizer, so checkpoints keep the model's own template). Video options (any of
+        `num_frames`, `frame_sampling`, `sample_fps`, `max_frames`, `min_frames`, `frames_fps`,
+        `video_limits`) replace the processor's; None keeps it."""
         other = copy.copy(self)
+        for name, value in video.items():
+            if name not in _VIDEO_OPTIONS:
+                raise StitchConfigError(f"unknown video option {name!r}; expected one of {sorted(_VIDEO_OPTIONS)}")
+            if value is not None:
+                setattr(other, name, value)
         if chat_format == "plain":
             tokenizer = copy.deepcopy(self.tokenizer)
             tokenizer.chat_template = PLAIN_TEMPLATE
@@ -139,6 +168,7 @@ class Processor:
         self,
         conversation: Sequence[dict],
         images: Sequence[ImageInput] | None = None,
+        videos: Sequence[VideoInput] | None = None,
         *,
         add_generation_prompt: bool = False,
         max_length: int | None = None,
@@ -146,56 +176,94 @@ class Processor:
         key: str = "",
     ) -> Sample:
         """Render one conversation; raises `SampleError` (with a skip reason) for anything unusable."""
-        images = list(images or [])
+        images, videos = list(images or []), list(videos or [])
         messages = validate_conversation(conversation, for_generation=add_generation_prompt)
         if self.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
-            # No placeholder at all: images go first in the first user turn (InternVL's convention).
-            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            prefix = f"{IMAGE_PLACEHOLDER}\n" * len(images)
-            messages[first_user] = {"role": "user", "content": prefix + messages[first_user]["content"]}
+        insert_default_placeholders(messages, len(images), len(videos))
+        order = visual_order(messages, len(images), len(videos))
         loaded = [load_image(im, self.images.max_pixels) for im in images]
+        infos = [probe_video(v, self.video_limits, self.frames_fps) for v in videos]
         with_labels = not add_generation_prompt
-        budgets = tile_budgets(self.config.max_tiles, self.budget_steps) if max_length else [self.config.max_tiles]
-        for budget in budgets:
+        layout_name = self.config.resolved_video_layout
+        for frames, budget in self._budgets(max_length, bool(videos), bool(loaded)):
+            indices = [self._frame_indices(info, frames) for info in infos]
+            stamps = [[i / info.fps for i in idx] for info, idx in zip(infos, indices)]
             grids = [self.images.grid(im.size, budget) for im in loaded]
-            layout = [(c * r, self.config.use_thumbnail and c * r > 1) for c, r in grids]
-            enc = self.encoder.encode(messages, layout, add_generation_prompt, with_labels)
-            if max_length is None or len(enc) <= max_length or not loaded:
+            image_layouts = [(c * r, self.config.use_thumbnail and c * r > 1) for c, r in grids]
+            expanded, layout, sources = expand_videos(
+                messages, order, image_layouts, stamps, layout_name, self.config.video_timestamps
+            )
+            enc = self.encoder.encode(expanded, layout, add_generation_prompt, with_labels)
+            if max_length is None or len(enc) <= max_length:
                 break
         if max_length is not None and len(enc) > max_length and not add_generation_prompt:
             kept = enc.truncate(max_length)
-            loaded, grids = loaded[:kept], grids[:kept]
+            layout, sources = layout[:kept], sources[:kept]
         if with_labels and not _has_labels(enc):
             raise SampleError("fully_masked", f"no assistant token within max_length {max_length}")
+        frames_of = self._decode(videos, indices, sources)
         return Sample(
             input_ids=torch.from_numpy(enc.input_ids),
             labels=torch.from_numpy(enc.labels) if enc.labels is not None else None,
-            pixel_values=self._pixels(loaded, grids),
-            num_tiles=[tile_count(g, self.config.use_thumbnail) for g in grids],
+            pixel_values=self._pixels(loaded, grids, frames_of, layout, sources),
+            num_tiles=[n + int(t) for n, t in layout],
             dataset=dataset,
             key=key,
         )
 
-    def _pixels(self, images, grids) -> torch.Tensor | None:
-        if not images:
+    def _budgets(self, max_length: int | None, has_videos: bool, has_images: bool) -> list[tuple[int, int]]:
+        """(frames per video, tile budget) to try in order: frames lowered first, then tiles."""
+        frames = frame_steps(self.num_frames, min(self.min_frames, self.num_frames)) if max_length and has_videos \
+            else [self.num_frames]
+        tiles = tile_budgets(self.config.max_tiles, self.budget_steps) if max_length and has_images \
+            else [self.config.max_tiles]
+        return [(f, tiles[0]) for f in frames] + [(frames[-1], t) for t in tiles[1:]]
+
+    def _frame_indices(self, info: VideoInfo, num_frames: int) -> list[int]:
+        return sample_indices(
+            info.total_frames, num_frames, self.frame_sampling,
+            video_fps=info.fps, fps=self.sample_fps, max_frames=self.max_frames,
+        )
+
+    def _decode(self, videos, indices, sources) -> dict[int, list]:
+        """Decode, once, the frames of each video that made it into the sample."""
+        used: dict[int, int] = {}
+        for kind, k, first in sources:
+            if kind == "video":
+                used[k] = max(used.get(k, 0), first + 1)
+        out = {}
+        for k in used:
+            n = len(indices[k]) if self.config.resolved_video_layout == "nvlm" else used[k]
+            out[k], _ = decode_frames(videos[k], indices[k][:n], self.video_limits, self.frames_fps)
+        return out
+
+    def _pixels(self, images, grids, frames_of, layout, sources) -> torch.Tensor | None:
+        """Tiles of every layout entry in text order: an image's grid (+ thumbnail), or a video's frames, each
+        resized to one tile."""
+        if not sources:
             return None
         size, thumb = self.images.image_size, self.config.use_thumbnail
-        tiles = [tile_image(im, g, size, thumb) for im, g in zip(images, grids)]
+        tiles = []
+        for (n, _), (kind, k, first) in zip(layout, sources):
+            if kind == "image":
+                tiles.append(tile_image(images[k], grids[k], size, thumb))
+            else:
+                tiles.extend(tile_image(f, (1, 1), size, False) for f in frames_of[k][first : first + n])
         return self.images.normalize(np.concatenate(tiles) if len(tiles) > 1 else tiles[0])
 
     def __call__(
         self,
         conversation: Sequence[dict],
         images: Sequence[ImageInput] | None = None,
+        videos: Sequence[VideoInput] | None = None,
         add_generation_prompt: bool = False,
         max_length: int | None = None,
     ) -> dict[str, Any]:
         """A batch of one: input_ids/attention_mask/position_ids [1, T], labels [1, T] (training only),
         pixel_values [tiles, 3, H, W] or None, num_tiles per image."""
         sample = self.encode(
-            conversation, images, add_generation_prompt=add_generation_prompt, max_length=max_length
+            conversation, images, videos, add_generation_prompt=add_generation_prompt, max_length=max_length
         )
         n = len(sample)
         batch: dict[str, Any] = {
@@ -222,6 +290,11 @@ class Processor:
         """The chat-template text of a conversation (placeholders kept as `<image>`), for display."""
         messages = validate_conversation(conversation, for_generation=add_generation_prompt)
         return self.encoder.render(messages, add_generation_prompt)
+
+
+_VIDEO_OPTIONS = {
+    "num_frames", "frame_sampling", "sample_fps", "max_frames", "min_frames", "frames_fps", "video_limits"
+}
 
 
 def _has_labels(enc: Encoded) -> bool:

@@ -28,6 +28,11 @@ REASONS: dict[str, str] = {
     "image_count_mismatch": "the number of <image> placeholders differs from the number of images",
     "fully_masked": "after truncation no assistant token is left to train on",
     "template_mismatch": "the chat template did not reproduce an assistant message (loss mask unknowable)",
+    "unreadable_video": "the video file is not a video FFmpeg can open (corrupt, or cut before its index)",
+    "truncated_video": "the video ends before a frame its header declares, or a frame fails to decode",
+    "empty_video": "the video (or frame folder) has no video stream or no frames",
+    "video_too_large": "the video is over a limit: bytes, duration, pixels per frame or frames",
+    "video_count_mismatch": "the number of <video> placeholders differs from the number of videos",
 }
 
 

@@ -41,6 +41,7 @@ from stitch.data.image import ImageInput
 from stitch.data.metadataset import DatasetSpec
 from stitch.data.prompts import PromptLibrary
 from stitch.data.skips import SampleError
+from stitch.data.video_records import VIDEO_EXTS, llava_video_placeholders, video_refs, videos_of
 from stitch.errors import DataError
 
 __all__ = [
@@ -68,6 +69,7 @@ class Record:
     conversation: list[dict[str, str]]
     images: list[ImageInput] = field(default_factory=list)
     key: str = ""
+    videos: list = field(default_factory=list)  # paths, bytes or frame folders (stitch.data.video_records)
 
 
 class Source:
@@ -96,6 +98,7 @@ class _Renderer:
         self.prompts = prompts
         root = spec.option("image_root")
         self.image_root = Path(root) if root else base_dir
+        self.video_root = Path(spec.option("video_root")) if spec.option("video_root") else self.image_root
         self.caption_task = (spec.option("prompt_task") or "Captioning", spec.option("prompt_variant") or "raw")
         self.vqa_task = (spec.option("prompt_task") or "VQASFT", spec.option("prompt_variant") or "raw")
         kind = spec.kind
@@ -115,8 +118,12 @@ class _Renderer:
             p = self.image_root / p
         return str(p)
 
-    def convert(self, row: Any, key: int, where: str, images: list[ImageInput] | None = None) -> Record:
-        return row_to_record(row, key, where, self, images)
+    def convert(self, row: Any, key: int, where: str, images: list[ImageInput] | None = None,
+                videos: list | None = None) -> Record:
+        record = row_to_record(row, key, where, self, images)
+        record.videos = video_refs(row, self.video_root, where) if videos is None else videos
+        llava_video_placeholders(record.conversation, len(record.videos), len(record.images))
+        return record
 
 
 def _check_prompt(prompts: PromptLibrary, task: str, variant: str, optional: bool) -> None:
@@ -155,7 +162,7 @@ def row_to_record(
         if not conv:
             raise SampleError("empty_conversation", f"{where}: no turns")
         return Record(conv, images, where)
-    placeholder = "".join("<image>\n" for _ in images)
+    placeholder = "".join("<image>\n" for _ in images) + "".join("<video>\n" for _ in video_refs(row, None, where))
     if "question" in row or "context" in row:
         question = row.get("question", row.get("context"))
         answer = _answer(row.get("answers", row.get("answer")), where)
@@ -352,12 +359,13 @@ class WebDatasetSource(Source):
 
     def get(self, index: int, key: int = 0) -> Record:
         where, files = self.index.read(index)
-        images = _images_of(files)
+        images, videos = _images_of(files), videos_of(files)
         if "json" in files:
             row = _decode_json(files["json"], where)
-            return self.renderer.convert(row, key, where, images)
+            return self.renderer.convert(row, key, where, images, videos)
         if "txt" in files:
-            return self.renderer.convert({"caption": _text(files["txt"], where)}, key, where, images)
+            row = {"caption": _text(files["txt"], where), "video": videos}
+            return self.renderer.convert(row, key, where, images, videos)
         raise SampleError("malformed_record", f"{where}: no .json or .txt member (has {sorted(files)})")
 
 
@@ -432,10 +440,10 @@ class EnergonSource(Source):
                 if ext not in files:
                     raise SampleError("malformed_record", f"{where}: field {name!r} needs member .{ext}")
                 data = files[ext]
-                fields[name] = data if ext.split(".")[-1] in IMAGE_EXTS else (
+                fields[name] = data if ext.split(".")[-1] in IMAGE_EXTS + VIDEO_EXTS else (
                     _decode_json(data, where) if ext.endswith("json") else _text(data, where))
         else:
-            fields = {"image": (_images_of(files) or [None])[0], **{
+            fields = {"image": (_images_of(files) or [None])[0], "videos": videos_of(files), **{
                 k: _decode_json(v, where) if k == "json" else _text(v, where)
                 for k, v in files.items() if k in ("json", "txt")}}
         return self._to_record(fields, key, where)
@@ -443,6 +451,9 @@ class EnergonSource(Source):
     def _to_record(self, fields: dict[str, Any], key: int, where: str) -> Record:
         image = fields.get("image")
         images = [image] if isinstance(image, (bytes, bytearray)) else []
+        videos = list(fields.get("videos") or [])
+        if self.renderer.spec.option("has_video"):  # the seed's subflavor: the image field holds the video
+            images, videos = [], images + videos
         kind = self.sample_type
         if kind == "captioning" or (kind is None and "caption" in fields):
             row = {"caption": fields.get("caption")}
@@ -454,7 +465,7 @@ class EnergonSource(Source):
             row = fields["json"]
         else:
             row = {k: v for k, v in fields.items() if k != "image"}
-        return self.renderer.convert(row, key, where, images)
+        return self.renderer.convert({**row, "video": videos}, key, where, images, videos)
 
 
 def _load_meta(meta: Path, names: Sequence[str]) -> dict:

@@ -503,8 +503,9 @@ def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_toke
         print(f"skipping sample {sample.id}: {reason} ({detail})", file=sys.stderr)
 
     def answer(samples: list[Sample], images: list[list]) -> list[str]:
+        videos = {"videos": [s.videos for s in samples]} if any(s.videos for s in samples) else {}
         return generate_batch(model, processor, [s.conversation for s in samples], images,
-                              max_new_tokens=max_new_tokens, temperature=0.0)
+                              max_new_tokens=max_new_tokens, temperature=0.0, **videos)
 
     pred_path.parent.mkdir(parents=True, exist_ok=True)
     written = 0

@@ -36,6 +36,7 @@ from stitch.eval.readers.common import (
 from stitch.eval.readers.docs import read_chartqa, read_docvqa, read_infovqa, read_ocrbench
 from stitch.eval.readers.mcq_suites import read_mmbench, read_mmstar, read_pope, read_scienceqa, read_seedbench
 from stitch.eval.readers.multiple_choice import read_ai2d, read_mathvista, read_mmmu
+from stitch.eval.readers.video import read_motionbench, read_mvbench, read_physgame, read_videomme
 from stitch.eval.readers.vqa import read_easy_vqa, read_realworldqa, read_textvqa, read_vqav2
 from stitch.eval.scoring import SCORERS, Scorer
 
@@ -107,6 +108,10 @@ TASKS: dict[str, Task] = {
         _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type"),
         _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject"),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
+        _task("mvbench", "MVBench", "multiple_choice", read_mvbench, group="task"),
+        _task("videomme", "Video-MME (w/o subtitles)", "multiple_choice", read_videomme, group="duration"),
+        _task("motionbench", "MotionBench (dev)", "multiple_choice", read_motionbench, group="question_type"),
+        _task("physgame", "PhysGameBench", "multiple_choice", read_physgame, group="category"),
     ]
 }
 _SHORT = "<question>\nAnswer the question using a single word or phrase."
@@ -125,6 +130,10 @@ PROMPTS = {
     "mmstar": f"<question with its options>\n{_LETTER[:-1]}",
     "seedbench": f"<question>\nA. <choice_a>\nB. <choice_b>\nC. <choice_c>\nD. <choice_d>\n{_LETTER}",
     "scienceqa": f"[Context: <hint>\n]<question>\nA. <option>...\n{_LETTER}",
+    "mvbench": f"<video>\n<question>\n(A) <option>...\n{_LETTER} (stitch.eval.readers.video)",
+    "videomme": f"<video>\n<Video-MME instruction>\n<question>\nA. <option>...\n{_LETTER}",
+    "motionbench": f"<video>\n<question>\nA. <option>...\n{_LETTER} (stitch.eval.readers.video)",
+    "physgame": f"<video>\n<question>\nA. <option>...\n{_LETTER} (stitch.eval.readers.video)",
 }  # fmt: skip
 
 # Other spellings people type.
@@ -133,7 +142,9 @@ ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": 
            "ocr-bench": "ocrbench", "coco-caption": "coco", "coco-captions": "coco", "cococaption": "coco",
            "realworld-qa": "realworldqa", "spdocvqa": "docvqa", "sp-docvqa": "docvqa",
            "mmbench-en": "mmbench", "seed-bench": "seedbench", "seedbench-img": "seedbench",
-           "scienceqa-img": "scienceqa", "sqa": "scienceqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa"}  # fmt: skip
+           "scienceqa-img": "scienceqa", "sqa": "scienceqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa",
+           "mv-bench": "mvbench", "video-mme": "videomme", "motion-bench": "motionbench",
+           "physgamebench": "physgame", "phys-game-bench": "physgame"}  # fmt: skip
 
 
 def get_task(name: str) -> Task:

@@ -44,6 +44,10 @@ class Limits:
     max_image_bytes: int = 10 * MiB  # one image file, decoded from base64
     max_image_pixels: int = 25_000_000  # width x height, checked from the header before decoding
     max_images: int = 8  # images in one request
+    max_videos: int = 1  # `video_url` parts in one request
+    max_video_bytes: int = 16 * MiB  # one video file, decoded from base64 (the body limit applies too)
+    max_video_pixels: int = 3840 * 2160  # per frame, from the container header
+    max_video_seconds: float = 3600.0  # duration, from the container header
     max_tokens: int = 2048  # largest max_tokens; also the default when a request leaves it out
     max_stop: int = 4  # stop strings (OpenAI's limit)
     max_stop_chars: int = 256  # length of one stop string
@@ -86,6 +90,7 @@ class ChatJob:
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields other than max_new_tokens
     stream: bool = False
     include_usage: bool = False
+    videos: list[bytes] = field(default_factory=list)  # video files, header-checked, decoded by the processor
 
 
 # ------------------------------------------------------------------------------------------- validators
@@ -152,8 +157,9 @@ def _content(value: Any) -> Any:
 
 
 def _part_type(value: Any) -> str:
-    if value not in ("text", "image_url"):
-        raise _fail("invalid_value", f"unsupported content part type {value!r}; expected 'text' or 'image_url'"[:200])
+    if value not in ("text", "image_url", "video_url"):
+        raise _fail("invalid_value", f"unsupported content part type {value!r}; expected 'text', 'image_url' or "
+                    "'video_url'"[:200])
     return value
 
 
@@ -195,14 +201,20 @@ class ImageURL(BaseModel):
     detail: Literal["auto", "low", "high"] = "auto"
 
 
+class VideoURL(BaseModel):
+    url: str
+
+
 class ContentPart(BaseModel):
-    """A `text` part or an `image_url` part (whose `image_url` may also be the bare URL string)."""
+    """A `text`, `image_url` or `video_url` part (vLLM's form for videos; the URL may be the bare string)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    type: Annotated[Literal["text", "image_url"], BeforeValidator(_part_type)] = Field(None, validate_default=True)
+    type: Annotated[Literal["text", "image_url", "video_url"], BeforeValidator(_part_type)] = Field(
+        None, validate_default=True)
     text: str | None = Field(None, validate_default=True)
     image_url: ImageURL | None = Field(None, validate_default=True)
+    video_url: VideoURL | None = Field(None, validate_default=True)
 
     @field_validator("text", mode="before")
     @classmethod
@@ -225,6 +237,16 @@ class ContentPart(BaseModel):
         if detail not in ("auto", "low", "high"):
             raise _fail("invalid_value", "expected 'auto', 'low' or 'high'", ".detail")
         return ImageURL(url=url, detail=detail)
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def check_video_url(cls, spec: Any, info: ValidationInfo) -> Any:
+        if info.data.get("type") != "video_url":
+            return None
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str):
+            raise _fail("invalid_type", "expected a string (a data: URL)", ".url")
+        return VideoURL(url=url)
 
 
 def _content_kind(value: Any) -> str:
@@ -305,6 +327,12 @@ class ChatCompletionRequest(BaseModel):
         limit = _limits(info).max_images
         if n_images > limit:
             raise _fail("too_many_images", f"{n_images} images; at most {limit} per request")
+        n_videos = sum(
+            1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, dict) and p.get("type") == "video_url"
+        )
+        if n_videos > _limits(info).max_videos:
+            raise _fail("too_many_videos", f"{n_videos} videos; at most {_limits(info).max_videos} per request")
         return messages
 
     @field_validator("max_tokens", "max_completion_tokens", mode="before")

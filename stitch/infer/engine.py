@@ -319,9 +319,13 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def prepare(self, conversation: Sequence[dict], images: Sequence | None = None,
-                params: SamplingParams | None = None) -> Request:
-        """Render `conversation` (with `<image>` placeholders) and its images into a `Request`."""
-        sample = self.processor.encode(list(conversation), list(images or []), add_generation_prompt=True)
+                params: SamplingParams | None = None, videos: Sequence | None = None,
+                num_frames: int | None = None) -> Request:
+        """Render `conversation` (with `<image>` / `<video>` placeholders), its images and videos into a
+        `Request`; `num_frames` overrides the frames sampled per video."""
+        processor = self.processor if num_frames is None else self.processor.with_options(num_frames=num_frames)
+        sample = processor.encode(list(conversation), list(images or []), list(videos or []),
+                                  add_generation_prompt=True)
         return Request(sample.input_ids, sample.pixel_values, params or SamplingParams())
 
     def generate(self, requests: Sequence[Request], max_batch_size: int | None = None) -> list[Completion]:

@@ -54,10 +54,14 @@ def get_engine(model, processor, **engine_kwargs: Any) -> Engine:
     return engine
 
 
-def build_conversation(prompt: str, num_images: int, system: str | None = None) -> list[dict[str, str]]:
-    """One user turn; without `<image>` placeholders in `prompt`, one `<image>\\n` per image goes first."""
+def build_conversation(prompt: str, num_images: int, system: str | None = None,
+                       num_videos: int = 0) -> list[dict[str, str]]:
+    """One user turn; without `<image>` (`<video>`) placeholders in `prompt`, one `<image>\\n` per image (one
+    `<video>\\n` per video, before the images) goes first."""
     if num_images and "<image>" not in prompt:
         prompt = "<image>\n" * num_images + prompt
+    if num_videos and "<video>" not in prompt:
+        prompt = "<video>\n" * num_videos + prompt
     conversation = [{"role": "system", "content": system}] if system else []
     return conversation + [{"role": "user", "content": prompt}]
 
@@ -84,8 +88,12 @@ def generate(
     seed: int | None = None,
     stream: bool = False,
     system: str | None = None,
+    videos=None,
+    num_frames: int | None = None,
 ) -> str | Iterator[str]:
-    """Answer `prompt` about `images` (paths or PIL images, a list or just one; None for text only).
+    """Answer `prompt` about `images` (paths or PIL images, a list or just one; None for text only) and
+    `videos` (video files, frame folders or decoded frames; `num_frames` sampled from each, default the model
+    config's `video_frames`). A bad video raises `SampleError` naming the file and the reason.
 
     Returns the reply text, or with `stream=True` an iterator of text pieces that join to it. Temperature 0 is
     greedy; a `seed` makes sampling reproducible (and independent of batching). Generation ends at the
@@ -93,12 +101,14 @@ def generate(
     `max_new_tokens`.
     """
     images = _as_list(images)
+    videos = [] if videos is None else [videos] if isinstance(videos, (str, Path, bytes)) else list(videos)
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, stop=stop, seed=seed,
     )
     engine = get_engine(model, processor)
-    request = engine.prepare(build_conversation(prompt, len(images), system), images, params)
+    request = engine.prepare(build_conversation(prompt, len(images), system, len(videos)), images, params,
+                             videos, num_frames)
     if stream:
         return (event.text for event in engine.stream([request]) if event.text)
     return engine.generate([request])[0].text
@@ -117,11 +127,14 @@ def generate_batch(
     stop: str | Sequence[str] | None = None,
     seed: int | None = None,
     max_batch_size: int = 64,
+    videos: Sequence[Sequence] | None = None,
+    num_frames: int | None = None,
 ) -> list[str]:
     """Replies to many conversations (`[{"role", "content"}]` with `<image>` placeholders), batched.
 
-    `images[i]` are conversation i's images (None or [] for text only). Each row samples with `seed` as if it
-    ran alone, so the result does not depend on batch composition; greedy results equal one-by-one runs.
+    `images[i]` are conversation i's images (None or [] for text only), `videos[i]` its videos. Each row samples
+    with `seed` as if it ran alone, so the result does not depend on batch composition; greedy results equal
+    one-by-one runs.
     """
     if images is None:
         images = [[] for _ in conversations]
@@ -132,7 +145,11 @@ def generate_batch(
         repetition_penalty=repetition_penalty, stop=stop, seed=seed,
     )
     engine = get_engine(model, processor)
-    requests = [engine.prepare(conv, _as_list(imgs), params) for conv, imgs in zip(conversations, images)]
+    videos = videos if videos is not None else [[] for _ in conversations]
+    if len(videos) != len(conversations):
+        raise StitchError(f"{len(conversations)} conversations but {len(videos)} video lists")
+    requests = [engine.prepare(conv, _as_list(imgs), params, _as_list(vids), num_frames)
+                for conv, imgs, vids in zip(conversations, images, videos)]
     return [c.text for c in engine.generate(requests, max_batch_size=max_batch_size)]
 
 
@@ -144,6 +161,11 @@ def generate_cmd_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a Stitch checkpoint folder (or an HF InternVL/LLaVA folder)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image file (repeat for several; they go before the prompt unless it has <image>)")
+    parser.add_argument("--video", action="append", default=[], metavar="PATH",
+                        help="a video file or a folder of frames (repeatable; goes first unless the prompt has "
+                             "<video>)")
+    parser.add_argument("--num-frames", type=int, default=None, metavar="N",
+                        help="frames sampled per video (default: the model config's video_frames)")
     parser.add_argument("--prompt", required=True, help="the user message")
     parser.add_argument("--system", default=None, help="a system message")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -161,14 +183,20 @@ def generate_cmd_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
-    """Answer a prompt about images with a checkpoint.
+    """Answer a prompt about images or videos with a checkpoint.
 
     Example:
       stitch generate ckpt/sft --image cat.jpg --prompt "What animal is this?" --max-new-tokens 64 --stream
+      stitch generate ckpt/video-sft --video clip.mp4 --num-frames 16 --prompt "What happens?"
     """
     for path in args.image:
         if not Path(path).is_file():
             raise StitchError(f"{path}: no such image file")
+    for path in args.video:
+        if not Path(path).exists():
+            raise StitchError(f"{path}: no such video file or frame folder")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise StitchError(f"--num-frames must be >= 1, got {args.num_frames}")
     torch_device = resolve_device(args.device)
     compute = compute_dtype(torch_device, args.dtype)
     try:
@@ -183,6 +211,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
     kwargs = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed, system=args.system,
+        videos=args.video, num_frames=args.num_frames,
     )
     if args.stream:
         for piece in generate(model, processor, args.image, args.prompt, stream=True, **kwargs):

@@ -24,9 +24,12 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from stitch.data.chat import IMAGE_PLACEHOLDER
+from stitch.data.skips import SampleError
+from stitch.data.video import VideoLimits, probe_video
+from stitch.data.video_layout import VIDEO_PLACEHOLDER
 from stitch.infer.api_types import APIError, ChatCompletionRequest, ChatJob, Limits, bad, first_error, type_name
 
-__all__ = ["parse_json", "parse_chat_request", "decode_image", "IMAGE_FORMATS"]
+__all__ = ["parse_json", "parse_chat_request", "decode_image", "decode_video", "IMAGE_FORMATS"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what OpenAI's vision API takes, plus BMP
 
@@ -82,7 +85,7 @@ def parse_chat_request(body: bytes, model_name: str, limits: Limits,
     if error is not None and where == "messages":
         raise error from None
     messages = request.messages if request is not None else _valid_messages(data, limits)
-    conversation, images = _conversation(messages, limits, local_images)
+    conversation, images, videos = _conversation(messages, limits, local_images)
     if data.get("max_tokens") is not None and data.get("max_completion_tokens") is not None:
         raise bad("max_tokens", "give max_tokens or max_completion_tokens, not both", "invalid_value")
     if error is not None:
@@ -97,7 +100,7 @@ def parse_chat_request(body: bytes, model_name: str, limits: Limits,
         "stop": request.stop,
     }
     include_usage = request.stream_options.include_usage if request.stream_options is not None else False
-    return ChatJob(conversation, images, max_tokens, sampling, request.stream, include_usage)
+    return ChatJob(conversation, images, max_tokens, sampling, request.stream, include_usage, videos)
 
 
 # Fields checked after `messages` (their errors wait until the messages' text and images are checked).
@@ -112,12 +115,13 @@ def _valid_messages(data: dict, limits: Limits):
 
 
 def _conversation(messages, limits: Limits, local_images: Path | None
-                  ) -> tuple[list[dict[str, str]], list[Image.Image]]:
+                  ) -> tuple[list[dict[str, str]], list[Image.Image], list[bytes]]:
     """Validated messages -> the processor's `[{"role", "content"}]` with one `<image>` per image part, and the
     images in order. Parts of one message are joined with newlines (as vLLM does), so `[image, text]` becomes
     `"<image>\\n" + text`: what `stitch generate --image I --prompt TEXT` builds."""
     conversation: list[dict[str, str]] = []
     images: list[Image.Image] = []
+    videos: list[bytes] = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if isinstance(msg.content, str):
@@ -129,19 +133,53 @@ def _conversation(messages, limits: Limits, local_images: Path | None
                 if part.type == "text":
                     pieces.append(_check_text(part.text, f"{at}.text"))
                     continue
+                if part.type == "video_url":
+                    if msg.role != "user":
+                        raise bad(at, f"videos are only allowed in user messages, not {msg.role!r}", "invalid_value")
+                    videos.append(decode_video(part.video_url.url, f"{at}.video_url.url", limits, local_images))
+                    pieces.append(VIDEO_PLACEHOLDER)
+                    continue
                 if msg.role != "user":
                     raise bad(at, f"images are only allowed in user messages, not {msg.role!r}", "invalid_value")
                 images.append(decode_image(part.image_url.url, f"{at}.image_url.url", limits, local_images))
                 pieces.append(IMAGE_PLACEHOLDER)
         conversation.append({"role": msg.role, "content": "\n".join(pieces)})
-    return conversation, images
+    return conversation, images, videos
 
 
 def _check_text(text: str, where: str) -> str:
     if IMAGE_PLACEHOLDER in text:
         raise bad(where, f"the text contains {IMAGE_PLACEHOLDER!r}, which this model reads as an image "
                   "placeholder; send images as image_url parts", "invalid_value")
+    if VIDEO_PLACEHOLDER in text:
+        raise bad(where, f"the text contains {VIDEO_PLACEHOLDER!r}, which this model reads as a video "
+                  "placeholder; send videos as video_url parts", "invalid_value")
     return text
+
+
+# ------------------------------------------------------------------------------------------------- videos
+def decode_video(url: str, where: str, limits: Limits, local_images: Path | None = None) -> bytes:
+    """A `data:video/...;base64,...` URL (or, when allowed, a local file) as the video file's bytes, its header
+    checked against the limits (bytes, pixels per frame, duration) before any frame is decoded. Frames are
+    decoded later by the processor; a file that turns out truncated there is a 400 too (`SampleError`)."""
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", url)
+    scheme = scheme.group(1).lower() if scheme and len(scheme.group(1)) > 1 else None
+    if scheme == "data":
+        raw = _data_url_bytes("data:" + url[5:], where, limits, media="video")
+    elif scheme in ("http", "https"):
+        raise bad(where, "remote video URLs are not fetched by this server; send the video as a base64 data: URL",
+                  "unsupported_video_url")
+    elif scheme not in (None, "file"):
+        raise bad(where, f"unsupported URL scheme {scheme!r} (send a base64 data: URL)", "unsupported_video_url")
+    else:
+        raw = _local_file_bytes(url, where, limits, local_images, media="video")
+    video_limits = VideoLimits(max_bytes=limits.max_video_bytes, max_pixels=limits.max_video_pixels,
+                               max_duration_s=limits.max_video_seconds)
+    try:
+        probe_video(raw, video_limits)
+    except SampleError as e:
+        raise bad(where, f"{e.detail.removeprefix('<bytes>: ')}"[:300], e.reason) from e
+    return raw
 
 
 # ------------------------------------------------------------------------------------------------- images
@@ -188,31 +226,36 @@ def decode_image(url: str, where: str, limits: Limits, local_images: Path | None
             raise bad(where, f"the {img.format} image is truncated or corrupt ({e})"[:300], "invalid_image") from e
 
 
-def _data_url_bytes(url: str, where: str, limits: Limits) -> bytes:
+def _data_url_bytes(url: str, where: str, limits: Limits, media: str = "image") -> bytes:
     header, comma, payload = url.partition(",")
     if not comma:
         raise bad(where, "malformed data: URL (no comma)", "invalid_image_url")
     mime, *params = header[len("data:"):].split(";")
     params = [p.strip().lower() for p in params]
+    example, max_bytes = ("image/png", limits.max_image_bytes) if media == "image" else \
+        ("video/mp4", limits.max_video_bytes)
     if "base64" not in params:
-        raise bad(where, "only base64 data: URLs are supported (data:image/png;base64,...)", "invalid_image_url")
-    if mime and not mime.lower().startswith("image/"):
-        raise bad(where, f"media type {mime[:80]!r} is not an image", "unsupported_image_format")
-    if len(payload) > (limits.max_image_bytes + 2) // 3 * 4 + 64:  # base64 is 4/3 the size (+ some whitespace)
-        raise bad(where, f"the image is larger than {limits.max_image_bytes} bytes", "image_too_large")
+        raise bad(where, f"only base64 data: URLs are supported (data:{example};base64,...)", f"invalid_{media}_url")
+    octet = media == "video" and mime.lower() == "application/octet-stream"
+    if mime and not mime.lower().startswith(f"{media}/") and not octet:
+        raise bad(where, f"media type {mime[:80]!r} is not an {media}" if media == "image" else
+                  f"media type {mime[:80]!r} is not a video", f"unsupported_{media}_format")
+    if len(payload) > (max_bytes + 2) // 3 * 4 + 64:  # base64 is 4/3 the size (+ some whitespace)
+        raise bad(where, f"the {media} is larger than {max_bytes} bytes", f"{media}_too_large")
     payload = "".join(payload.split())  # line breaks some encoders insert
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise bad(where, f"invalid base64 ({e})", "invalid_base64") from e
-    if len(raw) > limits.max_image_bytes:
-        raise bad(where, f"the image is {len(raw)} bytes; at most {limits.max_image_bytes}", "image_too_large")
+    if len(raw) > max_bytes:
+        raise bad(where, f"the {media} is {len(raw)} bytes; at most {max_bytes}", f"{media}_too_large")
     if not raw:
-        raise bad(where, "empty image data", "invalid_image")
+        raise bad(where, f"empty {media} data", f"invalid_{media}")
     return raw
 
 
-def _local_file_bytes(url: str, where: str, limits: Limits, local_images: Path | None) -> bytes:
+def _local_file_bytes(url: str, where: str, limits: Limits, local_images: Path | None,
+                      media: str = "image") -> bytes:
     """A local image, only inside the `--allow-local-images` folder (symlinks resolved before the check)."""
     if local_images is None:
         raise bad(where, "expected a base64 data: URL (local image paths are off; the server enables them "
@@ -228,8 +271,9 @@ def _local_file_bytes(url: str, where: str, limits: Limits, local_images: Path |
         size = path.stat().st_size
         if not path.is_file():
             raise bad(where, f"{path_text[:200]!r} is not a file", "invalid_image_url")
-        if size > limits.max_image_bytes:
-            raise bad(where, f"the image is {size} bytes; at most {limits.max_image_bytes}", "image_too_large")
+        max_bytes = limits.max_image_bytes if media == "image" else limits.max_video_bytes
+        if size > max_bytes:
+            raise bad(where, f"the {media} is {size} bytes; at most {max_bytes}", f"{media}_too_large")
         return path.read_bytes()
     except OSError as e:
         raise bad(where, f"cannot read {path_text[:200]!r} ({e.strerror})", "invalid_image_url") from e

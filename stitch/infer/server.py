@@ -139,7 +139,7 @@ class Service:
                            f"{self.context} tokens", param="messages", code="context_length_exceeded")
         try:
             with self._prepare_lock:
-                request = self.engine.prepare(job.conversation, job.images)
+                request = self.engine.prepare(job.conversation, job.images, videos=job.videos)
         except SampleError as e:
             raise APIError(400, f"messages: {e.detail}", param="messages", code=e.reason) from e
         prompt = int(request.input_ids.numel())

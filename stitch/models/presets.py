@@ -55,6 +55,11 @@ VLM_PRESETS: dict[str, tuple[str, str, ProjectorConfig, dict]] = {
                     dict(tile_tags="none", image_wrapper="internvl", max_tiles=6)),
     "internvl-8b": ("internvit-300m", "qwen2.5-7b", ProjectorConfig(kind="mlp"),
                     dict(tile_tags="none", image_wrapper="internvl", max_tiles=6)),
+    # The seed system's video SFT shape: InternViT-6B + Qwen2.5-7B, 12 tiles + thumbnail with NVLM tags for images,
+    # one 448px tile per video frame spliced at <video> (sft_qwen2p5_7b_internvit_6b_video.sh).
+    "nvlm-video-7b": ("internvit-6b", "qwen2.5-7b", ProjectorConfig(kind="mlp"),
+                      dict(tile_tags="nvlm", image_wrapper="nvlm", max_tiles=12, video_layout="nvlm",
+                           video_frames=16)),
     "vlm-tiny": ("internvit-tiny", "llama-tiny", ProjectorConfig(kind="mlp"), dict(max_tiles=4)),
 }
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -143,3 +144,39 @@ def test_export_cli_writes_loadable_internvl(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer"):
         export_to_hf(ckpt, "internvl", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing left behind on failure
+
+
+def test_imported_internvl_gives_transformers_logits_on_a_video(tmp_path):
+    """A video as transformers' InternVL takes it (each frame one tile, `Frame{i}: <img>...</img>` runs of image
+    tokens) through `stitch import-hf`: the same logits, fp32, within 1e-4."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from stitch.checkpoint.store import load_model as load_stitch
+    from stitch.cli import main
+    from stitch.data.image import ImageProcessor, tile_image
+    from stitch.data.video import load_video
+    from tests.data.video_clips import encode, moving_square
+
+    hf = make_hf("internvl", tmp_path / "hf")
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<IMG_CONTEXT>": IMAGE_TOKEN}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    ours = load_stitch(tmp_path / "ckpt").eval()
+
+    clip = tmp_path / "clip.mp4"
+    encode(moving_square(24, size=64), clip, fps=8)
+    video = load_video(clip, num_frames=5, rule="internvl")
+    pixels = ImageProcessor(image_size=56).normalize(
+        np.concatenate([tile_image(f, (1, 1), 56, False) for f in video.frames]))  # [5, 3, 56, 56]
+    # "Frame1: <img><IMG_CONTEXT>x4</img>\n..." with stand-in ids for the text around the image tokens
+    ids = [3, 4]
+    for i in range(len(video)):
+        ids += [10 + i, 11, 12] + [IMAGE_TOKEN] * ours.config.tokens_per_tile + [13, 14]
+    ids = torch.tensor([ids + [20, 21, 22]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels).logits
+        got = ours(ids, pixel_values=pixels).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -40,6 +40,7 @@ class Sample:
     references: list[str]
     choices: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    videos: list[Any] = field(default_factory=list)  # video paths, one per <video> (eval/readers/video.py)
 
     @property
     def prompt(self) -> str:

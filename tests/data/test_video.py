@@ -1,0 +1,146 @@
+"""Video reading and frame sampling on real files the tests encode with PyAV (mp4, webm, mkv, avi, frame
+folders); bad videos raise `SampleError` with their skip reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stitch.data.skips import REASONS, SampleError
+from stitch.data.video import (
+    VideoLimits,
+    decode_frames,
+    frame_steps,
+    load_video,
+    probe_video,
+    sample_indices,
+)
+
+from .video_clips import CODECS, encode, frame_number, numbered_frames
+
+
+@pytest.mark.parametrize("container", sorted(CODECS))
+def test_each_container_decodes_the_frames_asked_for(tmp_path, container):
+    path = tmp_path / f"clip.{container}"
+    encode(numbered_frames(24), path, container=container, fps=8, gop=6)
+    info = probe_video(path)
+    assert (info.total_frames, info.fps, info.width, info.height) == (24, 8.0, 64, 64)
+    wanted = [0, 5, 6, 13, 23, 2]  # unsorted on purpose: frames come back in the order asked
+    frames, _ = decode_frames(path, wanted)
+    assert [frame_number(f) for f in frames] == wanted
+    assert all(f.mode == "RGB" and f.size == (64, 64) for f in frames)
+
+
+def test_far_apart_frames_are_reached_by_seeking(tmp_path):
+    path = tmp_path / "long.mp4"
+    encode(numbered_frames(200), path, fps=25, gop=10, faststart=True)
+    wanted = [0, 1, 97, 98, 150, 199, 40]
+    frames, info = decode_frames(path, wanted)
+    assert info.total_frames == 200
+    assert [frame_number(f) for f in frames] == wanted
+    video = load_video(path, num_frames=5, rule="uniform")
+    assert video.indices == [0, 49, 99, 149, 199]
+    assert [frame_number(f) for f in video.frames] == video.indices
+    assert video.timestamps == pytest.approx([i / 25 for i in video.indices])
+    # B-frames (decode order differs from display order): still the frames asked for
+    bframes = encode(numbered_frames(120), fps=25, gop=30, preset="medium")
+    wanted = [3, 4, 33, 61, 62, 90, 119, 7]
+    assert [frame_number(f) for f in decode_frames(bframes, wanted)[0]] == wanted
+
+
+def test_frame_folder_and_decoded_frames(tmp_path):
+    frames = numbered_frames(12)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, f in enumerate(frames):  # names sorted as numbers: frame_2 before frame_10
+        Image.fromarray(f).save(folder / f"frame_{t}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    video = load_video(folder, num_frames=4, rule="internvl", frames_fps=2.0)
+    assert video.info.total_frames == 12 and video.timestamps == [i / 2.0 for i in video.indices]
+    assert [frame_number(f) for f in video.frames] == video.indices
+    from_array = load_video(frames, num_frames=4, rule="internvl")
+    assert [frame_number(f) for f in from_array.frames] == video.indices
+    from_pil = load_video([Image.fromarray(f) for f in frames], num_frames=3)
+    assert [frame_number(f) for f in from_pil.frames] == [0, 5, 11]
+
+
+def _reference_get_index(bound, fps, max_frame, first_idx=0, num_segments=32):
+    """InternVL's `get_index` verbatim (OpenGVLab/InternVL, internvl_chat README / video demo)."""
+    if bound:
+        start, end = bound[0], bound[1]
+    else:
+        start, end = -100000, 100000
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg_size = float(end_idx - start_idx) / num_segments
+    frame_indices = np.array([
+        int(start_idx + (seg_size / 2) + np.round(seg_size * idx))
+        for idx in range(num_segments)
+    ])
+    return frame_indices
+
+
+PAIRS = [(f, n) for f in (1, 2, 3, 7, 8, 16, 17, 31, 64, 100, 127, 300, 1001, 4500) for n in (1, 4, 8, 16, 32)]
+
+
+def test_sampling_rules_equal_their_references():
+    assert len(PAIRS) >= 50
+    for total, n in PAIRS:
+        # the seed system (Megatron dataset_helpers): linspace(0, F-1, min(n, F)), floored
+        seed = np.linspace(0, total - 1, min(n, total)).astype(int).tolist()
+        assert sample_indices(total, n, "uniform") == seed, (total, n)
+        ref = _reference_get_index(None, 30.0, total - 1, num_segments=n).tolist()
+        assert sample_indices(total, n, "internvl") == ref, (total, n)
+        got = sample_indices(total, n, "hf")
+        assert got == sorted(got) and len(got) == min(n, total) and got[0] >= 0 and got[-1] < total
+    # the seed's rule never repeats a frame; InternVL's does when n > F (it always returns n indices)
+    assert sample_indices(3, 8, "uniform") == [0, 1, 2]
+    assert len(sample_indices(3, 8, "internvl")) == 8
+
+
+def test_fps_rule_and_caps():
+    # 10 s at 30 fps, 2 frames per second -> 20 frames at segment middles; capped by max_frames
+    got = sample_indices(300, 8, "fps", video_fps=30.0, fps=2.0)
+    assert len(got) == 20 and got[0] == 7 and got[-1] == 292
+    assert len(sample_indices(300, 8, "fps", video_fps=30.0, fps=2.0, max_frames=6)) == 6
+    assert len(sample_indices(300, 16, "uniform", max_frames=4)) == 4
+    assert frame_steps(16) == [16, 8, 4, 2, 1] and frame_steps(6, min_frames=2) == [6, 3, 2]
+    with pytest.raises(ValueError, match="unknown frame sampling rule"):
+        sample_indices(10, 4, "random")
+
+
+def test_bad_videos_raise_their_reasons(tmp_path):
+    good = encode(numbered_frames(48), tmp_path / "good.mp4", gop=8, faststart=True)
+    cases = {
+        "missing_file": tmp_path / "nope.mp4",
+        "unreadable_video": b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50,
+        "truncated_video": good[: len(good) * 2 // 3],
+        "empty_video": b"",
+    }
+    import av
+
+    buf = io.BytesIO()  # a valid container with a video stream and no frames
+    out = av.open(buf, "w", format="matroska")
+    stream = out.add_stream("libx264", rate=8)
+    stream.width = stream.height = 64
+    stream.pix_fmt = "yuv420p"
+    out.close()
+    cases["empty_video "] = buf.getvalue()
+    (tmp_path / "empty_dir").mkdir()
+    cases["empty_video  "] = tmp_path / "empty_dir"
+    for reason, src in cases.items():
+        with pytest.raises(SampleError) as err:
+            load_video(src, num_frames=48)
+        assert err.value.reason == reason.strip() and reason.strip() in REASONS, (reason, err.value)
+    # a plain cut mp4 (index at the end) no longer opens: unreadable, not a crash
+    plain = encode(numbered_frames(48), gop=8)
+    with pytest.raises(SampleError, match="unreadable_video"):
+        probe_video(plain[: len(plain) // 2])
+    limits = {"max_bytes": 100, "max_pixels": 32 * 32, "max_frames": 10, "max_duration_s": 1.0}
+    for key, value in limits.items():
+        with pytest.raises(SampleError) as err:
+            probe_video(good, VideoLimits(**{key: value}))
+        assert err.value.reason == "video_too_large" and key in str(err.value)
