@@ -130,10 +130,11 @@ PROMPTS = {
     "mmstar": f"<question with its options>\n{_LETTER[:-1]}",
     "seedbench": f"<question>\nA. <choice_a>\nB. <choice_b>\nC. <choice_c>\nD. <choice_d>\n{_LETTER}",
     "scienceqa": f"[Context: <hint>\n]<question>\nA. <option>...\n{_LETTER}",
-    "mvbench": f"<video>\n<question>\n(A) <option>...\n{_LETTER} (stitch.eval.readers.video)",
+    "mvbench": "<MVBench system text> <video>\nQuestion: <question>\nOptions:\n(A) <option>...\nOnly give the best "
+               "option.",
     "videomme": f"<video>\n<Video-MME instruction>\n<question>\nA. <option>...\n{_LETTER}",
-    "motionbench": f"<video>\n<question>\nA. <option>...\n{_LETTER} (stitch.eval.readers.video)",
-    "physgame": f"<video>\n<question>\nA. <option>...\n{_LETTER} (stitch.eval.readers.video)",
+    "motionbench": f"<video>\n<question with its options inline>\n{_LETTER}",
+    "physgame": f"<video>\n<question>\nA. <option>...\n{_LETTER}",
 }  # fmt: skip
 
 # Other spellings people type.
