@@ -16,6 +16,7 @@ Python.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from stitch.data.skips import SampleError
 
@@ -119,11 +120,26 @@ def image_size_of(src: ImageInput, max_pixels: int = 64_000_000) -> tuple[int, i
     return _open(src, max_pixels).size
 
 
+_TRUNCATION_LOCK = threading.Lock()
+
+
+def load_complete(img: Image.Image) -> None:
+    """`img.load()` that refuses a truncated file (OSError) whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says:
+    some libraries (lmms-eval's task module) set that global to True on import, which would let a cut-off file
+    decode as a partly grey image. Loads are serialised while the flag is held off, then it is put back."""
+    with _TRUNCATION_LOCK:
+        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
 def load_image(src: ImageInput, max_pixels: int = 64_000_000) -> Image.Image:
     """A fully decoded RGB image; a bad file raises SampleError with its reason (never a partial image)."""
     img = _open(src, max_pixels)
     try:
-        img.load()
+        load_complete(img)
     except Image.DecompressionBombError as e:
         raise SampleError("decompression_bomb", f"{_name(src)}: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises OSError("image file is truncated ...")

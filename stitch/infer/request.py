@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from stitch.data.chat import IMAGE_PLACEHOLDER
+from stitch.data.image import load_complete
 from stitch.data.skips import SampleError
 from stitch.data.video import VideoLimits, probe_video
 from stitch.data.video_layout import VIDEO_PLACEHOLDER
@@ -218,7 +219,7 @@ def decode_image(url: str, where: str, limits: Limits, local_images: Path | None
         if width < 1 or height < 1:
             raise bad(where, f"empty image ({width}x{height})", "invalid_image")
         try:
-            img.load()
+            load_complete(img)
             return img if img.mode == "RGB" else img.convert("RGB")
         except Image.DecompressionBombError as e:
             raise bad(where, f"the image has too many pixels ({e})", "image_too_large") from e

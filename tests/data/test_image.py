@@ -202,3 +202,17 @@ def test_high_bit_depth_grayscale_keeps_its_tones(tmp_path):
         assert arr.shape == (4, 256, 3) and arr.dtype == np.uint8
         assert abs(int(arr[0, 128, 0]) - 128) <= 1 and arr[0, 0, 0] == 0 and arr[0, 255, 0] == 255
         assert len(np.unique(arr)) > 200  # a ramp, not two tones
+
+
+def test_a_truncated_file_is_refused_even_when_a_library_told_pil_to_accept_them(tmp_path, monkeypatch):
+    """lmms-eval sets `ImageFile.LOAD_TRUNCATED_IMAGES = True` on import; a cut-off file must still be a skip
+    (and a 400 in the server), and the library's setting is left as it was."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    data = make_image(tmp_path / "good.png", size=(200, 150)).read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SampleError) as e:
+        load_image(tmp_path / "cut.png")
+    assert e.value.reason == "truncated_image"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
