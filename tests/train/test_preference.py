@@ -87,14 +87,14 @@ def _held_out(ckpt: Path, pairs: Path) -> tuple[float, float]:
 
 def test_dpo_after_sft_raises_held_out_preference_accuracy_and_exact_match(tiny_ckpt, colours, tmp_path):
     train, test = colours
-    sft = _base(tiny_ckpt, tmp_path / "sft", train.with_name("train-sft.jsonl"), "sft", 15, optim={"lr": 3e-3})
+    # A short SFT: a policy that answers but does not yet prefer the right colour reliably, for DPO to improve
+    sft = _base(tiny_ckpt, tmp_path / "sft", train.with_name("train-sft.jsonl"), "sft", 6, optim={"lr": 3e-3})
     Trainer(load_config(None, data=sft)).fit()
     pref_before, exact_before = _held_out(tmp_path / "sft" / "final", test)
     dpo = _base(tmp_path / "sft" / "final", tmp_path / "dpo", train, "dpo", 20, optim={"lr": 2e-3})
     records = Trainer(load_config(None, data=dpo)).fit().records
     pref_after, exact_after = _held_out(tmp_path / "dpo" / "final", test)
-    # 32 held-out pairs; runs on busy machines gave 0.59-0.72 before and 0.91-1.0 after
-    assert pref_after >= max(0.85, pref_before + 0.15), (pref_before, pref_after)
+    assert pref_after >= max(0.85, min(1.0, pref_before + 0.15)), (pref_before, pref_after)  # 32 held-out pairs
     assert exact_after >= exact_before, (exact_before, exact_after, pref_before, pref_after)
     # the logged metrics move the way DPO moves them
     assert records[-1]["rewards/accuracies"] > records[0]["rewards/accuracies"]
