@@ -8,6 +8,7 @@ the sum; `report` adds the lines a benchmark's own report has. The arithmetic is
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +106,23 @@ def _ai2d(sample: Sample, prediction: str) -> Judged:
     status = "ok" if read in letters else "unparsable"
     return Judged(float(R.ai2d_correct(prediction, sample.references[0])), read.upper() if status == "ok" else read,
                   status)
+
+
+# Video-MME's `extract_characters_regex` (lmms-eval `videomme/utils.py`): answer prefixes dropped, then the first
+# option letter (capital, as there), none read: wrong; MVBench's `check_ans` reads "(B) stood" the same way.
+_ANSWER_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer", "The best option is",
+                    "The correct option is", "Best answer:", "Best option:", "Answer:", "Option:")
+
+
+def _video_choice(sample: Sample, prediction: str) -> Judged:
+    text = prediction.strip()
+    for prefix in _ANSWER_PREFIXES:
+        text = text.replace(prefix, "")
+    letters = "".join(metrics.choice_letters(len(sample.choices or [])))
+    found = re.search(f"[{letters}]", text) if letters else None
+    if found is None:
+        return Judged(0.0, text[:40], "unparsable")
+    return Judged(float(found.group(0) == sample.references[0].strip().upper()), found.group(0))
 
 
 def _mmmu(sample: Sample, prediction: str) -> Judged:
@@ -253,6 +271,8 @@ SCORERS: dict[str, Scorer] = {
     "multiple_choice": Scorer("multiple_choice", _ai2d, rules=f"{_LMMS} ai2d (letter filter '^\\s*([A-Z])\\.', "
                               "exact match ignoring case and punctuation)",
                               readings={"mmmu_parser": (_mmmu_parser, "MMMU's rule-based parser, no guess")}),
+    "video_choice": Scorer("video_choice", _video_choice, rules=f"{_LMMS} videomme extract_characters_regex (answer "
+                           "prefixes dropped, first option letter; MVBench's check_ans reads the same letter)"),
     "mmmu": Scorer("mmmu", _mmmu, rules=f"{_LMMS} mmmu parse_multi_choice_response / parse_open_response / "
                    f"eval_open; random option when nothing parses, seeded ({R.MMMU_FALLBACK_SEED}, sample id)",
                    readings={"no_guess": (_mmmu_no_guess, "Stitch: unparsable answers wrong, no guess; list-form "

@@ -45,6 +45,7 @@ METRICS = (
     "anls",
     "relaxed_accuracy",
     "multiple_choice",
+    "video_choice",
     "mmmu",
     "mathvista",
     "ocrbench",
@@ -108,10 +109,10 @@ TASKS: dict[str, Task] = {
         _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type"),
         _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject"),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
-        _task("mvbench", "MVBench", "multiple_choice", read_mvbench, group="task"),
-        _task("videomme", "Video-MME (w/o subtitles)", "multiple_choice", read_videomme, group="duration"),
-        _task("motionbench", "MotionBench (dev)", "multiple_choice", read_motionbench, group="question_type"),
-        _task("physgame", "PhysGameBench", "multiple_choice", read_physgame, group="category"),
+        _task("mvbench", "MVBench", "video_choice", read_mvbench, group="task"),
+        _task("videomme", "Video-MME (w/o subtitles)", "video_choice", read_videomme, group="duration"),
+        _task("motionbench", "MotionBench (dev)", "video_choice", read_motionbench, group="question_type"),
+        _task("physgame", "PhysGameBench", "video_choice", read_physgame, group="category"),
     ]
 }
 _SHORT = "<question>\nAnswer the question using a single word or phrase."
