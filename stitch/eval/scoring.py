@@ -225,6 +225,16 @@ def _mmstar_macro(samples: list[Sample], judged: list[Judged]) -> float:
     return C.macro_average(groups)
 
 
+def _realworldqa(sample: Sample, prediction: str) -> Judged:
+    right, read = C.realworldqa_correct(prediction, sample.references[0])
+    letter_answer = sample.references[0].strip().upper() in ("A", "B", "C", "D")
+    return Judged(float(right), read, "unparsable" if letter_answer and not read else "ok")
+
+
+def _exact_stitch(sample: Sample, prediction: str) -> float:
+    return metrics.exact_match(prediction, sample.references)
+
+
 def _seed(sample: Sample, prediction: str) -> Judged:
     right, letter = C.seed_correct(prediction, sample.references[0])
     return Judged(float(right), letter)
@@ -299,6 +309,11 @@ SCORERS: dict[str, Scorer] = {
     "pope": Scorer("pope", _pope, aggregate=_pope_f1, report=_pope_lines, rules=f"{_LMMS} pope (lower-cased, "
                    "stripped exact yes/no); headline = F1 of 'yes' over all splits; extra has accuracy, "
                    "precision, recall, F1 and yes_ratio (share of 'yes' answers) per split"),
+    "exact_match/realworldqa": Scorer("exact_match", _realworldqa, rules=f"{_LMMS} realworldqa_process_results "
+                                      "(letter answers: extract_mcq_answer A-D; others: lower-cased, stripped, "
+                                      "final periods removed, exact)",
+                                      readings={"stitch": (_exact_stitch, "Stitch: equal ignoring case, surrounding "
+                                                           "space and a final period")}),
     "exact_match": Scorer("exact_match", _exact_match, rules="equal ignoring case, surrounding space and a final "
                           "period"),
 }
