@@ -17,6 +17,7 @@ from typing import Any
 from stitch.errors import StitchError
 from stitch.eval import metrics, reference
 from stitch.eval import reference_choice as C
+from stitch.eval import reference_hallusion as HB
 from stitch.eval.readers.common import Sample, clean_answers
 
 __all__ = ["Judged", "Scorer", "SCORERS", "get_scorer", "judge"]
@@ -235,6 +236,16 @@ def _exact_stitch(sample: Sample, prediction: str) -> float:
     return metrics.exact_match(prediction, sample.references)
 
 
+def _hallusion(sample: Sample, prediction: str) -> Judged:
+    answer = HB.hallusion_answer(prediction)
+    return Judged(float(answer == sample.references[0]), answer)
+
+
+def _hallusion_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
+    """HallusionBench's three numbers: aAcc (per question), fAcc (per figure), qAcc (per question pair)."""
+    return HB.hallusion_metrics([s.meta for s in samples], [j.score == 1.0 for j in judged])
+
+
 def _seed(sample: Sample, prediction: str) -> Judged:
     right, letter = C.seed_correct(prediction, sample.references[0])
     return Judged(float(right), letter)
@@ -314,6 +325,11 @@ SCORERS: dict[str, Scorer] = {
                                       "final periods removed, exact)",
                                       readings={"stitch": (_exact_stitch, "Stitch: equal ignoring case, surrounding "
                                                            "space and a final period")}),
+    "hallusionbench": Scorer("hallusionbench", _hallusion, report=_hallusion_lines, rules=f"{_LMMS} "
+                             "hallusion_bench without its GPT judge: answer 'yes' when 'yes' is in the lower-cased "
+                             "prediction (hb_aggregation_result_intern), right when it equals gt_answer; headline "
+                             "aAcc; extra has aAcc, fAcc, qAcc counted as utils.get_eval_all / get_eval_fig / "
+                             "get_eval_pair_all"),
     "exact_match": Scorer("exact_match", _exact_match, rules="equal ignoring case, surrounding space and a final "
                           "period"),
 }

@@ -34,6 +34,7 @@ from stitch.eval.readers.common import (
     parquet_files,
 )
 from stitch.eval.readers.docs import read_chartqa, read_docvqa, read_infovqa, read_ocrbench
+from stitch.eval.readers.hallusion import read_hallusionbench
 from stitch.eval.readers.mcq_suites import read_mmbench, read_mmstar, read_pope, read_scienceqa, read_seedbench
 from stitch.eval.readers.multiple_choice import read_ai2d, read_mathvista, read_mmmu
 from stitch.eval.readers.video import read_motionbench, read_mvbench, read_physgame, read_videomme
@@ -56,6 +57,7 @@ METRICS = (
     "pope",
     "seedbench",
     "scienceqa",
+    "hallusionbench",
 )
 
 
@@ -110,6 +112,8 @@ TASKS: dict[str, Task] = {
         _task("pope", "POPE (test)", "pope", read_pope, group="split"),
         _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type", version="3"),
         _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject", version="3"),
+        _task("hallusionbench", "HallusionBench (image)", "hallusionbench", read_hallusionbench, group="category",
+              max_new_tokens=128, version="1"),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
         _task("mvbench", "MVBench", "video_choice", read_mvbench, group="task"),
         _task("videomme", "Video-MME (w/o subtitles)", "video_choice", read_videomme, group="duration"),
@@ -136,6 +140,7 @@ PROMPTS = {
     "mmstar": f"<question with its options, stripped, ' Please answer yes or no.' removed>\n{_LETTER[:-1]}",
     "seedbench": f"<question>\nA. <choice_a>\nB. <choice_b>\nC. <choice_c>\nD. <choice_d>\n{_LETTER}",
     "scienceqa": f"[Context: <hint>\n]<question>\nA. <option>...\n{_LETTER}",
+    "hallusionbench": "<question>",
     "mvbench": "<MVBench system text> <video>\nQuestion: <question>\nOptions:\n(A) <option>...\nOnly give the best "
                "option.",
     "videomme": f"<video>\n<Video-MME instruction>\n<question>\nA. <option>...\n{_LETTER}",
@@ -151,7 +156,9 @@ ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": 
            "mmbench-en": "mmbench", "seed-bench": "seedbench", "seedbench-img": "seedbench",
            "scienceqa-img": "scienceqa", "sqa": "scienceqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa",
            "mv-bench": "mvbench", "video-mme": "videomme", "motion-bench": "motionbench",
-           "physgamebench": "physgame", "phys-game-bench": "physgame"}  # fmt: skip
+           "physgamebench": "physgame", "phys-game-bench": "physgame",
+           "hallusion-bench": "hallusionbench", "hallusion_bench": "hallusionbench", "hallusion": "hallusionbench",
+           "hallusion_bench_image": "hallusionbench"}  # fmt: skip
 
 
 def get_task(name: str) -> Task:
