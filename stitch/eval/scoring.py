@@ -18,6 +18,7 @@ from stitch.errors import StitchError
 from stitch.eval import metrics, reference
 from stitch.eval import reference_choice as C
 from stitch.eval import reference_hallusion as HB
+from stitch.eval import reference_table as T
 from stitch.eval.readers.common import Sample, clean_answers
 
 __all__ = ["Judged", "Scorer", "SCORERS", "get_scorer", "judge"]
@@ -246,6 +247,19 @@ def _hallusion_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, A
     return HB.hallusion_metrics([s.meta for s in samples], [j.score == 1.0 for j in judged])
 
 
+def _table(sample: Sample, prediction: str) -> Judged:
+    """A prediction without a "<table>", with an unreadable span, or without rows scores 0 as "unparsable" (the
+    reference parser returns None or raises there)."""
+    html = T.extract_table_html(prediction)
+    try:
+        grid = T.html_to_grid(html) if html is not None else []
+    except ValueError:
+        grid = []
+    if not grid:
+        return Judged(0.0, None, "unparsable")
+    return Judged(T.table_similarity(T.html_to_grid(sample.references[0]), grid), f"{len(grid)} rows")
+
+
 def _seed(sample: Sample, prediction: str) -> Judged:
     right, letter = C.seed_correct(prediction, sample.references[0])
     return Judged(float(right), letter)
@@ -330,6 +344,9 @@ SCORERS: dict[str, Scorer] = {
                              "prediction (hb_aggregation_result_intern), right when it equals gt_answer; headline "
                              "aAcc; extra has aAcc, fAcc, qAcc counted as utils.get_eval_all / get_eval_fig / "
                              "get_eval_pair_all"),
+    "table_similarity": Scorer("table_similarity", _table, rules="Reducto rd-tablebench grading.table_similarity "
+                               "(row/cell Needleman-Wunsch, free end gaps, float32) on convert.html_to_numpy "
+                               "grids; the answer cut from its first <table> to </table> as parse_gpt4o_response"),
     "exact_match": Scorer("exact_match", _exact_match, rules="equal ignoring case, surrounding space and a final "
                           "period"),
 }

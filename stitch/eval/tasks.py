@@ -37,6 +37,7 @@ from stitch.eval.readers.docs import read_chartqa, read_docvqa, read_infovqa, re
 from stitch.eval.readers.hallusion import read_hallusionbench
 from stitch.eval.readers.mcq_suites import read_mmbench, read_mmstar, read_pope, read_scienceqa, read_seedbench
 from stitch.eval.readers.multiple_choice import read_ai2d, read_mathvista, read_mmmu
+from stitch.eval.readers.tables import TABLE_PROMPT, read_rdtablebench
 from stitch.eval.readers.video import read_motionbench, read_mvbench, read_physgame, read_videomme
 from stitch.eval.readers.vqa import read_easy_vqa, read_realworldqa, read_textvqa, read_vqav2
 from stitch.eval.scoring import SCORERS, Scorer
@@ -58,6 +59,7 @@ METRICS = (
     "seedbench",
     "scienceqa",
     "hallusionbench",
+    "table_similarity",
 )
 
 
@@ -114,6 +116,8 @@ TASKS: dict[str, Task] = {
         _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject", version="3"),
         _task("hallusionbench", "HallusionBench (image)", "hallusionbench", read_hallusionbench, group="category",
               max_new_tokens=128, version="1"),
+        _task("rdtablebench", "RD-TableBench", "table_similarity", read_rdtablebench, max_new_tokens=4096,
+              version="1"),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
         _task("mvbench", "MVBench", "video_choice", read_mvbench, group="task"),
         _task("videomme", "Video-MME (w/o subtitles)", "video_choice", read_videomme, group="duration"),
@@ -141,6 +145,7 @@ PROMPTS = {
     "seedbench": f"<question>\nA. <choice_a>\nB. <choice_b>\nC. <choice_c>\nD. <choice_d>\n{_LETTER}",
     "scienceqa": f"[Context: <hint>\n]<question>\nA. <option>...\n{_LETTER}",
     "hallusionbench": "<question>",
+    "rdtablebench": TABLE_PROMPT,
     "mvbench": "<MVBench system text> <video>\nQuestion: <question>\nOptions:\n(A) <option>...\nOnly give the best "
                "option.",
     "videomme": f"<video>\n<Video-MME instruction>\n<question>\nA. <option>...\n{_LETTER}",
@@ -158,7 +163,8 @@ ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": 
            "mv-bench": "mvbench", "video-mme": "videomme", "motion-bench": "motionbench",
            "physgamebench": "physgame", "phys-game-bench": "physgame",
            "hallusion-bench": "hallusionbench", "hallusion_bench": "hallusionbench", "hallusion": "hallusionbench",
-           "hallusion_bench_image": "hallusionbench"}  # fmt: skip
+           "hallusion_bench_image": "hallusionbench", "rd-tablebench": "rdtablebench",
+           "rd_tablebench": "rdtablebench"}  # fmt: skip
 
 
 def get_task(name: str) -> Task:
