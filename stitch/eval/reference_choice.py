@@ -112,7 +112,7 @@ def circular_accuracy(groups: Mapping[str, Sequence[float]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MMStar, SEED-Bench, ScienceQA-IMG, POPE
+# MMStar, RealWorldQA, SEED-Bench, ScienceQA-IMG, POPE
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -120,6 +120,18 @@ def mmstar_correct(prediction: str, answer: str) -> tuple[bool, str]:
     """MMStar `exact_match`: the extracted letter (A-D) equals the answer, stripped and upper-cased."""
     letter = extract_mcq_answer(prediction, choices=["A", "B", "C", "D"])
     return letter == answer.strip().upper(), letter
+
+
+def realworldqa_correct(prediction: str, answer: str) -> tuple[bool, str]:
+    """RealWorldQA `realworldqa_process_results`: a letter answer (A-D) against `extract_mcq_answer`'s letter;
+    any other answer (a number, a word) against the prediction lower-cased, stripped and with every final
+    period removed, compared with the stripped answer lower-cased (whose own final period is kept)."""
+    gt = answer.strip()
+    if gt.upper() in ("A", "B", "C", "D"):
+        letter = extract_mcq_answer(prediction, choices=["A", "B", "C", "D"])
+        return letter == gt.upper(), letter
+    cleaned = prediction.lower().strip().rstrip(".")
+    return cleaned == gt.lower(), cleaned
 
 
 def macro_average(scores_by_group: Mapping[str, Sequence[float]]) -> float:

@@ -370,8 +370,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     Reads the benchmark from --data (its released JSON or parquet files; docs/eval.md lists the layout per
     task), prompts with the task's customary prompt, decodes greedily, appends each prediction to a JSONL file
     as it goes, and scores with the same code as `stitch score`. Run it again with the same --out to resume:
-    ids already in the predictions file are not generated again. Tasks: vqav2, textvqa, docvqa, infovqa,
-    chartqa, ai2d, mmmu, mathvista, ocrbench, coco, realworldqa, easy-vqa.
+    ids already in the predictions file are not generated again. Tasks: `stitch.eval.tasks.TASKS` (docs/eval.md).
 
     Example:
       stitch eval runs/sft/final --task chartqa --data ~/data/chartqa --batch-size 16 --out chartqa.json

@@ -17,6 +17,8 @@ from typing import Any
 from stitch.errors import StitchError
 from stitch.eval import metrics, reference
 from stitch.eval import reference_choice as C
+from stitch.eval import reference_hallusion as HB
+from stitch.eval import reference_table as T
 from stitch.eval.readers.common import Sample, clean_answers
 
 __all__ = ["Judged", "Scorer", "SCORERS", "get_scorer", "judge"]
@@ -225,6 +227,39 @@ def _mmstar_macro(samples: list[Sample], judged: list[Judged]) -> float:
     return C.macro_average(groups)
 
 
+def _realworldqa(sample: Sample, prediction: str) -> Judged:
+    right, read = C.realworldqa_correct(prediction, sample.references[0])
+    letter_answer = sample.references[0].strip().upper() in ("A", "B", "C", "D")
+    return Judged(float(right), read, "unparsable" if letter_answer and not read else "ok")
+
+
+def _exact_stitch(sample: Sample, prediction: str) -> float:
+    return metrics.exact_match(prediction, sample.references)
+
+
+def _hallusion(sample: Sample, prediction: str) -> Judged:
+    answer = HB.hallusion_answer(prediction)
+    return Judged(float(answer == sample.references[0]), answer)
+
+
+def _hallusion_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
+    """HallusionBench's three numbers: aAcc (per question), fAcc (per figure), qAcc (per question pair)."""
+    return HB.hallusion_metrics([s.meta for s in samples], [j.score == 1.0 for j in judged])
+
+
+def _table(sample: Sample, prediction: str) -> Judged:
+    """A prediction without a "<table>", with an unreadable span, or without rows scores 0 as "unparsable" (the
+    reference parser returns None or raises there)."""
+    html = T.extract_table_html(prediction)
+    try:
+        grid = T.html_to_grid(html) if html is not None else []
+    except ValueError:
+        grid = []
+    if not grid:
+        return Judged(0.0, None, "unparsable")
+    return Judged(T.table_similarity(T.html_to_grid(sample.references[0]), grid), f"{len(grid)} rows")
+
+
 def _seed(sample: Sample, prediction: str) -> Judged:
     right, letter = C.seed_correct(prediction, sample.references[0])
     return Judged(float(right), letter)
@@ -299,6 +334,19 @@ SCORERS: dict[str, Scorer] = {
     "pope": Scorer("pope", _pope, aggregate=_pope_f1, report=_pope_lines, rules=f"{_LMMS} pope (lower-cased, "
                    "stripped exact yes/no); headline = F1 of 'yes' over all splits; extra has accuracy, "
                    "precision, recall, F1 and yes_ratio (share of 'yes' answers) per split"),
+    "exact_match/realworldqa": Scorer("exact_match", _realworldqa, rules=f"{_LMMS} realworldqa_process_results "
+                                      "(letter answers: extract_mcq_answer A-D; others: lower-cased, stripped, "
+                                      "final periods removed, exact)",
+                                      readings={"stitch": (_exact_stitch, "Stitch: equal ignoring case, surrounding "
+                                                           "space and a final period")}),
+    "hallusionbench": Scorer("hallusionbench", _hallusion, report=_hallusion_lines, rules=f"{_LMMS} "
+                             "hallusion_bench without its GPT judge: answer 'yes' when 'yes' is in the lower-cased "
+                             "prediction (hb_aggregation_result_intern), right when it equals gt_answer; headline "
+                             "aAcc; extra has aAcc, fAcc, qAcc counted as utils.get_eval_all / get_eval_fig / "
+                             "get_eval_pair_all"),
+    "table_similarity": Scorer("table_similarity", _table, rules="Reducto rd-tablebench grading.table_similarity "
+                               "(row/cell Needleman-Wunsch, free end gaps, float32) on convert.html_to_numpy "
+                               "grids; the answer cut from its first <table> to </table> as parse_gpt4o_response"),
     "exact_match": Scorer("exact_match", _exact_match, rules="equal ignoring case, surrounding space and a final "
                           "period"),
 }

@@ -34,8 +34,10 @@ from stitch.eval.readers.common import (
     parquet_files,
 )
 from stitch.eval.readers.docs import read_chartqa, read_docvqa, read_infovqa, read_ocrbench
+from stitch.eval.readers.hallusion import read_hallusionbench
 from stitch.eval.readers.mcq_suites import read_mmbench, read_mmstar, read_pope, read_scienceqa, read_seedbench
 from stitch.eval.readers.multiple_choice import read_ai2d, read_mathvista, read_mmmu
+from stitch.eval.readers.tables import TABLE_PROMPT, read_rdtablebench
 from stitch.eval.readers.video import read_motionbench, read_mvbench, read_physgame, read_videomme
 from stitch.eval.readers.vqa import read_easy_vqa, read_realworldqa, read_textvqa, read_vqav2
 from stitch.eval.scoring import SCORERS, Scorer
@@ -56,6 +58,8 @@ METRICS = (
     "pope",
     "seedbench",
     "scienceqa",
+    "hallusionbench",
+    "table_similarity",
 )
 
 
@@ -92,22 +96,28 @@ def _task(name: str, title: str, metric: str, reader: Callable[[Path, Skip], Ite
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        _task("vqav2", "VQAv2 (val)", "vqa_accuracy", read_vqav2, group="answer_type"),
-        _task("textvqa", "TextVQA (val)", "vqa_accuracy/textvqa", read_textvqa),
-        _task("docvqa", "DocVQA (val)", "anls", read_docvqa),
-        _task("infovqa", "InfographicVQA (val)", "anls", read_infovqa),
-        _task("chartqa", "ChartQA (test)", "relaxed_accuracy", read_chartqa, group="split"),
-        _task("ai2d", "AI2D (test)", "multiple_choice", read_ai2d),
-        _task("mmmu", "MMMU (val)", "mmmu", read_mmmu, group="subject"),
+        # Version 3: prompts exactly as lmms-eval 0.7.3 renders them (tests/eval/test_eval_prompt_parity.py).
+        _task("vqav2", "VQAv2 (val)", "vqa_accuracy", read_vqav2, group="answer_type", version="3"),
+        _task("textvqa", "TextVQA (val)", "vqa_accuracy/textvqa", read_textvqa, version="3"),
+        _task("docvqa", "DocVQA (val)", "anls", read_docvqa, version="3"),
+        _task("infovqa", "InfographicVQA (val)", "anls", read_infovqa, version="3"),
+        _task("chartqa", "ChartQA (test)", "relaxed_accuracy", read_chartqa, group="split", version="3"),
+        _task("ai2d", "AI2D (test)", "multiple_choice", read_ai2d, version="3"),
+        _task("mmmu", "MMMU (val)", "mmmu", read_mmmu, group="subject", version="3"),
         _task("mathvista", "MathVista (testmini)", "mathvista", read_mathvista, group="task", max_new_tokens=64),
         _task("ocrbench", "OCRBench", "ocrbench", read_ocrbench, group="category", max_new_tokens=64),
         _task("coco", "COCO captions (Karpathy test)", "cider", read_coco, max_new_tokens=48),
-        _task("realworldqa", "RealWorldQA", "exact_match", read_realworldqa),
-        _task("mmbench", "MMBench (en dev, circular)", "mmbench", read_mmbench, group="category"),
-        _task("mmstar", "MMStar (val)", "mmstar", read_mmstar, group="category"),
+        # Version 3: scored by realworldqa_process_results (was exact match).
+        _task("realworldqa", "RealWorldQA", "exact_match/realworldqa", read_realworldqa, version="3"),
+        _task("mmbench", "MMBench (en dev, circular)", "mmbench", read_mmbench, group="category", version="3"),
+        _task("mmstar", "MMStar (val)", "mmstar", read_mmstar, group="category", version="3"),
         _task("pope", "POPE (test)", "pope", read_pope, group="split"),
-        _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type"),
-        _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject"),
+        _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type", version="3"),
+        _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject", version="3"),
+        _task("hallusionbench", "HallusionBench (image)", "hallusionbench", read_hallusionbench, group="category",
+              max_new_tokens=128, version="1"),
+        _task("rdtablebench", "RD-TableBench", "table_similarity", read_rdtablebench, max_new_tokens=4096,
+              version="1"),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
         _task("mvbench", "MVBench", "video_choice", read_mvbench, group="task"),
         _task("videomme", "Video-MME (w/o subtitles)", "video_choice", read_videomme, group="duration"),
@@ -117,20 +127,25 @@ TASKS: dict[str, Task] = {
 }
 _SHORT = "<question>\nAnswer the question using a single word or phrase."
 _LETTER = "Answer with the option's letter from the given choices directly."
+# Templates as summaries record them; <question> is the released text, not stripped, unless the template says so.
 PROMPTS = {
-    "vqav2": _SHORT, "textvqa": _SHORT, "docvqa": _SHORT, "infovqa": _SHORT, "chartqa": _SHORT,
-    "easy-vqa": _SHORT, "pope": _SHORT,
+    "vqav2": _SHORT, "docvqa": _SHORT, "infovqa": _SHORT, "easy-vqa": _SHORT,
+    "textvqa": "<question.capitalize()>\nAnswer the question using a single word or phrase.",
+    "chartqa": "<question>\nAnswer the question with a single word.",
+    "pope": "<question, stripped>\nAnswer the question using a single word or phrase.",
     "ai2d": f"<question>\nA. <option>\nB. <option>...\n{_LETTER}",
     "mmmu": f"<image>... <question>\nA. <option>...\n\n{_LETTER} | open: <question>\n\nAnswer the question "
             "using a single word or phrase.",
     "mathvista": "<query> (the benchmark's own field)",
-    "ocrbench": "<question>",
+    "ocrbench": "<question, stripped>",
     "coco": "Provide a one-sentence caption for the provided image.",
-    "realworldqa": "<question> (carries its own instruction)",
-    "mmbench": f"[<hint> ]<question> There are several options:\nA. <option>...\n{_LETTER} (each rotation)",
-    "mmstar": f"<question with its options>\n{_LETTER[:-1]}",
+    "realworldqa": "<question, stripped> (carries its own instruction)",
+    "mmbench": f"[<hint> ]<question> There are several options:\nA. <option>...\n\n{_LETTER} (each rotation)",
+    "mmstar": f"<question with its options, stripped, ' Please answer yes or no.' removed>\n{_LETTER[:-1]}",
     "seedbench": f"<question>\nA. <choice_a>\nB. <choice_b>\nC. <choice_c>\nD. <choice_d>\n{_LETTER}",
     "scienceqa": f"[Context: <hint>\n]<question>\nA. <option>...\n{_LETTER}",
+    "hallusionbench": "<question>",
+    "rdtablebench": TABLE_PROMPT,
     "mvbench": "<MVBench system text> <video>\nQuestion: <question>\nOptions:\n(A) <option>...\nOnly give the best "
                "option.",
     "videomme": f"<video>\n<Video-MME instruction>\n<question>\nA. <option>...\n{_LETTER}",
@@ -146,7 +161,10 @@ ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": 
            "mmbench-en": "mmbench", "seed-bench": "seedbench", "seedbench-img": "seedbench",
            "scienceqa-img": "scienceqa", "sqa": "scienceqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa",
            "mv-bench": "mvbench", "video-mme": "videomme", "motion-bench": "motionbench",
-           "physgamebench": "physgame", "phys-game-bench": "physgame"}  # fmt: skip
+           "physgamebench": "physgame", "phys-game-bench": "physgame",
+           "hallusion-bench": "hallusionbench", "hallusion_bench": "hallusionbench", "hallusion": "hallusionbench",
+           "hallusion_bench_image": "hallusionbench", "rd-tablebench": "rdtablebench",
+           "rd_tablebench": "rdtablebench"}  # fmt: skip
 
 
 def get_task(name: str) -> Task:

@@ -27,7 +27,7 @@ def test_mmbench_circular(tmp_path):
     assert data.skipped["malformed row"] == 1
     by_id = data.by_id()
     assert sorted(by_id) == ["0", "1", "1000000", "1000001", "2000000"]  # 3 + 2 rotations
-    assert by_id["1"].prompt == ("Look closely. Colour? There are several options:\nA. red\nB. blue\n"
+    assert by_id["1"].prompt == ("Look closely. Colour? There are several options:\nA. red\nB. blue\n\n"
                                  "Answer with the option's letter from the given choices directly.")  # fmt: skip
     # Rotation 1 of question 0: options (dog, bird, cat), so the right letter moves from B to A.
     assert by_id["1000000"].choices == ["dog", "bird", "cat"] and by_id["1000000"].references == ["A"]
@@ -123,3 +123,15 @@ def test_choice_reading_matches_lmms_eval():
     assert got == {"accuracy": pope.pope_aggregate_accuracy(pairs), "precision": pope.pope_aggregate_precision(pairs),
                    "recall": pope.pope_aggregate_recall(pairs), "f1": pope.pope_aggregate_f1_score(pairs),
                    "yes_ratio": pope.pope_aggregate_yes_ratio(pairs)}  # fmt: skip
+
+
+def test_realworldqa_scoring_matches_lmms_eval():
+    """Letter answers through extract_mcq_answer, open ones (numbers, words) by the cleaned exact string."""
+    ref = pytest.importorskip("lmms_eval.tasks.realworldqa.utils")
+    rng = random.Random(11)
+    open_pool = ["0", "2", "Downhill", "downhill.", "2..", " 2 ", "Two", "Yes", "yes.", "", "0.", "The answer is 2"]
+    for _ in range(400):
+        gt = rng.choice(["A", "B", "C", "D", "b", " C ", "0", "2", "Downhill", "Yes.", "No"])
+        pred = rng.choice(POOL + open_pool) + rng.choice(["", " ", ".", "..", " dog", " B"])
+        want = ref.realworldqa_process_results({"answer": gt}, [pred])["exact_match"]
+        assert float(C.realworldqa_correct(pred, gt)[0]) == want, (pred, gt)

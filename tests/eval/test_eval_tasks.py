@@ -15,7 +15,8 @@ from stitch.eval import tasks as t
 def test_every_task_is_registered_with_a_known_metric():
     assert set(t.TASKS) >= {"vqav2", "textvqa", "docvqa", "infovqa", "chartqa", "ai2d", "mmmu", "mathvista",
                             "ocrbench", "coco", "realworldqa", "easy-vqa", "mmbench", "mmstar", "pope", "seedbench",
-                            "scienceqa", "mvbench", "videomme", "motionbench", "physgame"}  # fmt: skip
+                            "scienceqa", "mvbench", "videomme", "motionbench", "physgame",
+                            "hallusionbench"}  # fmt: skip
     assert t.get_task("spdocvqa").name == "docvqa"
     assert all(task.metric in t.METRICS for task in t.TASKS.values())
     assert t.get_task("VQA").name == "vqav2" and t.get_task("easy_vqa").name == "easy-vqa"

@@ -80,13 +80,19 @@ def multiple_choice_prompt(question: str, choices: list[str], style: str = "dot"
 
 
 def open_image(ref: ImageRef):
-    """Decode an image reference to an RGB PIL image (paths, parquet bytes, or PIL images)."""
+    """Decode an image reference to an RGB PIL image (paths, parquet bytes, PIL images, or a PDF's first page)."""
     from PIL import Image
 
     if isinstance(ref, Image.Image):
         image = ref
     elif isinstance(ref, (bytes, bytearray)):
         image = Image.open(io.BytesIO(ref))
+    elif str(ref).lower().endswith(".pdf"):  # a document page (RD-TableBench): its first page, as pdf2image renders
+        try:
+            from pdf2image import convert_from_path
+        except ImportError as e:
+            raise StitchError(f"{ref}: rendering a PDF page needs pdf2image: pip install pdf2image") from e
+        image = convert_from_path(str(ref), first_page=1, last_page=1)[0]
     else:
         image = Image.open(ref)
     return image.convert("RGB")

@@ -9,7 +9,6 @@ from typing import Any
 
 from stitch.errors import DataError
 from stitch.eval.readers.common import (
-    SHORT_ANSWER,
     ImageRef,
     Sample,
     Skip,
@@ -69,19 +68,24 @@ def read_infovqa(root: Path, skip: Skip) -> Iterator[Sample]:
 
 
 
+# lmms-eval `chartqa.yaml`'s default post prompt (not VQAv2's "single word or phrase").
+CHARTQA_POST_PROMPT = "\nAnswer the question with a single word."
+
+
 def read_chartqa(root: Path, skip: Skip) -> Iterator[Sample]:
     """ChartQA test: test/test_human.json and test/test_augmented.json plus test/png/, or parquet
-    (column 'type' = human_test / augmented_test)."""
+    (column 'type' = human_test / augmented_test). Prompt as lmms-eval's `chartqa_doc_to_text`: the question as
+    released, then its post prompt."""
 
     def sample(sid: str, question: Any, answer: Any, image, split: str) -> Sample | None:
-        q, a = text_of(question), raw_text_of(answer)
+        q, a = raw_text_of(question), raw_text_of(answer)
         if q is None or a is None:
             skip("no question or answer")
             return None
         if image is None:
             skip("missing image")
             return None
-        return Sample(sid, [image], conversation(f"{q}\n{SHORT_ANSWER}"), [a], meta={"split": split})
+        return Sample(sid, [image], conversation(f"{q}{CHARTQA_POST_PROMPT}"), [a], meta={"split": split})
 
     if has_parquet(root):
         counts: Counter = Counter()

@@ -17,27 +17,31 @@ from stitch.eval.readers.common import (
     iter_parquet,
     parquet_files,
     parquet_image,
+    raw_text_of,
     text_of,
 )
 
 MMSTAR_INSTRUCTION = "Answer with the option's letter from the given choices directly"
+MMSTAR_REPLACED = " Please answer yes or no."
 # MMBench rotations get index + k * 1e6, as MMBench's circular files number them.
 _CIRCULAR_STEP = 1_000_000
 
 
 def _present(value: Any) -> bool:
     """An option cell that holds text (MMBench leaves absent options as None, NaN or "nan")."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not value or (isinstance(value, float) and math.isnan(value)):  # `create_options_prompt` drops falsy ones
         return False
-    return str(value) != "nan" and str(value) != ""
+    return str(value) != "nan"
 
 
 def mmbench_prompt(question: str, hint: Any, options: dict[str, str]) -> str:
-    """lmms-eval `mmbench_doc_to_text`: "[hint ]question There are several options:\\nA. ..." then the
-    instruction on its own line."""
+    """lmms-eval `mmbench_doc_to_text`: "[hint ]question There are several options:\\nA. ...", then "\\n" and
+    the default post prompt, which itself starts with "\\n" (so a blank line before the instruction). The hint
+    is left out only when it is None, NaN or "nan": an empty hint still puts a space before the question."""
     opts = "There are several options:\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
-    head = f"{hint} {question}" if _present(hint) else question
-    return f"{head} {opts}\n{MULTIPLE_CHOICE}"
+    has_hint = hint is not None and not (isinstance(hint, float) and math.isnan(hint)) and hint != "nan"
+    head = f"{hint} {question}" if has_hint else question
+    return f"{head} {opts}\n\n{MULTIPLE_CHOICE}"
 
 
 def read_mmbench(root: Path, skip: Skip) -> Iterator[Sample]:
@@ -49,7 +53,7 @@ def read_mmbench(root: Path, skip: Skip) -> Iterator[Sample]:
     rows = [row for _, row in iter_parquet(parquet_files(root, "dev"))]
     has_rotations = any(int(r.get("index") or 0) >= _CIRCULAR_STEP for r in rows)
     for row in rows:
-        q, answer, index = text_of(row.get("question")), text_of(row.get("answer")), row.get("index")
+        q, answer, index = raw_text_of(row.get("question")), text_of(row.get("answer")), row.get("index")
         options = {k: str(row[k]) for k in "ABCDE" if _present(row.get(k))}
         image = parquet_image(row.get("image"), root)
         if q is None or index is None or answer not in options:
@@ -76,8 +80,8 @@ def read_mmstar(root: Path, skip: Skip) -> Iterator[Sample]:
     category, l2_category). The prompt is the question and "Answer with the option's letter from the given
     choices directly" (lmms-eval's, without a final period)."""
     for _, row in iter_parquet(parquet_files(root, "val")):
-        q, answer, image = text_of(row.get("question")), text_of(row.get("answer")), parquet_image(row.get("image"),
-                                                                                                     root)  # fmt: skip
+        q, answer = text_of(row.get("question")), text_of(row.get("answer"))
+        image = parquet_image(row.get("image"), root)
         if q is None or answer is None or row.get("index") is None:
             skip("malformed row")
             continue
@@ -85,7 +89,10 @@ def read_mmstar(root: Path, skip: Skip) -> Iterator[Sample]:
             skip("missing image")
             continue
         meta = {"category": row.get("category"), "l2_category": row.get("l2_category")}
-        yield Sample(str(row["index"]), [image], conversation(f"{q}\n{MMSTAR_INSTRUCTION}"), [answer], meta=meta)
+        # `mmstar_doc_to_text`: the stripped question; a non-empty post prompt first removes " Please answer yes
+        # or no." wherever it stands.
+        prompt = f"{q.replace(MMSTAR_REPLACED, '')}\n{MMSTAR_INSTRUCTION}"
+        yield Sample(str(row["index"]), [image], conversation(prompt), [answer], meta=meta)
 
 
 def read_pope(root: Path, skip: Skip) -> Iterator[Sample]:
@@ -112,8 +119,9 @@ def read_seedbench(root: Path, skip: Skip) -> Iterator[Sample]:
         if row.get("data_type") not in (None, "image"):
             skip("video question")
             continue
-        q, answer, sid = text_of(row.get("question")), text_of(row.get("answer")), row.get("question_id")
-        choices = [text_of(row.get(f"choice_{c}")) or "" for c in "abcd"]
+        q, answer, sid = raw_text_of(row.get("question")), text_of(row.get("answer")), row.get("question_id")
+        # As released, not stripped (lmms-eval `seed_doc_to_text` formats the raw cells).
+        choices = ["" if row.get(f"choice_{c}") is None else str(row.get(f"choice_{c}")) for c in "abcd"]
         if q is None or answer is None or sid is None:
             skip("malformed row")
             continue
@@ -132,7 +140,7 @@ def read_scienceqa(root: Path, skip: Skip) -> Iterator[Sample]:
     without an image are skipped (the IMG subset has one on every row). Prompt: "Context: <hint>\\n" when there
     is a hint, the question, "A. ..." options, and the letter instruction."""
     for i, (_, row) in enumerate(iter_parquet(parquet_files(root, "test"))):
-        q, choices, answer = text_of(row.get("question")), row.get("choices"), row.get("answer")
+        q, choices, answer = raw_text_of(row.get("question")), row.get("choices"), row.get("answer")
         if q is None or not isinstance(choices, list) or not isinstance(answer, int) or not 0 <= answer < len(
                 choices):  # fmt: skip
             skip("malformed row")

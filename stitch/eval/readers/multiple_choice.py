@@ -24,6 +24,7 @@ from stitch.eval.readers.common import (
     multiple_choice_prompt,
     parquet_files,
     parquet_image,
+    raw_text_of,
     text_of,
 )
 
@@ -55,7 +56,8 @@ def _letter(answer: Any, n: int) -> str | None:
 
 def _mc_sample(sid: str, question: Any, choices: Any, answer: Any, images: list, skip: Skip, style="dot",
                meta=None) -> Sample | None:  # fmt: skip
-    q, options = text_of(question), _choices(choices)
+    # The question as released (lmms-eval's AI2D and MMMU prompts do not strip it).
+    q, options = raw_text_of(question), _choices(choices)
     if q is None or options is None or len(options) > 26:
         skip("no question or options")
         return None

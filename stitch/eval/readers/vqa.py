@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,26 @@ from stitch.eval.readers.common import (
     parquet_files,
     parquet_image,
     raw_answers_of,
+    raw_text_of,
     text_of,
 )
 
 
-def vqa_sample(sid: Any, question: Any, answers: Any, image: ImageRef | None, skip: Skip, meta=None) -> Sample | None:
-    q, refs = text_of(question), raw_answers_of(answers)
+def short_answer_prompt(question: str) -> str:
+    """lmms-eval's VQAv2 / DocVQA / InfoVQA `doc_to_text`: the question as released (not stripped), then the
+    default post prompt."""
+    return f"{question}\n{SHORT_ANSWER}"
+
+
+def textvqa_prompt(question: str) -> str:
+    """lmms-eval `textvqa_doc_to_text`: `question.capitalize()` (which also lower-cases the rest: "Nokia" becomes
+    "nokia"), no OCR tokens, then the default post prompt."""
+    return short_answer_prompt(question.capitalize())
+
+
+def vqa_sample(sid: Any, question: Any, answers: Any, image: ImageRef | None, skip: Skip, meta=None,
+               prompt: Callable[[str], str] = short_answer_prompt) -> Sample | None:  # fmt: skip
+    q, refs = raw_text_of(question), raw_answers_of(answers)
     if sid is None or q is None:
         skip("no id or question")
         return None
@@ -37,14 +51,15 @@ def vqa_sample(sid: Any, question: Any, answers: Any, image: ImageRef | None, sk
     if image is None:
         skip("missing image")
         return None
-    return Sample(str(sid), [image], conversation(f"{q}\n{SHORT_ANSWER}"), refs, meta=meta or {})
+    return Sample(str(sid), [image], conversation(prompt(q)), refs, meta=meta or {})
 
 
-def read_parquet_vqa(root: Path, skip: Skip, split: str, id_key: str, group_key: str | None = None):
+def read_parquet_vqa(root: Path, skip: Skip, split: str, id_key: str, group_key: str | None = None,
+                     prompt: Callable[[str], str] = short_answer_prompt):  # fmt: skip
     for _, row in iter_parquet(parquet_files(root, split)):
         meta = {group_key: row.get(group_key)} if group_key and row.get(group_key) else {}
         s = vqa_sample(row.get(id_key), row.get("question"), row.get("answers"),
-                        parquet_image(row.get("image"), root), skip, meta)  # fmt: skip
+                        parquet_image(row.get("image"), root), skip, meta, prompt)  # fmt: skip
         if s:
             yield s
 
@@ -89,7 +104,7 @@ def read_vqav2(root: Path, skip: Skip) -> Iterator[Sample]:
 def read_textvqa(root: Path, skip: Skip) -> Iterator[Sample]:
     """TextVQA val: TextVQA_0.5.1_val.json plus train_images/ (the val images ship with train), or parquet."""
     if has_parquet(root):
-        yield from read_parquet_vqa(root, skip, "validation", "question_id")
+        yield from read_parquet_vqa(root, skip, "validation", "question_id", prompt=textvqa_prompt)
         return
     path = find_file(root, ["TextVQA_*val*.json", "*val*.json", "*.json"], "TextVQA JSON (TextVQA_0.5.1_val.json)")
     data = load_json(path)
@@ -102,14 +117,17 @@ def read_textvqa(root: Path, skip: Skip) -> Iterator[Sample]:
             continue
         name = f"{row['image_id']}.jpg"
         image = first_file([base / "train_images" / name, base / "images" / name, base / "test_images" / name])
-        s = vqa_sample(row.get("question_id", i), row.get("question"), row.get("answers"), image, skip)
+        s = vqa_sample(row.get("question_id", i), row.get("question"), row.get("answers"), image, skip,
+                       prompt=textvqa_prompt)
         if s:
             yield s
 
 
 
 def read_realworldqa(root: Path, skip: Skip) -> Iterator[Sample]:
-    """RealWorldQA: the parquet export (image, question with its own instruction, answer)."""
+    """RealWorldQA: the parquet export (image, question with its own instruction, answer). The prompt is the
+    stripped question, as lmms-eval's `realworldqa_doc_to_text` gives it by default (its empty post prompt
+    leaves the question's own "Please answer directly ..." sentence in place)."""
     if not has_parquet(root):
         raise DataError(f"{root}: RealWorldQA is read from its parquet export (no .parquet files found)")
     for i, (_, row) in enumerate(iter_parquet(parquet_files(root, "test"))):
