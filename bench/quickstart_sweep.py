@@ -6,7 +6,8 @@ caption is checked for the image's colour and shape (what the questions' answers
 stage 1 can be judged without the SFT that follows it.
 
   python bench/quickstart_sweep.py --variant b8:pretrain=600x8 --variant b32:pretrain=150x32 --out sweep.json
-A variant is NAME:key=value,...; keys: pretrain=STEPSxBATCH, sft=STEPSxBATCH, tokens (1 or 4 image tokens),
+A variant is NAME:key=value,...; keys: warmup=STEPSxBATCH (stage 0, the encoder alone), pretrain=STEPSxBATCH
+(0xB skips stage 1), sft=STEPSxBATCH, tokens (1 or 4 image tokens),
 caption (long: "A red circle.", short: "red circle"), lr (projector, stage 1), vlr (encoder), layers (SFT: last
 N LLM layers, 0 = all), sft_vision (1: the encoder and projector keep training in SFT), eval (test questions).
 """
@@ -17,14 +18,17 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import stitch
 from stitch.checkpoint.build import stitch_build
 from stitch.checkpoint.gguf import bundled_smollm2
+from stitch.checkpoint.store import save
 from stitch.data.sources import easy_vqa_records
 from stitch.device import compute_dtype
+from stitch.errors import StitchError
 from stitch.infer.generate import generate_batch
 from stitch.quickstart import (
     COLORS,
@@ -39,6 +43,7 @@ from stitch.quickstart import (
     write_training_data,
 )
 from stitch.train.trainer import Trainer
+from stitch.train.warmup import caption_targets, warm_up_encoder
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -66,6 +71,26 @@ def caption_accuracy(model, processor, n: int) -> dict[str, float]:
     return {"caption_color": color / len(truth), "caption_shape": shape / len(truth), "example": texts[:3]}
 
 
+def warm_up_stage(checkpoint: Path, captions_file: Path, out_dir: Path, steps: int, batch: int, device: str,
+                  seed: int, max_minutes: float | None = None, log=None) -> dict[str, Any]:
+    """Stage 0: the encoder and projector learn the captions' words against the LLM's frozen embeddings
+    (`stitch.train.warmup`), no LLM forward; writes `out_dir/final`. Images are preprocessed once (one tile each)."""
+    model, processor = stitch.load(checkpoint, device=device, dtype=torch.float32)
+    rows = [json.loads(line) for line in captions_file.read_text().splitlines() if line.strip()]
+    pixels = torch.cat([processor.images(r["image"], max_tiles=1) for r in rows])  # [N, 3, s, s]
+    if pixels.shape[0] != len(rows):
+        raise StitchError(f"{captions_file}: the warm-up needs one tile per image, got {pixels.shape[0]} tiles "
+                          f"for {len(rows)} images")
+    targets = caption_targets(processor.tokenizer, [r["conversations"][1]["value"] for r in rows],
+                              model.llm.embed_tokens.weight.shape[0])
+    compute = compute_dtype(device)
+    result = warm_up_encoder(model, pixels, targets, steps, batch, seed=seed,
+                             autocast_dtype=compute.dtype if compute.dtype != torch.float32 else None,
+                             max_seconds=None if max_minutes is None else max_minutes * 60, log=log)
+    save(model, out_dir / "final", tokenizer=processor.tokenizer)
+    return {"steps": result.steps, "final_loss": result.losses[-1], "seconds": round(result.seconds, 1)}
+
+
 def run_variant(name: str, opts: dict[str, str], root: Path, device: str) -> dict:
     out = root / name
     tokens = int(opts.get("tokens", 4))
@@ -80,21 +105,30 @@ def run_variant(name: str, opts: dict[str, str], root: Path, device: str) -> dic
     (stitched / "config.json").write_text(json.dumps(cfg, indent=2))
     precision = compute_dtype(device).precision
     row: dict = {"variant": name, **opts, "data": data}
+    start_ckpt = stitched
+    if "warmup" in opts:  # stage 0: the encoder alone against the LLM's embeddings
+        steps, batch = (int(x) for x in opts["warmup"].split("x"))
+        row["warmup"] = warm_up_stage(stitched, out / "data" / "captions.jsonl", out / "warmup", steps, batch,
+                                      device, 0)
+        start_ckpt = out / "warmup" / "final"
     steps, batch = (int(x) for x in opts.get("pretrain", "300x32").split("x"))
     lr, vlr = float(opts.get("lr", 1e-3)), float(opts.get("vlr", 3e-4))
-    start = time.time()
-    cfg1 = stage_config("pretrain", out, stitched, out / "data" / "captions.jsonl", steps, batch, lr, device,
-                        precision, 0, vision_lr=vlr)
-    run = Trainer(cfg1, console_print=lambda *_: None).fit()
-    row["pretrain_s"] = round(time.time() - start, 1)
-    row["pretrain_loss"] = run.losses[-1]
-    model, processor = stitch.load(out / "pretrain" / "final", device=device)
-    row.update(caption_accuracy(model, processor, int(opts.get("captions", 300))))
-    del model
+    sft_from = start_ckpt
+    if steps > 0:
+        start = time.time()
+        cfg1 = stage_config("pretrain", out, start_ckpt, out / "data" / "captions.jsonl", steps, batch, lr, device,
+                            precision, 0, vision_lr=vlr)
+        run = Trainer(cfg1, console_print=lambda *_: None).fit()
+        row["pretrain_s"] = round(time.time() - start, 1)
+        row["pretrain_loss"] = run.losses[-1]
+        sft_from = out / "pretrain" / "final"
+        model, processor = stitch.load(sft_from, device=device)
+        row.update(caption_accuracy(model, processor, int(opts.get("captions", 300))))
+        del model
     if "sft" in opts:
         steps, batch = (int(x) for x in opts["sft"].split("x"))
         start = time.time()
-        cfg2 = stage_config("sft", out, out / "pretrain" / "final", out / "data" / "vqa.jsonl", steps, batch,
+        cfg2 = stage_config("sft", out, sft_from, out / "data" / "vqa.jsonl", steps, batch,
                             float(opts.get("sft_lr", 2e-4)), device, precision, 0,
                             llm_last_layers=int(opts.get("layers", 8)), vision_lr=vlr,
                             train_vision=opts.get("sft_vision", "1") == "1")

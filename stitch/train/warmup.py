@@ -45,6 +45,21 @@ def caption_targets(tokenizer, captions: Sequence[str], vocab_size: int) -> torc
     return targets
 
 
+def caption_word_loss(tokens: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 0.1) -> torch.Tensor:
+    """Cross-entropy of each image's caption words, plus a pull of every image token to the embeddings' norm.
+
+    tokens [B, n, D] (the image tokens), embeddings [V, D], targets [B, V]. The words are scored by the mean
+    token's direction at the embeddings' mean norm, over `temperature`, and the norm term keeps each token at
+    that norm: unconstrained, the cross-entropy grows the tokens to ~8x a word's norm, and the frozen LLM then
+    spends the next stage's first steps on the outlier instead of the caption."""
+    norm = embeddings.norm(dim=-1).mean()
+    direction = F.normalize(tokens.mean(1), dim=-1)  # [B, D]
+    logits = (direction * norm) @ embeddings.T / temperature  # [B, V]
+    words = -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return words + ((tokens.norm(dim=-1) / norm - 1) ** 2).mean()
+
+
 def warm_up_encoder(
     model: VLM,
     pixel_values: torch.Tensor,
@@ -56,6 +71,7 @@ def warm_up_encoder(
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
     max_seconds: float | None = None,
+    temperature: float = 0.1,
     log: Callable[[int, float], None] | None = None,
 ) -> WarmupResult:
     """Train `model.vision` and `model.projector` (the LLM untouched) on one-tile images.
@@ -69,7 +85,7 @@ def warm_up_encoder(
     if steps < 1 or batch_size < 1:
         raise StitchError(f"warm-up needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
     device = next(model.projector.parameters()).device
-    embeddings = model.llm.embed_tokens.weight.detach()  # [V, D], frozen
+    embeddings = model.llm.embed_tokens.weight.detach().float()  # [V, D], frozen
     model.vision.train()
     model.projector.train()
     params = [{"params": [p for p in model.vision.parameters()], "lr": vision_lr},
@@ -92,10 +108,9 @@ def warm_up_encoder(
         idx = order[cursor : cursor + batch_size]
         cursor += batch_size
         with autocast:
-            tokens = model.image_embeddings(pixel_values[idx].to(device))  # [B * tokens, D]
-            image = tokens.view(len(idx), -1, tokens.shape[-1]).mean(1)  # [B, D]
-            logits = image.float() @ embeddings.float().T  # [B, V]
-        loss = -(targets[idx].to(device) * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+            tokens = model.image_embeddings(pixel_values[idx].to(device)).float()  # [B * tokens, D]
+        loss = caption_word_loss(tokens.view(len(idx), -1, tokens.shape[-1]), embeddings, targets[idx].to(device),
+                                 temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
