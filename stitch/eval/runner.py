@@ -420,7 +420,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
     started = time.time()
     target = shard_path(pred_path, ranks.rank) if ranks.distributed else pred_path
-    skipped, cache = _generate(args, task.name, mine, target, max_new_tokens) if mine else ({}, {})
+    skipped, cache = _generate(args, task.name, mine, target, max_new_tokens, task.stop) if mine else ({}, {})
     gathered = ranks.gather(({k: sorted(v) for k, v in skipped.items()}, cache))  # also waits for every rank
     if not ranks.main:
         ranks.close()
@@ -445,7 +445,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
         "max_new_tokens": max_new_tokens,
         "batch_size": args.batch_size,
         "decoding": {"strategy": "greedy", "temperature": 0.0, "max_new_tokens": max_new_tokens,
-                     "batch_size": args.batch_size, "dtype": args.dtype, "device": str(args.device)},
+                     "stop": list(task.stop), "fit_context": True, "batch_size": args.batch_size,
+                     "dtype": args.dtype, "device": str(args.device)},
         "processes": ranks.world,
         "image_cache": dict(cache_totals) if cache_totals else None,
         "generation_seconds": seconds,
@@ -480,12 +481,14 @@ def _load_model(args: argparse.Namespace):
     return model, processor
 
 
-def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_tokens: int
+def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_tokens: int, stop: tuple[str, ...] = ()
               ) -> tuple[dict[str, set[str]], dict[str, int]]:
     """Generate answers for `todo`, appending one JSONL row per sample; returns the ids it could not run, by
     reason (an unreadable image, a sample the processor refuses, one longer than the model's context): those
     are skipped and counted by the caller, and the rest of their batch still runs; and the image-embedding
-    cache's counts (questions about one image run the vision encoder once; `--no-image-cache` turns it off)."""
+    cache's counts (questions about one image run the vision encoder once; `--no-image-cache` turns it off).
+    `stop` strings end an answer (cut from it), as lmms-eval's `until`; a prompt that leaves less room than
+    `max_new_tokens` in the model's context gets what is left (`fit_context`)."""
     # Imported at call time, so a stand-in generation module (the eval tests install one in sys.modules) is used.
     try:
         from stitch.infer.generate import generate_batch
@@ -504,7 +507,8 @@ def _generate(args, task: str, todo: list[Sample], pred_path: Path, max_new_toke
     def answer(samples: list[Sample], images: list[list]) -> list[str]:
         videos = {"videos": [s.videos for s in samples]} if any(s.videos for s in samples) else {}
         return generate_batch(model, processor, [s.conversation for s in samples], images,
-                              max_new_tokens=max_new_tokens, temperature=0.0, **videos)
+                              max_new_tokens=max_new_tokens, temperature=0.0, stop=list(stop), fit_context=True,
+                              **videos)
 
     pred_path.parent.mkdir(parents=True, exist_ok=True)
     written = 0

@@ -18,6 +18,7 @@ from stitch.errors import StitchError
 from stitch.eval import metrics, reference
 from stitch.eval import reference_choice as C
 from stitch.eval import reference_hallusion as HB
+from stitch.eval import reference_ocrbench_v2 as O2
 from stitch.eval import reference_table as T
 from stitch.eval.readers.common import Sample, clean_answers
 
@@ -289,6 +290,42 @@ def _pope_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
     return {"all": C.pope_metrics([(p, g) for _, p, g in pairs]), "by_split": C.pope_by_split(pairs)}
 
 
+def _ocrbench_v2(sample: Sample, prediction: str) -> Judged:
+    """Scored by the reference rule for its type; "unscored" where that rule is not ported (O2.UNSCORED, left out
+    of the headline); "unparsable" (0) where the reference's own code would raise on the sample."""
+    doc = {**sample.meta, "answers": list(sample.references)}
+    try:
+        score = O2.ocrbench_v2_score(prediction, doc)
+    except (ValueError, TypeError, AttributeError, SyntaxError, AssertionError, ZeroDivisionError):
+        return Judged(0.0, None, "unparsable")
+    return Judged(0.0, None, "unscored") if score is None else Judged(score)
+
+
+def _o2_scored(samples: list[Sample], judged: list[Judged]) -> list[tuple[Sample, Judged]]:
+    return [(s, j) for s, j in zip(samples, judged) if O2.ocrbench_v2_score_supported(s.meta)]
+
+
+def _ocrbench_v2_final(samples: list[Sample], judged: list[Judged]) -> float:
+    return O2.subset_means([(s.meta["type"], j.score) for s, j in _o2_scored(samples, judged)])["final"]
+
+
+def _ocrbench_v2_lines(samples: list[Sample], judged: list[Judged]) -> dict[str, Any]:
+    """The reference's report over the scored types (English, Chinese, final, per bucket and per type, each in
+    [0, 1]), and what was left unscored, by type, with the reason."""
+    rows = [(s.meta["type"], j.score) for s, j in _o2_scored(samples, judged)]
+    means = O2.subset_means(rows)
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for kind, score in rows:
+        by_type[kind].append(score)
+    unscored: dict[str, int] = defaultdict(int)
+    for s in samples:
+        if not O2.ocrbench_v2_score_supported(s.meta):
+            unscored[s.meta["type"]] += 1
+    return {**means, "by_type": {k: {"score": sum(v) / len(v), "samples": len(v)} for k, v in sorted(by_type.items())},
+            "unscored": {k: {"samples": n, "reason": O2.unscored_reason(k)} for k, n in sorted(unscored.items())},
+            "complete": not unscored}  # fmt: skip
+
+
 # Keyed by metric, or "metric/variant" where one metric has per-benchmark rules (TextVQA's processor).
 SCORERS: dict[str, Scorer] = {
     "vqa_accuracy": Scorer("vqa_accuracy", _vqav2, rules=f"{_LMMS} vqav2_process_results (EvalAI punctuation and "
@@ -320,6 +357,12 @@ SCORERS: dict[str, Scorer] = {
                        rules=f"{_LMMS} ocrbench_process_results (substring; full-width folded; HME100k spaceless)",
                        readings={"stitch": (_ocrbench_stitch, "Stitch: no full-width folding, empty answers "
                                             "never match")}),
+    "ocrbench_v2": Scorer("ocrbench_v2", _ocrbench_v2, aggregate=_ocrbench_v2_final, report=_ocrbench_v2_lines,
+                          rules=f"{_LMMS} ocrbench_v2_process_results for the types it scores in plain Python "
+                          "(VQA substring/ANLS, multiple choice, counting, formula, grounding IoU, VQA with position, "
+                          "KIE F1, handwritten extraction); headline = mean over the scored samples "
+                          "(ocrbench_v2_aggregate_accuracy's final score); TEDS, page-OCR and spotting types "
+                          "unscored (extra.unscored)"),
     "cider": Scorer("cider", corpus=_cider, unit="CIDEr x100", rules="pycocoevalcap CIDEr-D (PTB or simple "
                     "tokenizer, as the summary's extra.tokenizer says)"),
     "mmbench": Scorer("mmbench", _mmbench, aggregate=_mmbench_circular, rules=f"{_LMMS} MMBench static "

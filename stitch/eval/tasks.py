@@ -37,6 +37,7 @@ from stitch.eval.readers.docs import read_chartqa, read_docvqa, read_infovqa, re
 from stitch.eval.readers.hallusion import read_hallusionbench
 from stitch.eval.readers.mcq_suites import read_mmbench, read_mmstar, read_pope, read_scienceqa, read_seedbench
 from stitch.eval.readers.multiple_choice import read_ai2d, read_mathvista, read_mmmu
+from stitch.eval.readers.ocrbench_v2 import read_ocrbench_v2
 from stitch.eval.readers.tables import TABLE_PROMPT, read_rdtablebench
 from stitch.eval.readers.video import read_motionbench, read_mvbench, read_physgame, read_videomme
 from stitch.eval.readers.vqa import read_easy_vqa, read_realworldqa, read_textvqa, read_vqav2
@@ -51,6 +52,7 @@ METRICS = (
     "mmmu",
     "mathvista",
     "ocrbench",
+    "ocrbench_v2",
     "cider",
     "exact_match",
     "mmbench",
@@ -73,9 +75,11 @@ class Task:
     reader: Callable[[Path, Skip], Iterable[Sample]]
     group: str | None = None
     needs_data: bool = True
-    # Enough for the customary short answers; captions, OCR transcripts and MathVista's values run longer.
+    # Greedy decoding budget and stop strings (cut from the answer): lmms-eval 0.7.3's generation_kwargs for the
+    # task (GENERATION below; tests/eval/test_eval_generation_parity.py reads the YAMLs).
     max_new_tokens: int = 16
-    # Bumped whenever the reader, prompt or metric rules change what a score means (summaries record it).
+    stop: tuple[str, ...] = ()
+    # Bumped whenever the reader, prompt, decoding or metric rules change what a score means (summaries record it).
     version: str = "2"
 
     @property
@@ -89,33 +93,53 @@ class Task:
         return self.scorer.metric
 
 
+# lmms-eval 0.7.3's generation settings per task, as its TaskConfig completes the YAML's generation_kwargs:
+# `until` defaults to ["\n\n"] (the few-shot delimiter) when the YAML gives none; max_new_tokens, where the
+# YAML gives none, is 1024, the default of its llava, llava_hf and internvl_hf model classes. Always greedy.
+_LMMS_STOP = ("\n\n",)
+_ASSISTANT = ("ASSISTANT:",)
+GENERATION: dict[str, tuple[int, tuple[str, ...]]] = {
+    "vqav2": (16, _LMMS_STOP), "textvqa": (1024, _ASSISTANT), "docvqa": (32, _LMMS_STOP),
+    "infovqa": (32, _LMMS_STOP), "chartqa": (16, _LMMS_STOP), "ai2d": (16, _LMMS_STOP),
+    "mmmu": (128, _LMMS_STOP), "mathvista": (16384, _LMMS_STOP), "ocrbench": (128, _LMMS_STOP),
+    "ocrbench_v2": (128, _LMMS_STOP), "coco": (64, _LMMS_STOP), "realworldqa": (16, _LMMS_STOP),
+    "mmbench": (1024, _ASSISTANT), "mmstar": (1024, _LMMS_STOP), "pope": (128, _LMMS_STOP),
+    "seedbench": (1024, _ASSISTANT), "scienceqa": (16, _LMMS_STOP), "hallusionbench": (128, _LMMS_STOP),
+}  # fmt: skip
+
+
 def _task(name: str, title: str, metric: str, reader: Callable[[Path, Skip], Iterable[Sample]], **kw) -> Task:
+    if name in GENERATION:
+        kw["max_new_tokens"], kw["stop"] = GENERATION[name]
     return Task(name, title, SCORERS[metric], reader, **kw)
 
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        # Version 3: prompts exactly as lmms-eval 0.7.3 renders them (tests/eval/test_eval_prompt_parity.py).
-        _task("vqav2", "VQAv2 (val)", "vqa_accuracy", read_vqav2, group="answer_type", version="3"),
-        _task("textvqa", "TextVQA (val)", "vqa_accuracy/textvqa", read_textvqa, version="3"),
-        _task("docvqa", "DocVQA (val)", "anls", read_docvqa, version="3"),
-        _task("infovqa", "InfographicVQA (val)", "anls", read_infovqa, version="3"),
-        _task("chartqa", "ChartQA (test)", "relaxed_accuracy", read_chartqa, group="split", version="3"),
-        _task("ai2d", "AI2D (test)", "multiple_choice", read_ai2d, version="3"),
-        _task("mmmu", "MMMU (val)", "mmmu", read_mmmu, group="subject", version="3"),
-        _task("mathvista", "MathVista (testmini)", "mathvista", read_mathvista, group="task", max_new_tokens=64),
-        _task("ocrbench", "OCRBench", "ocrbench", read_ocrbench, group="category", max_new_tokens=64),
-        _task("coco", "COCO captions (Karpathy test)", "cider", read_coco, max_new_tokens=48),
-        # Version 3: scored by realworldqa_process_results (was exact match).
-        _task("realworldqa", "RealWorldQA", "exact_match/realworldqa", read_realworldqa, version="3"),
-        _task("mmbench", "MMBench (en dev, circular)", "mmbench", read_mmbench, group="category", version="3"),
-        _task("mmstar", "MMStar (val)", "mmstar", read_mmstar, group="category", version="3"),
-        _task("pope", "POPE (test)", "pope", read_pope, group="split"),
-        _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type", version="3"),
-        _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject", version="3"),
+        # Version 4: lmms-eval's generation settings (GENERATION); version 3: its prompts
+        # (tests/eval/test_eval_prompt_parity.py).
+        _task("vqav2", "VQAv2 (val)", "vqa_accuracy", read_vqav2, group="answer_type", version="4"),
+        _task("textvqa", "TextVQA (val)", "vqa_accuracy/textvqa", read_textvqa, version="4"),
+        _task("docvqa", "DocVQA (val)", "anls", read_docvqa, version="4"),
+        _task("infovqa", "InfographicVQA (val)", "anls", read_infovqa, version="4"),
+        _task("chartqa", "ChartQA (test)", "relaxed_accuracy", read_chartqa, group="split", version="4"),
+        _task("ai2d", "AI2D (test)", "multiple_choice", read_ai2d, version="4"),
+        _task("mmmu", "MMMU (val)", "mmmu", read_mmmu, group="subject", version="4"),
+        # Version 4: prompted as mathvista_testmini_format (was the `query` field), its decoding.
+        _task("mathvista", "MathVista (testmini)", "mathvista", read_mathvista, group="task", version="4"),
+        _task("ocrbench", "OCRBench", "ocrbench", read_ocrbench, group="category", version="4"),
+        _task("ocrbench_v2", "OCRBench v2", "ocrbench_v2", read_ocrbench_v2, version="1"),
+        # Version 4: Karpathy files prompted as coco_karpathy_test; its decoding.
+        _task("coco", "COCO captions (Karpathy test)", "cider", read_coco, version="4"),
+        _task("realworldqa", "RealWorldQA", "exact_match/realworldqa", read_realworldqa, version="4"),
+        _task("mmbench", "MMBench (en dev, circular)", "mmbench", read_mmbench, group="category", version="4"),
+        _task("mmstar", "MMStar (val)", "mmstar", read_mmstar, group="category", version="4"),
+        _task("pope", "POPE (test)", "pope", read_pope, group="split", version="4"),
+        _task("seedbench", "SEED-Bench (image)", "seedbench", read_seedbench, group="question_type", version="4"),
+        _task("scienceqa", "ScienceQA-IMG (test)", "scienceqa", read_scienceqa, group="subject", version="4"),
         _task("hallusionbench", "HallusionBench (image)", "hallusionbench", read_hallusionbench, group="category",
-              max_new_tokens=128, version="1"),
+              version="2"),
         _task("rdtablebench", "RD-TableBench", "table_similarity", read_rdtablebench, max_new_tokens=4096,
               version="1"),
         _task("easy-vqa", "easy-vqa (test)", "exact_match", read_easy_vqa, needs_data=False),
@@ -136,9 +160,13 @@ PROMPTS = {
     "ai2d": f"<question>\nA. <option>\nB. <option>...\n{_LETTER}",
     "mmmu": f"<image>... <question>\nA. <option>...\n\n{_LETTER} | open: <question>\n\nAnswer the question "
             "using a single word or phrase.",
-    "mathvista": "<query> (the benchmark's own field)",
+    "mathvista": f"<question>[ (Unit: <unit>)]\nA. <option>...\n{_LETTER} | free form: <question>[ (Unit: <unit>)]\n"
+                 "Answer the question using a single integer number. (or: ... floating-point number with one/two "
+                 "decimal places. / a Python list.) (mathvista_testmini_format)",
+    "ocrbench_v2": "<question, stripped>",
     "ocrbench": "<question, stripped>",
-    "coco": "Provide a one-sentence caption for the provided image.",
+    "coco": "Describe the image briefly. (Karpathy files, as coco_karpathy_test) | Provide a one-sentence caption "
+            "for the provided image. (captions_val*.json, parquet, as coco2014/2017_cap_val)",
     "realworldqa": "<question, stripped> (carries its own instruction)",
     "mmbench": f"[<hint> ]<question> There are several options:\nA. <option>...\n\n{_LETTER} (each rotation)",
     "mmstar": f"<question with its options, stripped, ' Please answer yes or no.' removed>\n{_LETTER[:-1]}",
@@ -156,7 +184,8 @@ PROMPTS = {
 # Other spellings people type.
 ALIASES = {"vqa": "vqav2", "vqa-v2": "vqav2", "text-vqa": "textvqa", "doc-vqa": "docvqa",
            "infographicvqa": "infovqa", "info-vqa": "infovqa", "chart-qa": "chartqa", "mmmu-val": "mmmu",
-           "ocr-bench": "ocrbench", "coco-caption": "coco", "coco-captions": "coco", "cococaption": "coco",
+           "ocr-bench": "ocrbench", "ocrbench-v2": "ocrbench_v2", "ocrbenchv2": "ocrbench_v2",
+           "coco-caption": "coco", "coco-captions": "coco", "cococaption": "coco",
            "realworld-qa": "realworldqa", "spdocvqa": "docvqa", "sp-docvqa": "docvqa",
            "mmbench-en": "mmbench", "seed-bench": "seedbench", "seedbench-img": "seedbench",
            "scienceqa-img": "scienceqa", "sqa": "scienceqa", "easy_vqa": "easy-vqa", "easyvqa": "easy-vqa",

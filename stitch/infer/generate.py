@@ -9,6 +9,7 @@ callers (eval, server) that want the lower-level API.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -129,12 +130,15 @@ def generate_batch(
     max_batch_size: int = 64,
     videos: Sequence[Sequence] | None = None,
     num_frames: int | None = None,
+    fit_context: bool = False,
 ) -> list[str]:
     """Replies to many conversations (`[{"role", "content"}]` with `<image>` placeholders), batched.
 
     `images[i]` are conversation i's images (None or [] for text only), `videos[i]` its videos. Each row samples
     with `seed` as if it ran alone, so the result does not depend on batch composition; greedy results equal
-    one-by-one runs.
+    one-by-one runs. `fit_context`: a row whose prompt leaves fewer than `max_new_tokens` positions in the
+    model's context gets only those (benchmarks whose reference budget, e.g. MathVista's 16,384, exceeds the
+    context: the KV cache is allocated for the whole budget, and positions past the context were never trained).
     """
     if images is None:
         images = [[] for _ in conversations]
@@ -150,6 +154,12 @@ def generate_batch(
         raise StitchError(f"{len(conversations)} conversations but {len(videos)} video lists")
     requests = [engine.prepare(conv, _as_list(imgs), params, _as_list(vids), num_frames)
                 for conv, imgs, vids in zip(conversations, images, videos)]
+    if fit_context:
+        context = engine.model.config.llm.max_position_embeddings
+        for r in requests:
+            room = context - int(r.input_ids.numel())
+            if 1 <= room < r.params.max_new_tokens:
+                r.params = dataclasses.replace(r.params, max_new_tokens=room)
     return [c.text for c in engine.generate(requests, max_batch_size=max_batch_size)]
 
 

@@ -107,6 +107,6 @@ def test_stitch_eval_runs_hallusionbench_end_to_end(tmp_path):
     assert main(argv) == 0
     summary = json.loads(out.read_text())
     assert summary["task"] == "hallusionbench" and summary["samples"] == 2 and summary["generated"] == 2
-    assert summary["task_version"] == "1" and summary["prompt"] == "<question>"
+    assert summary["task_version"] == "2" and summary["prompt"] == "<question>"
     assert {"aAcc", "fAcc", "qAcc"} <= set(summary["extra"]) and summary["extra"]["question_pairs"] == 1
     assert "hallusion_bench" in summary["rules"] and summary["decoding"]["max_new_tokens"] == 3

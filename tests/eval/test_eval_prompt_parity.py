@@ -5,6 +5,7 @@ spaces, capitals mid-question, empty hints, the replaced "Please answer ..." sen
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from pathlib import Path
@@ -20,14 +21,18 @@ TASKS_DIR = Path(lmms_tasks.__file__).parent
 
 
 class _Loader(yaml.SafeLoader):
-    """Reads lmms-eval's YAML, keeping `!function module.name` as the string."""
+    """Reads lmms-eval's YAML, keeping `!function module.name` as a `Function` string."""
 
 
-_Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+class Function(str):
+    """A `!function module.name` value (a plain string in `doc_to_text` is the prompt itself)."""
 
 
-def reference_prompt_fn(yaml_path: str):
-    """The task's `doc_to_text` and its default `lmms_eval_specific_kwargs`, following `include`s."""
+_Loader.add_constructor("!function", lambda loader, node: Function(loader.construct_scalar(node)))
+
+
+def task_config(yaml_path: str) -> dict:
+    """The task's YAML with its `include`s folded in (the including file's keys win)."""
     path = TASKS_DIR / yaml_path
     config: dict = {}
     while True:
@@ -38,9 +43,18 @@ def reference_prompt_fn(yaml_path: str):
             break
         path = path.parent / cfg["include"]
         config.pop("include")
+    return config
+
+
+def reference_prompt_fn(yaml_path: str):
+    """The task's `doc_to_text` and its default `lmms_eval_specific_kwargs`, following `include`s."""
+    config = task_config(yaml_path)
+    kwargs = (config.get("lmms_eval_specific_kwargs") or {}).get("default")
+    if not isinstance(config["doc_to_text"], Function):  # a literal prompt (no template braces in these)
+        assert "{" not in config["doc_to_text"]
+        return (lambda doc: config["doc_to_text"]), kwargs
     module, name = config["doc_to_text"].rsplit(".", 1)
     fn = getattr(importlib.import_module(f"lmms_eval.tasks.{Path(yaml_path).parent.name}.{module}"), name)
-    kwargs = (config.get("lmms_eval_specific_kwargs") or {}).get("default")
     return fn, kwargs
 
 
@@ -122,3 +136,95 @@ def test_default_post_prompts_are_the_ones_stitch_records():
         post = reference_prompt_fn(yaml_path)[1]["post_prompt"]
         assert get_task(task).prompt.endswith(post), task
     assert reference_prompt_fn("realworldqa/realworldqa.yaml")[1] == {"pre_prompt": "", "post_prompt": ""}
+
+
+_MMMU = {"answer": "B", "image_1": None, "question_type": "multiple-choice"}
+# (task, YAML, parquet path, row without its image, the image column, Stitch sample id)
+IMAGE_COLUMN_CASES = [
+    ("mmmu", "mmmu/mmmu_val.yaml", "Art/validation-00000-of-00001.parquet",
+     {**_MMMU, "id": "validation_Art_1", "question": " Which painting? <image 1> ",
+      "options": "['Mona  Lisa', ' The Scream', '3']"}, "image_1", None),
+    ("mmmu", "mmmu/mmmu_val.yaml", "Art/validation-00000-of-00001.parquet",
+     {**_MMMU, "id": "validation_Art_2", "question": " How many <image 1>? ", "options": "[]", "answer": "2",
+      "question_type": "open"}, "image_1", None),
+    ("mathvista", "mathvista/mathvista_testmini_format.yaml", "testmini-00000-of-00001.parquet",
+     {"pid": "1", "question": " Which angle is larger? ", "query": "unused", "choices": ["145°", " 155° "],
+      "unit": None, "answer": "145°", "question_type": "multi_choice", "answer_type": "text", "precision": None,
+      "metadata": {"task": "geometry problem solving"}}, "decoded_image", None),
+    ("mathvista", "mathvista/mathvista_testmini_format.yaml", "testmini-00000-of-00001.parquet",
+     {"pid": "2", "question": "How long is it?\n", "query": "unused", "choices": None, "unit": "cm",
+      "answer": "1.5", "question_type": "free_form", "answer_type": "float", "precision": 1.0,
+      "metadata": {"task": "figure question answering"}}, "decoded_image", None),
+    ("mathvista", "mathvista/mathvista_testmini_format.yaml", "testmini-00000-of-00001.parquet",
+     {"pid": "3", "question": "How much?", "query": "unused", "choices": None, "unit": "", "answer": "3.25",
+      "question_type": "free_form", "answer_type": "float", "precision": 2.0, "metadata": {"task": "x"}},
+     "decoded_image",
+     None),
+    ("mathvista", "mathvista/mathvista_testmini_format.yaml", "testmini-00000-of-00001.parquet",
+     {"pid": "4", "question": "How many?", "query": "unused", "choices": None, "unit": "", "answer": "3",
+      "question_type": "free_form", "answer_type": "integer", "precision": None, "metadata": {"task": "x"}},
+     "decoded_image", None),
+    ("mathvista", "mathvista/mathvista_testmini_format.yaml", "testmini-00000-of-00001.parquet",
+     {"pid": "5", "question": "Which values?", "query": "unused", "choices": None, "unit": "", "answer": "[1, 2]",
+      "question_type": "free_form", "answer_type": "list", "precision": None, "metadata": {"task": "x"}},
+     "decoded_image",
+     None),
+    ("coco", "coco_cap/coco2017_cap_val.yaml", "val-00000-of-00001.parquet",
+     {"question_id": "000000000139.jpg", "question": "Please carefully observe the image ...",
+      "answer": ["A room.", "A living room."], "id": 139}, "image", None),
+    ("ocrbench_v2", "ocrbench_v2/ocrbench_v2.yaml", "test-00000-of-00001.parquet",
+     {"id": 0, "dataset_name": "x", "question": " What is written here? ", "type": "text recognition en",
+      "answers": ["hi"], "eval": "None", "bbox": None, "content": None}, "image", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("task", "yaml_path", "file", "row", "column", "sid"), IMAGE_COLUMN_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(IMAGE_COLUMN_CASES)])  # fmt: skip
+def test_prompt_is_lmms_evals_mmmu_mathvista_coco(tmp_path, monkeypatch, task, yaml_path, file, row, column, sid):
+    """MMMU (interleaved_format off, as the YAML: the `<image 1>` references stay), MathVista as
+    `mathvista_testmini_format`, COCO's parquet as `coco2017_cap_val`, OCRBench v2."""
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")  # mathvista_evals builds its (unused) judge client on import
+    write_parquet(tmp_path / file, [{**row, column: image_cell()}])
+    assert stitch_text(task, tmp_path, sid) == reference_text(yaml_path, dict(row))
+
+
+def test_coco_karpathy_prompt_is_coco_karpathy_tests(coco_dir):
+    """Karpathy's split is prompted as lmms-eval's coco_karpathy_test (a literal prompt in its YAML)."""
+    assert stitch_text("coco", coco_dir) == reference_text("coco_cap/coco_karpathy_test.yaml", {})
+
+
+# Stitch task -> the lmms-eval YAML whose prompt and decoding it mirrors.
+MIRRORED = {
+    "vqav2": "vqav2/vqav2_val.yaml", "textvqa": "textvqa/textvqa_val.yaml", "docvqa": "docvqa/docvqa_val.yaml",
+    "infovqa": "infovqa/infovqa_val.yaml", "chartqa": "chartqa/chartqa.yaml", "ai2d": "ai2d/ai2d.yaml",
+    "mmmu": "mmmu/mmmu_val.yaml", "mathvista": "mathvista/mathvista_testmini_format.yaml",
+    "ocrbench": "ocrbench/ocrbench.yaml", "ocrbench_v2": "ocrbench_v2/ocrbench_v2.yaml",
+    "coco": "coco_cap/coco_karpathy_test.yaml", "realworldqa": "realworldqa/realworldqa.yaml",
+    "mmbench": "mmbench/mmbench_en_dev.yaml", "mmstar": "mmstar/mmstar.yaml", "pope": "pope/pope.yaml",
+    "seedbench": "seedbench/seedbench.yaml", "scienceqa": "scienceqa/scienceqa_img.yaml",
+    "hallusionbench": "hallusion_bench/hallusion_bench_image.yaml",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", sorted(MIRRORED))
+def test_generation_settings_are_lmms_evals(task):
+    """max_new_tokens and stop strings as lmms-eval's TaskConfig completes `generation_kwargs`: `until` is
+    ["\\n\\n"] (its default few-shot delimiter) when the YAML names none; max_new_tokens, when it names none, the
+    1024 its llava / llava_hf / internvl_hf model classes fall back to; greedy wherever it says (temperature 0,
+    no sampling)."""
+    from lmms_eval.api.task import TaskConfig
+
+    from stitch.eval.tasks import get_task
+
+    def completed(yaml_path: str) -> dict:
+        config = task_config(yaml_path)
+        return TaskConfig(task=config["task"], output_type=config["output_type"],
+                          generation_kwargs=copy.deepcopy(config.get("generation_kwargs"))).generation_kwargs
+
+    kwargs = completed(MIRRORED[task])
+    t = get_task(task)
+    assert t.stop == tuple(kwargs["until"]), task
+    assert t.max_new_tokens == kwargs.get("max_new_tokens", 1024), task
+    assert float(kwargs.get("temperature", 0)) == 0.0 and not kwargs.get("do_sample", False)
+    if task == "coco":  # the parquet / official-captions layouts' task decodes alike
+        assert completed("coco_cap/coco2017_cap_val.yaml") == kwargs

@@ -89,9 +89,9 @@ def test_score_chartqa_mmmu_mathvista_ocrbench(tmp_path):
     assert s["score"] == 100.0 and s["breakdown"]["Math"]["score"] == 100.0
 
     write_parquet(tmp_path / "v" / "testmini-0.parquet", [
-        {"pid": "1", "query": "q", "choices": ["1", "2"], "answer": "2", "question_type": "multi_choice",
+        {"pid": "1", "question": "q", "choices": ["1", "2"], "answer": "2", "question_type": "multi_choice",
          "answer_type": "text", "precision": None, "decoded_image": image_cell(), "metadata": {"task": "a"}},
-        {"pid": "2", "query": "q", "choices": None, "answer": "7", "question_type": "free_form",
+        {"pid": "2", "question": "q", "choices": None, "answer": "7", "question_type": "free_form",
          "answer_type": "integer", "precision": None, "decoded_image": image_cell(), "metadata": {"task": "b"}},
     ])  # fmt: skip
     s, _ = runner.score_dataset(load_task("mathvista", tmp_path / "v"), {"1": "B", "2": "no number"})
@@ -159,7 +159,8 @@ class FakeGenerator:
         self.wrong = wrong
         self.calls: list[int] = []
 
-    def __call__(self, model, processor, conversations, images, max_new_tokens, temperature):
+    def __call__(self, model, processor, conversations, images, max_new_tokens, temperature, stop=(),
+                 fit_context=False):
         assert temperature == 0.0 and max_new_tokens == 16
         assert all(len(imgs) == 1 and imgs[0].mode == "RGB" for imgs in images)
         if self.fail_after is not None and len(self.calls) >= self.fail_after:

@@ -126,7 +126,8 @@ def test_coco_karpathy(coco_dir):
     data = t.load_task("coco", coco_dir)
     assert [s.id for s in data.samples] == ["1", "2"]
     assert data.samples[0].references == ["A cat sat.", "A cat sitting."]
-    assert data.samples[0].conversation[0]["content"] == f"<image>\n{t.CAPTION}"
+    # Karpathy's split is prompted as lmms-eval's coco_karpathy_test
+    assert data.samples[0].conversation[0]["content"] == "<image>\nDescribe the image briefly."
     assert data.skipped == {"missing image": 1}
 
 
@@ -234,7 +235,11 @@ def test_mathvista_parquet(tmp_path):
     write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", rows[:1])
     data = t.load_task("mathvista", tmp_path)
     a, b = data.samples
-    assert a.conversation[0]["content"].startswith("<image>\nHint: ...")  # the benchmark's own query
+    # mathvista_testmini_format's prompt (not the `query` field; tests/eval/test_eval_prompt_parity.py)
+    assert a.conversation[0]["content"] == ("<image>\nAngle?\nA. 145°\nB. 155°\nAnswer with the option's letter from "
+                                            "the given choices directly.")
+    assert b.conversation[0]["content"] == ("<image>\nLength?\nAnswer the question using a single floating-point "
+                                            "number with one decimal place.")
     assert a.choices == ["145°", "155°"] and a.meta["task"] == "geometry problem solving"
     assert b.meta == {"question_type": "free_form", "answer_type": "float", "task": "figure question answering",
                       "precision": 1}  # fmt: skip

@@ -1,4 +1,8 @@
-"""Caption readers: COCO captions (the Karpathy test split, or the official captions files)."""
+"""Caption readers: COCO captions (the Karpathy test split, or the official captions files).
+
+Each layout is prompted as the lmms-eval 0.7.3 task that reads the same data: Karpathy's test split as
+`coco_karpathy_test` ("Describe the image briefly."), the official val captions and the hub's parquet export
+(lmms-lab COCO-Caption / COCO-Caption2017) as `coco2014_cap_val` / `coco2017_cap_val` (`CAPTION`)."""
 
 from __future__ import annotations
 
@@ -24,15 +28,19 @@ from stitch.eval.readers.common import (
     text_of,
 )
 
+# lmms-eval's coco_karpathy_test prompt (its doc_to_text is this literal string).
+KARPATHY_CAPTION = "Describe the image briefly."
 
-def _caption_sample(sid: Any, captions: list[str], image: ImageRef | None, skip: Skip) -> Sample | None:
+
+def _caption_sample(sid: Any, captions: list[str], image: ImageRef | None, skip: Skip,
+                    prompt: str = CAPTION) -> Sample | None:  # fmt: skip
     if not captions:
         skip("no captions")
         return None
     if image is None:
         skip("missing image")
         return None
-    return Sample(str(sid), [image], conversation(CAPTION), captions)
+    return Sample(str(sid), [image], conversation(prompt), captions)
 
 
 def read_coco(root: Path, skip: Skip) -> Iterator[Sample]:
@@ -67,7 +75,7 @@ def read_coco(root: Path, skip: Skip) -> Iterator[Sample]:
             captions = [text_of(s.get("raw")) for s in row.get("sentences", []) if isinstance(s, dict)]
             rel = f"{row.get('filepath', '')}/{row['filename']}".lstrip("/")
             s = _caption_sample(row.get("cocoid", row["filename"]), [c for c in captions if c],
-                                image_file(rel), skip)  # fmt: skip
+                                image_file(rel), skip, KARPATHY_CAPTION)  # fmt: skip
             if s:
                 yield s
     elif isinstance(data, list):
@@ -77,7 +85,8 @@ def read_coco(root: Path, skip: Skip) -> Iterator[Sample]:
                 skip("malformed row")
                 continue
             s = _caption_sample(Path(row["image"]).stem.split("_")[-1].lstrip("0") or row["image"],
-                                answers_of(row.get("caption")), image_file(row["image"]), skip)  # fmt: skip
+                                answers_of(row.get("caption")), image_file(row["image"]), skip,
+                                KARPATHY_CAPTION)  # fmt: skip
             if s:
                 yield s
     elif isinstance(data, dict) and isinstance(data.get("annotations"), list):

@@ -1,4 +1,4 @@
-"""Multiple-choice readers: AI2D, MMMU (with its open questions), MathVista."""
+"""Multiple-choice readers: AI2D, MMMU (with its open questions), MathVista; prompts as lmms-eval 0.7.3's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from stitch.errors import DataError
 from stitch.eval.readers.common import (
+    MULTIPLE_CHOICE,
     SHORT_ANSWER,
     ImageRef,
     Sample,
@@ -139,7 +140,8 @@ def read_mmmu(root: Path, skip: Skip) -> Iterator[Sample]:
             s = _mc_sample(sid, row.get("question"), row.get("options"), row.get("answer"), images, skip,
                            style="mmmu", meta=meta)  # fmt: skip
         else:
-            q, refs = text_of(row.get("question")), _mmmu_answer(row.get("answer"))
+            # The question as released: construct_prompt does not strip it.
+            q, refs = raw_text_of(row.get("question")), _mmmu_answer(row.get("answer"))
             if q is None or not refs:
                 skip("no question or answer")
                 continue
@@ -153,9 +155,36 @@ def read_mmmu(root: Path, skip: Skip) -> Iterator[Sample]:
             yield s
 
 
+# lmms-eval's mathvista_testmini_format ("format-prompt" shot type): the instruction after the question.
+_MATHVISTA_HINTS = {
+    "integer": "Answer the question using a single integer number.",
+    ("float", 1): "Answer the question using a single floating-point number with one decimal place.",
+    ("float", 2): "Answer the question using a single floating-point number with two decimal places.",
+    "list": "Answer the question using a Python list.",
+}
+
+
+def mathvista_format_prompt(question: str, unit: Any, choices: list[str] | None, qtype: str, atype: str,
+                            precision: Any) -> str | None:  # fmt: skip
+    """The prompt lmms-eval's `mathvista_testmini_format` renders (`create_one_query`, zero shots, shot type
+    "format-prompt"): the question (and " (Unit: u)"), the options as "A. text" lines, the answer-format
+    instruction, joined by newlines and stripped. None where the reference has no instruction for the type
+    (a float of another precision: its code fails there)."""
+    if qtype == "multi_choice":
+        hint = MULTIPLE_CHOICE
+    else:
+        key = (atype, int(precision)) if atype == "float" and isinstance(precision, (int, float)) else atype
+        hint = _MATHVISTA_HINTS.get(key)  # type: ignore[arg-type]
+        if hint is None:
+            return None
+    text = f"{question} (Unit: {unit})" if unit else question
+    options = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices or []))
+    return ("\n\n" + "\n".join(e for e in (text, options, hint) if e != "")).strip()
+
+
 def _mathvista_sample(row: dict[str, Any], image: ImageRef | None, skip: Skip) -> Sample | None:
     sid, answer = text_of(row.get("pid")), text_of(row.get("answer"))
-    question = text_of(row.get("query")) or text_of(row.get("question"))
+    question = row.get("question") if isinstance(row.get("question"), str) else None
     qtype, atype = row.get("question_type"), row.get("answer_type")
     if sid is None or question is None or answer is None or qtype not in ("multi_choice", "free_form"):
         skip("malformed row")
@@ -168,16 +197,23 @@ def _mathvista_sample(row: dict[str, Any], image: ImageRef | None, skip: Skip) -
         skip("missing image")
         return None
     precision = row.get("precision")
+    if not (isinstance(precision, (int, float)) and precision == precision):  # None or NaN
+        precision = None
+    unit = row.get("unit") if isinstance(row.get("unit"), str) else ""
+    prompt = mathvista_format_prompt(question, unit, choices, qtype, atype or "text", precision)
+    if prompt is None:
+        skip("no reference prompt for the answer type")
+        return None
     metadata = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
     meta = {"question_type": qtype, "answer_type": atype or "text", "task": metadata.get("task", "")}
-    if isinstance(precision, (int, float)) and precision == precision:  # not NaN
+    if precision is not None:
         meta["precision"] = int(precision)
-    return Sample(sid, [image], conversation(question), [answer], choices=choices, meta=meta)
+    return Sample(sid, [image], conversation(prompt), [answer], choices=choices, meta=meta)
 
 
 def read_mathvista(root: Path, skip: Skip) -> Iterator[Sample]:
     """MathVista testmini: the parquet export (testmini-*.parquet), or annot_testmini.json / testmini.json
-    with images/. The prompt is the benchmark's own 'query' field."""
+    with images/. Prompted as lmms-eval's `mathvista_testmini_format` (`mathvista_format_prompt`)."""
     if has_parquet(root):
         for _, row in iter_parquet(parquet_files(root, "testmini")):
             image = parquet_image(row.get("decoded_image"), root) or parquet_image(row.get("image"), root)
