@@ -37,7 +37,7 @@ from stitch.train.log import MetricsLog, Progress, plot_losses
 from stitch.train.metrics import FlopModel, RunSummary, batch_shape, peak_flops, peak_memory_gb
 from stitch.train.model_setup import batch_shapes_vary, build_training_model, configure_layers, set_dropout
 from stitch.train.optim import build_optimizer
-from stitch.train.preference import preference_step, preference_stream, start_reference
+from stitch.train.preference import PairObjective, preference_stream, start_reference
 from stitch.train.schedule import LRSchedule, build_scheduler
 from stitch.train.stages import apply_stage, parameter_table, trainable_vision_layers
 from stitch.train.state import (
@@ -165,6 +165,11 @@ class Trainer:
         self.model = model
         self.frozen: FrozenLinearWeights | None = None
         self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model
+        self.objective = None
+        if self.reference is not None:
+            if self.dist.parallelize:  # a frozen copy is sharded as the policy is
+                self.reference.parallelize(lambda m: self.dist.parallelize(m, cfg))
+            self.objective = PairObjective(self.reference, cfg.preference)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.schedule = LRSchedule(cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.decay_steps,
                                    cfg.schedule.min_lr / cfg.optim.lr)
@@ -340,14 +345,9 @@ class Trainer:
         groups = self.optimizer.param_groups if self.optimizer is not None else []
         lrs = {g["name"].split(".")[0]: g["lr"] for g in groups}
         lr = cfg.optim.lr * self.schedule(self.state.step)  # the schedule at this step
-        if self.reference is not None:  # dpo / mpo
-            result = preference_step(self.module, self.optimizer, micro, self.reference, cfg.preference,
-                                     self.reference.terms, device=self.device, autocast_dtype=self.autocast_dtype,
-                                     max_grad_norm=cfg.optim.max_grad_norm, params=self.params)
-        else:
-            result = train_step(self.module, self.optimizer, micro, device=self.device,
-                                autocast_dtype=self.autocast_dtype, max_grad_norm=cfg.optim.max_grad_norm,
-                                params=self.params)
+        result = train_step(self.module, self.optimizer, micro, device=self.device,
+                            autocast_dtype=self.autocast_dtype, max_grad_norm=cfg.optim.max_grad_norm,
+                            params=self.params, objective=self.objective)
         if self.scheduler is not None:
             self.scheduler.step()
         dt = time.perf_counter() - t0
@@ -387,7 +387,7 @@ class Trainer:
         }
         if cfg.optim.part_lr:
             record.update({f"lr_{part}": v for part, v in lrs.items()})
-        record.update(getattr(result, "metrics", {}))  # preference stages: rewards, margins, accuracy, KL
+        record.update(result.metrics)  # preference stages: rewards, margins, accuracy, KL
         return record
 
     @torch.no_grad()

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,16 +34,18 @@ from torch import nn
 
 from stitch.data.preference import PreferenceStream
 from stitch.errors import StitchConfigError
+from stitch.models.llm import answer_logps
 from stitch.models.lora import adapters_disabled, has_lora
 from stitch.models.vlm import VLM
+from stitch.parallel.runtime import ParallelModel
 from stitch.train.config import PreferenceConfig, TrainConfig
 from stitch.train.model_setup import build_training_model
 from stitch.train.reference_logps import header as ref_header
 from stitch.train.reference_logps import lookup, precompute_reference_logps, read_reference_logps
-from stitch.train.step import StepResult, _to_device
+from stitch.train.step import _to_device
 
-__all__ = ["sequence_logps", "preference_loss", "PairLogps", "Reference", "build_reference", "preference_step",
-           "PreferenceStepResult", "loss_terms"]
+__all__ = ["sequence_logps", "row_logps", "preference_loss", "PairLogps", "Reference", "build_reference",
+           "PairObjective", "loss_terms"]
 
 PAIR_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair")
 
@@ -59,23 +61,20 @@ def loss_terms(cfg: PreferenceConfig, stage: str) -> list[tuple[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------- log-probs
-def sequence_logps(model: VLM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row sums of the answer tokens' log-probs, their counts, and the per-token log-probs (0 where masked).
+def row_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `VLM.forward` `loss_fn`: per-row sums of the answer tokens' log-probs and their counts ([N], [N]).
 
     Why not `model(...).logits`: the full [N, T, V] logits (and their log-softmax and its gradient) cost more
-    than the rest of a small model's step; the LM head runs only at the M positions that predict an answer
-    token, as the SFT loss does (`stitch.models.llm.token_loss`). Labels [N, T] are unshifted (-100 = no loss),
-    as the model takes them. Returns (sums [N], counts [N], per_token [N, T-1]), all fp32."""
-    labels = inputs["labels"]
-    embeds = model.embed(inputs["input_ids"], inputs.get("pixel_values"))  # [N, T, H]
-    hidden = model.llm(embeds, inputs.get("position_ids"), inputs.get("attention_mask"), inputs.get("cu_seqlens"),
-                       None, None, inputs.get("max_seqlen"), False)  # [N, T, H]
-    target = labels[:, 1:]  # [N, T-1]: position t predicts token t+1
-    mask = target != -100
-    logits = model.llm.lm_head(hidden[:, :-1][mask]).float()  # [M, V]
-    picked = logits.gather(1, target[mask].unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [M]
-    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, picked)
-    return per_token.sum(1), mask.sum(1), per_token
+    than the rest of a small model's step; `stitch.models.llm.answer_logps` runs the LM head only at the
+    positions that predict an answer token, and works with a vocabulary-parallel head too."""
+    return answer_logps(hidden, lm_head, labels)
+
+
+def sequence_logps(model: VLM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [N], counts [N]) of the answer tokens' log-probs of a batch's rows, labels unshifted (-100 = no
+    loss) as the model takes them; fp32."""
+    out = model(**inputs, loss_fn=row_logps, return_logits=False)
+    return out.loss, out.num_label_tokens
 
 
 @dataclass
@@ -146,19 +145,30 @@ class Reference:
         self.model, self.kind, self._autocast, self.terms = model, kind, autocast, list(terms)
 
     @torch.no_grad()
-    def logps(self, policy: nn.Module, inputs: dict, batch: dict | None = None) -> torch.Tensor:
-        """Summed answer log-probs of the rows [chosen..., rejected...] ([2B])."""
+    def logps(self, policy: nn.Module | ParallelModel, batch: dict, device: torch.device) -> torch.Tensor | None:
+        """Summed answer log-probs of the micro-batch's rows [chosen..., rejected...] ([2B]). Under a layout
+        (collective) they exist on the last pipeline stage only (None elsewhere), where the loss needs them."""
         if self.kind == "precomputed":
-            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(inputs["input_ids"].device)
+            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(device)
         target = policy if self.kind == "adapters" else self.model
-        was_training = target.training
+        parallel = isinstance(target, ParallelModel)
+        module = target.model if parallel else target
+        was_training = module.training
         target.eval()
         try:
-            ctx = adapters_disabled(target) if self.kind == "adapters" else contextlib.nullcontext()
+            ctx = adapters_disabled(module) if self.kind == "adapters" else contextlib.nullcontext()
             with ctx, self._autocast():
-                return sequence_logps(target, inputs)[0]
+                if parallel:
+                    return target.forward_output(batch, row_logps)
+                return sequence_logps(target, _to_device(batch, device))[0]
         finally:
             target.train(was_training)
+
+    def parallelize(self, parallelize: Callable[[nn.Module], ParallelModel]) -> None:
+        """Under a layout: shard a frozen copy as the policy is sharded (the other kinds hold no model of
+        their own). The copy then joins every reference forward collectively."""
+        if self.kind == "copy":
+            self.model = parallelize(self.model)
 
 
 def _autocast_factory(device: torch.device, dtype: torch.dtype | None):
@@ -266,88 +276,62 @@ def _linear_weights_to_bf16(model: nn.Module) -> None:
                     p.data = p.data.to(torch.bfloat16)
 
 
-# ------------------------------------------------------------------------------------------- the step
-@dataclass
-class PreferenceStepResult(StepResult):
-    metrics: dict[str, float] = field(default_factory=dict)
+# ------------------------------------------------------------------------------------------- the objective
+class PairObjective:
+    """The preference loss as `stitch.train.step.train_step`'s objective, so a dpo/mpo step is the SFT step
+    (one process or any `stitch.parallel` layout) with another loss.
 
+    Per step: the global pair and chosen-token counts (summed over data ranks), the reference log-probs of
+    every micro-batch, then one `loss_fn` per micro-batch for the policy forward (`VLM.forward`), which runs on
+    the rank that holds the output layer and returns its share of the global loss. Metrics (TRL's names):
+    rewards/chosen, rewards/rejected (β × log-ratio, means over pairs), rewards/margins, rewards/accuracies
+    (chosen reward > rejected), logps/chosen, logps/rejected, kl (mean per-token log-ratio to the reference
+    over all answer tokens: an estimate of KL(π‖π_ref) on the pairs' tokens) and each loss term."""
 
-def _global(t: torch.Tensor, all_reduce) -> torch.Tensor:
-    return all_reduce(t) if all_reduce is not None else t
+    STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
+             "kl_sum", "kl_tokens")
 
+    def __init__(self, reference: Reference, cfg: PreferenceConfig, terms: Sequence[tuple[str, float]] | None = None):
+        self.reference = reference
+        self.terms = list(terms if terms is not None else reference.terms)
+        self.beta, self.label_smoothing = cfg.beta, cfg.label_smoothing
+        self.names = [*self.STATS, *[f"loss/{t}" for t, _ in self.terms]]
+        self._acc: torch.Tensor | None = None
 
-def preference_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[dict],
-    reference: Reference,
-    cfg: PreferenceConfig,
-    terms: Sequence[tuple[str, float]],
-    *,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    max_grad_norm: float | None = None,
-    params: Sequence[torch.Tensor] | None = None,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    grad_sync: Callable[[bool], None] | None = None,
-) -> PreferenceStepResult:
-    """One optimizer step over micro-batches of pairs (`stitch.data.preference.collate_pairs`); the hooks are
-    `stitch.train.step.train_step`'s. Metrics (TRL's names): rewards/chosen, rewards/rejected (β × log-ratio,
-    means over pairs), rewards/margins, rewards/accuracies (chosen reward > rejected), logps/chosen,
-    logps/rejected, kl (mean per-token log-ratio to the reference over all answer tokens: an estimate of
-    KL(π‖π_ref) on the pairs' tokens) and each loss term."""
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    autocast = _autocast_factory(device, autocast_dtype)
-    # Global denominators first: pairs, and chosen answer tokens (the SFT term's token mean).
-    counts = torch.tensor([[float(mb["num_pairs"]),
-                            float((mb["labels"][: mb["num_pairs"], 1:] != -100).sum())] for mb in micro_batches],
-                          device=device).sum(0)
-    counts = _global(counts, all_reduce)
-    n_pairs, n_chosen_tokens = counts[0], counts[1].clamp(min=1)
-    beta = cfg.beta
-    acc = {k: torch.zeros((), device=device) for k in
-           ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
-            "kl_sum", "kl_tokens", *[f"loss/{t}" for t, _ in terms])}
-    label_tokens = 0
-    for i, mb in enumerate(micro_batches):
-        inputs = _to_device(mb, device)
-        ref_sums = reference.logps(model, inputs, mb)
-        ref_c, ref_r = ref_sums.chunk(2)
-        if grad_sync is not None:
-            grad_sync(i == len(micro_batches) - 1)
-        with autocast():
-            sums, n_tok, _ = sequence_logps(model, inputs)  # rows [chosen..., rejected...]
-        policy = PairLogps.from_rows(sums, n_tok)
-        loss, parts = preference_loss(policy, ref_c, ref_r, terms, beta, cfg.label_smoothing, n_pairs,
-                                      n_chosen_tokens)
-        loss.backward()
-        label_tokens += int(n_tok.sum())
+    def loss_fns(self, model: nn.Module | ParallelModel, micro_batches: Sequence[dict], device: torch.device,
+                 reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[Callable]:
+        """One `loss_fn(hidden, labels, lm_head)` per micro-batch; `reduce` sums a tensor over data ranks."""
+        counts = torch.tensor([[float(mb["num_pairs"]),
+                                float((mb["labels"][: mb["num_pairs"], 1:] != -100).sum())] for mb in micro_batches],
+                              device=device).sum(0)
+        counts = reduce(counts)
+        n_pairs, n_tokens = counts[0], counts[1].clamp(min=1)
+        self._acc = torch.zeros(len(self.names), device=device)
+        refs = [self.reference.logps(model, mb, device) for mb in micro_batches]
+        return [functools.partial(self._loss, int(mb["num_pairs"]), ref, n_pairs, n_tokens)
+                for mb, ref in zip(micro_batches, refs)]
+
+    def _loss(self, b: int, ref: torch.Tensor, n_pairs: torch.Tensor, n_tokens: torch.Tensor,
+              hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        sums, counts = row_logps(hidden, labels, lm_head)  # rows [chosen..., rejected..., (pipeline padding)]
+        sums, counts = sums[: 2 * b], counts[: 2 * b]
+        policy = PairLogps.from_rows(sums, counts)
+        ref_c, ref_r = ref.to(sums.device).chunk(2)
+        loss, parts = preference_loss(policy, ref_c, ref_r, self.terms, self.beta, self.label_smoothing, n_pairs,
+                                      n_tokens)
         with torch.no_grad():
-            rc, rr = beta * (policy.chosen - ref_c), beta * (policy.rejected - ref_r)
-            acc["loss"] += loss.detach()
-            acc["rewards/chosen"] += rc.sum() / n_pairs
-            acc["rewards/rejected"] += rr.sum() / n_pairs
-            acc["rewards/accuracies"] += (rc > rr).float().sum() / n_pairs
-            acc["logps/chosen"] += policy.chosen.detach().sum() / n_pairs
-            acc["logps/rejected"] += policy.rejected.detach().sum() / n_pairs
-            acc["kl_sum"] += (sums.detach() - ref_sums).sum()  # = the per-token log-ratios summed
-            acc["kl_tokens"] += n_tok.sum()
-            for t, v in parts.items():
-                acc[f"loss/{t}"] += v.detach()
-    names = list(acc)
-    stacked = _global(torch.stack([acc[k].float() for k in names]), all_reduce)
-    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=device.type == "cuda" or None)
-    values = dict(zip(names, stacked.tolist()))
-    norm = float(grad_norm)
-    metrics = {k: v for k, v in values.items() if k not in ("loss", "kl_sum", "kl_tokens")}
-    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    metrics["kl"] = values["kl_sum"] / max(values["kl_tokens"], 1.0)
-    loss_value = values["loss"]
-    total_labels = int(_global(torch.tensor(float(label_tokens), device=device), all_reduce).item())
-    skipped = not (math.isfinite(loss_value) and math.isfinite(norm))
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return PreferenceStepResult(loss_value, norm, total_labels, skipped, metrics)
+            rc, rr = self.beta * (policy.chosen - ref_c), self.beta * (policy.rejected - ref_r)
+            stats = [rc.sum() / n_pairs, rr.sum() / n_pairs, (rc > rr).float().sum() / n_pairs,
+                     policy.chosen.sum() / n_pairs, policy.rejected.sum() / n_pairs,
+                     (sums - ref.to(sums.device)).sum(),  # = the per-token log-ratios summed
+                     counts.sum().float(), *[parts[t] for t, _ in self.terms]]
+            self._acc += torch.stack([v.detach().float().reshape(()) for v in stats])
+        return loss, counts.sum()
+
+    def metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """The step's metrics, summed over data ranks (and pipeline stages) by `reduce`."""
+        values = dict(zip(self.names, reduce(self._acc.clone()).tolist()))
+        kl_sum, kl_tokens = values.pop("kl_sum"), values.pop("kl_tokens")
+        values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+        values["kl"] = kl_sum / max(kl_tokens, 1.0)
+        return values

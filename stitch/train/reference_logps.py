@@ -68,7 +68,7 @@ def read_reference_logps(path: Path, expected: dict) -> list[dict]:
 def precompute_reference_logps(path: Path, model: VLM, stream: PreferenceStream, checkpoint: str,
                                device: torch.device, autocast: Callable, logps_fn: Callable) -> dict[int, dict]:
     """Fill `path` with the starting model's log-probs of every record (continuing a partial file) and return
-    them by record number. `logps_fn(model, inputs) -> (sums [2B], counts, per_token)`."""
+    them by record number. `logps_fn(model, inputs) -> (sums [2B], counts)`."""
     head = header(stream, checkpoint)
     done = read_reference_logps(path, head) if path.exists() else []
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def precompute_reference_logps(path: Path, model: VLM, stream: PreferenceStream,
 def _flush(f, pending, done, model: nn.Module, stream, device, autocast, logps_fn) -> None:
     batch = collate_pairs([p for _, _, p in pending], stream.processor.pad_token_id)
     with autocast():
-        sums, _, _ = logps_fn(model, _to_device(batch, device))
+        sums, _ = logps_fn(model, _to_device(batch, device))
     chosen, rejected = sums.chunk(2)
     for k, (n, digest, _) in enumerate(pending):
         done.append({"i": n, "digest": digest, "chosen": float(chosen[k]), "rejected": float(rejected[k])})

@@ -147,8 +147,9 @@ def test_accumulating_unequal_micro_batches_equals_one_batch_of_all_the_pairs(ti
     """Pair terms are means over the global pairs and the SFT term over the global chosen tokens, so 3 + 1 pairs
     in two micro-batches give the loss, metrics and gradients of one batch of the 4."""
     from stitch.data.preference import collate_pairs
-    from stitch.train.preference import build_reference, loss_terms, preference_step
+    from stitch.train.preference import PairObjective, build_reference, loss_terms
     from stitch.train.stages import apply_stage
+    from stitch.train.step import train_step
 
     train, _ = colours
     cfg = load_config(None, data=_base(tiny_ckpt, Path("unused"), train, "mpo", 1))
@@ -163,7 +164,8 @@ def test_accumulating_unequal_micro_batches_equals_one_batch_of_all_the_pairs(ti
         terms = loss_terms(cfg.preference, cfg.stage)
         ref = build_reference(model, cfg.preference, torch.device("cpu"), contextlib.nullcontext, terms)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        results.append((preference_step(model, opt, micro, ref, cfg.preference, terms, device=torch.device("cpu")),
+        step = train_step(model, opt, micro, device=torch.device("cpu"), objective=PairObjective(ref, cfg.preference))
+        results.append((step,
                         model.llm.layers[0].self_attn.q_proj.weight.detach().clone()))
     (one, w_one), (two, w_two) = results
     assert one.loss == pytest.approx(two.loss, abs=1e-6) and one.label_tokens == two.label_tokens
