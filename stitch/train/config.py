@@ -321,9 +321,9 @@ class TrainConfig(_Base):
             if pref.reference == "precomputed" and self.model.random_init:
                 raise ValueError("preference.reference: precomputed stores the log-probs of model.checkpoint; "
                                  "a random_init model has none on disk")
-            if self.eval.every:
-                raise ValueError(f"stage {self.stage}: eval.every (validation loss) is not supported for preference "
-                                 "stages yet; set eval.every: 0 and evaluate the final checkpoint")
+            if self.eval.every and self.eval.data is None:
+                raise ValueError(f"stage {self.stage}: eval.every needs eval.data, the held-out preference pairs "
+                                 "(eval.data.datasets), for the validation loss, rewards and accuracy")
         micro = self.data.batch_size * max(self.parallel.dp, 1)
         if self.train.global_batch_size % micro:
             raise ValueError(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,7 @@ from stitch.train.reference_logps import lookup, precompute_reference_logps, rea
 from stitch.train.step import _to_device
 
 __all__ = ["sequence_logps", "row_logps", "preference_loss", "PairLogps", "Reference", "build_reference",
-           "PairObjective", "loss_terms"]
+           "PairObjective", "evaluate_pairs", "loss_terms"]
 
 PAIR_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair")
 
@@ -203,16 +203,22 @@ def start_reference(cfg: TrainConfig, model: VLM, device: torch.device, resume_f
 
 
 def preference_stream(cfg: TrainConfig, processor, dist, reference: Reference | None = None,
-                      resumed: bool = False, device: torch.device | None = None) -> PreferenceStream:
-    """This rank's stream of pair micro-batches (`stitch.data.preference.PreferenceStream`). With a precomputed
-    reference, the pass over the data runs here first (or continues; a resumed run needs it complete, since
-    its model has trained) and the stream attaches each pair's stored log-probs."""
+                      resumed: bool = False, device: torch.device | None = None, val: bool = False
+                      ) -> PreferenceStream:
+    """This rank's stream of pair micro-batches (`stitch.data.preference.PreferenceStream`) of `data`, or with
+    `val` of the held-out `eval.data`. With a precomputed reference, the pass over the data runs here first (or
+    continues; a resumed run needs it complete, since its model has trained) and the stream attaches each
+    pair's stored log-probs; the held-out pairs get their own file (`reference_logps` with `.val` before the
+    suffix), so the trainer builds that stream before the first step."""
     if processor is None:
         raise StitchConfigError(f"stage {cfg.stage}: preference data needs a tokenizer (the checkpoint has none; "
                                 "set model.tokenizer)")
-    stream = PreferenceStream(cfg.data, processor, rank=dist.dp_rank, world_size=dist.dp_size, seed=cfg.train.seed)
+    data = cfg.eval.data if val else cfg.data
+    stream = PreferenceStream(data, processor, rank=dist.dp_rank, world_size=dist.dp_size, seed=cfg.train.seed)
     if reference is not None and reference.kind == "precomputed":
         path = Path(cfg.preference.reference_logps or Path(cfg.output_dir) / "reference_logps.jsonl")
+        if val:
+            path = path.with_name(f"{path.stem}.val{path.suffix}")
         if resumed:
             done = read_reference_logps(path, ref_header(stream, cfg.model.checkpoint)) if path.exists() else []
             if len(done) < len(stream.index):
@@ -335,3 +341,48 @@ class PairObjective:
         values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
         values["kl"] = kl_sum / max(kl_tokens, 1.0)
         return values
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module | ParallelModel, objective: PairObjective, batches: Iterable[dict],
+                   device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The preference loss and metrics of held-out pairs (no gradients; collective under a layout): `loss`, each
+    `loss/<term>`, `rewards/*`, `logps/*` and `kl` as a training step logs them, over all of `batches` on every
+    data rank at once (pair terms are means over all the pairs, the SFT term over all chosen tokens). Call with
+    the model in eval mode."""
+    parallel = isinstance(model, ParallelModel)
+    reduce = model.all_reduce_metrics if parallel else (lambda t: t)
+    beta, terms = objective.beta, objective.terms
+    names = ["pairs", "chosen_tokens", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+             "logps/rejected", "kl_sum", "kl_tokens", *[f"loss/{t}" for t, _ in terms]]
+    acc = torch.zeros(len(names), dtype=torch.float64, device=device)
+    autocast = _autocast_factory(device, autocast_dtype)
+    for batch in batches:
+        ref = objective.reference.logps(model, batch, device)
+        with autocast():
+            if parallel:
+                sums, counts = model.forward_output(batch, row_logps), None
+                if sums is not None:  # the last pipeline stage
+                    counts = (batch["labels"][:, 1:] != -100).sum(1).to(device)
+            else:
+                sums, counts = sequence_logps(model, _to_device(batch, device))
+        if sums is None:
+            continue
+        b = int(batch["num_pairs"])
+        sums, counts, ref = sums[: 2 * b].float(), counts[: 2 * b], ref.to(sums.device)
+        policy = PairLogps.from_rows(sums, counts)
+        ref_c, ref_r = ref.chunk(2)
+        _, parts = preference_loss(policy, ref_c, ref_r, terms, beta, objective.label_smoothing, 1.0, 1.0)  # sums
+        rc, rr = beta * (policy.chosen - ref_c), beta * (policy.rejected - ref_r)
+        acc += torch.stack([torch.tensor(float(b), device=sums.device), policy.chosen_tokens.sum().float(),
+                            rc.sum(), rr.sum(), (rc > rr).float().sum(), policy.chosen.sum(), policy.rejected.sum(),
+                            (sums - ref).sum(), counts.sum().float(), *[parts[t] for t, _ in terms]]).double()
+    values = dict(zip(names, reduce(acc).tolist()))
+    n_pairs, n_tokens = max(values.pop("pairs"), 1.0), max(values.pop("chosen_tokens"), 1.0)
+    out = {k: v / n_pairs for k, v in values.items() if k.startswith(("rewards/", "logps/"))}
+    for t, _ in terms:
+        out[f"loss/{t}"] = values[f"loss/{t}"] / (n_tokens if t == "sft" else n_pairs)
+    out["loss"] = sum(w * out[f"loss/{t}"] for t, w in terms)
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    out["kl"] = values["kl_sum"] / max(values["kl_tokens"], 1.0)
+    return out

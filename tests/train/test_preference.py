@@ -103,6 +103,43 @@ def test_dpo_after_sft_raises_held_out_preference_accuracy_and_exact_match(tiny_
         records[-1])
 
 
+@torch.no_grad()
+def _answer_logps(ckpt: Path, pairs: Path) -> torch.Tensor:
+    """logp(answer) of every held-out pair's rows from the full logits ([64]: 32 chosen, then 32 rejected)."""
+    model = load_model(ckpt, dtype=torch.float32).eval()
+    batch = next(iter(PreferenceStream(DataConfig(datasets=[{"path": str(pairs)}], batch_size=32),
+                                       Processor.from_pretrained(ckpt))))
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(2, target.clamp(min=0)[..., None])[..., 0] * (target != -100)
+    keys = batch["sample_keys"]
+    order = sorted(range(32), key=keys.__getitem__)  # a record's rows wherever the stream's shuffle put it
+    return logp.sum(1).view(2, 32)[:, order]
+
+
+def test_validation_logs_the_held_out_pairs_loss_rewards_and_accuracy(tiny_ckpt, colours, tmp_path):
+    """eval.every on eval.data: every held-out pair once (4 micro-batches of 8 on the 32 pairs), its DPO loss,
+    rewards and accuracy against the starting model, as computed here from the full logits of the final weights."""
+    train, test = colours
+    cfg = _base(tiny_ckpt, tmp_path / "dpo", train, "dpo", 2, optim={"lr": 2e-3},
+                eval={"every": 2, "data": {"datasets": [{"path": str(test)}], "batch_size": 8}})
+    Trainer(load_config(None, data=cfg)).fit()
+    rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2]
+    beta = 0.1
+    reward = beta * (_answer_logps(tmp_path / "dpo" / "final", test) - _answer_logps(tiny_ckpt, test))  # [2, 32]
+    delta = reward[0] - reward[1]
+    want = {"val_loss": float(-torch.nn.functional.logsigmoid(delta).mean()),
+            "val_rewards/chosen": float(reward[0].mean()), "val_rewards/rejected": float(reward[1].mean()),
+            "val_rewards/margins": float(delta.mean()), "val_rewards/accuracies": float((delta > 0).float().mean())}
+    assert delta.abs().min() > 1e-4  # no ties for the accuracy to read rounding on
+    for key, value in want.items():
+        assert val[0][key] == pytest.approx(value, abs=2e-5), key
+    assert {"val_loss/sigmoid", "val_kl", "val_logps/chosen"} <= set(val[0])
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora-mpo", "full-dpo"])
 def test_resume_is_bit_exact_and_lora_keeps_one_copy_of_the_base(tiny_ckpt, colours, tmp_path, lora):
     train, _ = colours
