@@ -19,7 +19,7 @@ from stitch.data.preference import collate_pairs
 from stitch.models.lora import apply_lora
 from stitch.models.vlm import VLM
 from stitch.train.config import LoRAConfig, PreferenceConfig
-from stitch.train.preference import PairObjective, build_reference, loss_terms
+from stitch.train.preference import PairObjective, build_reference, evaluate_pairs, loss_terms
 from stitch.train.step import train_step
 from tests.parallel.common import IMAGE_TOKEN, build, tiny_config
 
@@ -87,12 +87,17 @@ def setup(kind: str, device: torch.device) -> tuple[VLM, PairObjective]:
     return model, PairObjective(ref, pref)
 
 
-def run(model, objective: PairObjective, batches: Callable[[int], list[dict]], params) -> list[dict]:
-    """`STEPS` SGD steps through `train_step`; per step the loss, gradient norm and the objective's metrics."""
+def run(model, objective: PairObjective, batches: Callable[[int], list[dict]], params,
+        device: torch.device) -> list[dict]:
+    """`STEPS` SGD steps through `train_step`; per step the loss, gradient norm and the objective's metrics.
+    Then the held-out evaluation (`evaluate_pairs`) of the trained model on the pairs of step `STEPS`."""
     opt = torch.optim.SGD(params, lr=LR)
     records = []
     for step in range(STEPS):
         res = train_step(model, opt, batches(step), max_grad_norm=MAX_GRAD_NORM, objective=objective)
         records.append({"loss": res.loss, "grad_norm": res.grad_norm, "label_tokens": res.label_tokens,
                         **res.metrics})
+    model.eval()
+    records.append(evaluate_pairs(model, objective, batches(STEPS), device))
+    model.train()
     return records

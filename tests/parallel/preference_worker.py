@@ -38,7 +38,7 @@ def train(name: str, kind: str, layout: dict, out: Path) -> None:
     objective.reference.parallelize(lambda m: parallelize(m, layout, device=DEVICE))
     cfg = tiny_config()
     records = run(pm, objective, lambda step: micro_batches(cfg, step, pm.dp_rank, pm.dp_size),
-                  [p for p in pm.parameters() if p.requires_grad])
+                  [p for p in pm.parameters() if p.requires_grad], pm.device)
     state = get_model_state_dict(pm.model, options=StateDictOptions(full_state_dict=True))
     padded = pm.layout.padded_heads(cfg)
     state = {k: from_live_shape(k, v, cfg, padded).contiguous().cpu() for k, v in state.items()}
