@@ -23,7 +23,7 @@ from stitch.data.config import DataConfig
 from stitch.data.preference import PreferenceSource, PreferenceStream, encode_pair, parse_preference_row
 from stitch.data.processor import Processor
 from stitch.data.skips import SampleError
-from stitch.errors import StitchConfigError
+from stitch.errors import DataError, StitchConfigError
 from stitch.train.config import load_config
 from stitch.train.loop import Trainer
 from tests.train.helpers import tiny_config
@@ -214,7 +214,6 @@ def test_accumulating_unequal_micro_batches_equals_one_batch_of_all_the_pairs(ti
 
 def test_precomputed_reference_logps_equal_the_copy_resume_a_partial_pass_and_refuse_other_data(
         tiny_ckpt, colours, tmp_path):
-    from stitch.errors import DataError
     from stitch.train.preference import Reference, preference_stream, sequence_logps
     from stitch.train.reference_logps import precompute_reference_logps
 
@@ -294,6 +293,56 @@ def test_pairs_from_rlaif_v_llava_rlhf_and_trl_fields_render_with_answer_only_ma
     report = run_pair_check(cfg, processor, samples=5, show=1)
     assert report["ok"] and report["samples"] == 1
     assert [s["key"].rsplit(" ", 1)[1] for s in report["shown"]] == ["(chosen)", "(rejected)"]
+
+
+def _energon_pairs(folder: Path, splits: dict[str, list[dict]], image: bytes) -> Path:
+    """An Energon-prepared folder as `energon prepare` leaves it: one shard per split, members `key.question.txt`,
+    `key.chosen.txt`, `key.rejected.txt`, `key.jpg`, and dataset.yaml's field_map naming them."""
+    folder.mkdir()
+    counts = {}
+    for split, rows in splits.items():
+        with tarfile.open(folder / f"{split}.tar", "w") as tar:
+            for k, row in enumerate(rows):
+                members = {f"{k:04d}.{name}.txt": row[name].encode() for name in ("question", "chosen", "rejected")}
+                for name, data in {**members, f"{k:04d}.jpg": image}.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        counts[f"{split}.tar"] = len(rows)
+    meta = folder / ".nv-meta"
+    meta.mkdir()
+    (meta / ".info.yaml").write_text(json.dumps({"shard_counts": counts}))
+    (meta / "split.yaml").write_text(json.dumps({"split_parts": {s: [f"{s}.tar"] for s in splits}}))
+    (meta / "dataset.yaml").write_text(json.dumps({
+        "sample_type": {"__module__": "custom", "__class__": "PreferenceSample"},
+        "field_map": {"question": "question.txt", "chosen": "chosen.txt", "rejected": "rejected.txt",
+                      "image": "jpg"}}))
+    return folder
+
+
+def test_pairs_from_an_energon_folder_render_as_the_same_jsonl_pairs_per_split(tiny_ckpt, tmp_path):
+    processor = Processor.from_pretrained(tiny_ckpt)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="JPEG")
+    (tmp_path / "a.jpg").write_bytes(buf.getvalue())
+    rows = {"train": [{"question": "What colour?", "chosen": "Red.", "rejected": "Blue."},
+                      {"question": "Which shape?", "chosen": "A square.", "rejected": "A circle."}],
+            "val": [{"question": "Is it red?", "chosen": "Yes.", "rejected": "No."}]}
+    folder = _energon_pairs(tmp_path / "energon", rows, buf.getvalue())
+    for split, records in rows.items():
+        jsonl = tmp_path / f"{split}.jsonl"
+        jsonl.write_text("".join(json.dumps({**r, "image": "a.jpg"}) + "\n" for r in records))
+        energon = DataConfig(datasets=[{"path": str(folder), "split": split}]).resolve_datasets()[0]
+        plain = DataConfig(datasets=[{"path": str(jsonl)}]).resolve_datasets()[0]
+        a, b = PreferenceSource(energon), PreferenceSource(plain)
+        assert len(a) == len(b) == len(records)
+        for i in range(len(records)):
+            for x, y in zip(encode_pair(processor, a.get(i)), encode_pair(processor, b.get(i))):
+                assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+                assert torch.equal(x.pixel_values, y.pixel_values)
+    assert is_preference_data(DataConfig(datasets=[{"path": str(folder)}]))
+    with pytest.raises(DataError, match="no split part 'test'"):
+        PreferenceSource(DataConfig(datasets=[{"path": str(folder), "split": "test"}]).resolve_datasets()[0])
 
 
 @pytest.mark.parametrize("row, reason, text", [
