@@ -1,5 +1,7 @@
 """Preference losses (DPO sigmoid / IPO / hinge / robust, BCO pair, SFT; MPO as their weighted sum), the
-reference model, and one preference optimizer step.
+reference model, and `PairObjective`: the preference loss as an objective of the one training step
+(`stitch.train.step.train_step`), so dpo/mpo run in one process and under every `stitch.parallel` layout
+(FSDP2, TP, PP) through the same code as SFT; and `evaluate_pairs`, the validation on held-out pairs.
 
 The losses follow TRL 1.16's `DPOTrainer._compute_loss` term by term, so a run here and a TRL run on the HF
 export of the same model give the same loss, rewards and gradients (tests/train/test_preference_trl.py):
@@ -15,8 +17,8 @@ With gradient accumulation and data parallelism every pair term is divided by th
 term by the global chosen-token count, so the summed gradients are those of one batch of all the pairs.
 
 The reference: with LoRA where only adapters train, the policy itself with adapters switched off (one copy of the
-weights); otherwise a frozen copy made at the start (in bf16 if asked: half the memory). Reference forwards run
-in eval mode (no dropout), under no_grad.
+weights); otherwise a frozen copy made at the start (in bf16 if asked: half the memory), sharded under a layout as
+the policy is. Reference forwards run in eval mode (no dropout), under no_grad, before the step's policy forwards.
 """
 
 from __future__ import annotations
