@@ -152,6 +152,10 @@ class ParallelModel:
     def named_parameters(self):
         return self.model.named_parameters()
 
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
     def train(self, mode: bool = True) -> ParallelModel:
         self.model.train(mode)
         for stage in self.stages:
@@ -329,6 +333,14 @@ class ParallelModel:
         """`loss_fn(hidden, labels, lm_head)`'s first output for one batch, no gradients (collective over the
         layout), on the last stage's ranks (None on the others): e.g. a reference model's per-row log-probs."""
         return self._forward_only({**batch, "loss_fn": loss_fn}, "output")
+
+    def from_last_stage(self, value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """`value` (known on the last pipeline stage's ranks) on every rank; `like` gives its shape elsewhere."""
+        if self.layout.pp == 1:
+            return value
+        out = value.float().clone() if value is not None else torch.zeros_like(like, dtype=torch.float32)
+        dist.all_reduce(out, group=self.pmesh.group("pp"))  # zeros from the other stages
+        return out
 
     def all_reduce_metrics(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-step statistics over data ranks and pipeline stages (only the last stage computes them)."""

@@ -170,7 +170,7 @@ class Trainer:
         self.objective = None
         if self.reference is not None:
             if self.dist.parallelize:  # a frozen copy is sharded as the policy is
-                self.reference.parallelize(lambda m: self.dist.parallelize(m, cfg))
+                self.reference.parallelize(lambda m: self.dist.parallelize(m, cfg), self.module)
             self.objective = PairObjective(self.reference, cfg.preference)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.schedule = LRSchedule(cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.decay_steps,

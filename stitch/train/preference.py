@@ -72,9 +72,13 @@ def row_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) ->
     return answer_logps(hidden, lm_head, labels)
 
 
-def sequence_logps(model: VLM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: VLM | ParallelModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums [N], counts [N]) of the answer tokens' log-probs of a batch's rows, labels unshifted (-100 = no
-    loss) as the model takes them; fp32."""
+    loss) as the model takes them; fp32. Under a layout (collective) on every rank."""
+    if isinstance(model, ParallelModel):
+        counts = (inputs["labels"][:, 1:] != -100).sum(1)
+        sums = model.from_last_stage(model.forward_output(inputs, row_logps), counts)
+        return sums, counts
     out = model(**inputs, loss_fn=row_logps, return_logits=False)
     return out.loss, out.num_label_tokens
 
@@ -166,11 +170,14 @@ class Reference:
         finally:
             target.train(was_training)
 
-    def parallelize(self, parallelize: Callable[[nn.Module], ParallelModel]) -> None:
-        """Under a layout: shard a frozen copy as the policy is sharded (the other kinds hold no model of
-        their own). The copy then joins every reference forward collectively."""
+    def parallelize(self, parallelize: Callable[[nn.Module], ParallelModel], policy: ParallelModel) -> None:
+        """Under a layout: shard a frozen copy as the policy is sharded (it then joins every reference forward
+        collectively); a precomputed reference's pass runs through the parallelised policy before its first
+        step (the policy is then still the starting model)."""
         if self.kind == "copy":
             self.model = parallelize(self.model)
+        elif self.kind == "precomputed":
+            self.model = policy
 
 
 def _autocast_factory(device: torch.device, dtype: torch.dtype | None):
@@ -228,8 +235,10 @@ def preference_stream(cfg: TrainConfig, processor, dist, reference: Reference | 
                                         "run resumes a trained model, which is no longer the reference")
             table = {r["i"]: r for r in done}
         else:
+            barrier = torch.distributed.barrier if dist.collective else None
             table = precompute_reference_logps(path, reference.model, stream, cfg.model.checkpoint,
-                                               device or torch.device("cpu"), reference._autocast, sequence_logps)
+                                               device or torch.device("cpu"), reference._autocast, sequence_logps,
+                                               writer=dist.is_main, barrier=barrier)
         stream.reference_logps = lookup(table, path)
     return stream
 

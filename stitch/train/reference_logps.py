@@ -11,6 +11,7 @@ refused with what differs, and every pair is checked against its digest when tra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -66,14 +67,22 @@ def read_reference_logps(path: Path, expected: dict) -> list[dict]:
 
 @torch.no_grad()
 def precompute_reference_logps(path: Path, model: VLM, stream: PreferenceStream, checkpoint: str,
-                               device: torch.device, autocast: Callable, logps_fn: Callable) -> dict[int, dict]:
+                               device: torch.device, autocast: Callable, logps_fn: Callable,
+                               writer: bool = True, barrier: Callable[[], None] | None = None) -> dict[int, dict]:
     """Fill `path` with the starting model's log-probs of every record (continuing a partial file) and return
-    them by record number. `logps_fn(model, inputs) -> (sums [2B], counts)`."""
+    them by record number. `logps_fn(model, inputs) -> (sums [2B], counts)`.
+
+    Under a parallel layout every rank runs the pass over every record (the model's forwards are collective, and
+    each data replica computes the same values) and only the `writer` writes; `barrier` keeps the others from
+    reading the file while the writer changes it."""
     head = header(stream, checkpoint)
     done = read_reference_logps(path, head) if path.exists() else []
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if barrier is not None:
+        barrier()  # every rank has read what is done before the writer touches the file
+    if writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
     mode = "r+" if path.exists() and done else "w"
-    with open(path, mode, encoding="utf-8") as f:
+    with open(path, mode, encoding="utf-8") if writer else _NoFile() as f:
         if mode == "w":
             f.write(json.dumps(head) + "\n")
         else:  # drop a partial last line, then append
@@ -101,7 +110,24 @@ def precompute_reference_logps(path: Path, model: VLM, stream: PreferenceStream,
                 _flush(f, pending, done, model, stream, device, autocast, logps_fn)
         finally:
             model.train(was_training)
+    if barrier is not None:
+        barrier()  # the file is complete before any rank goes on
     return {r["i"]: r for r in done}
+
+
+class _NoFile(contextlib.nullcontext):
+    """What a rank that does not write the file writes to."""
+
+    def __enter__(self):
+        return self
+
+    def write(self, *_) -> None:
+        pass
+
+    seek = truncate = flush = write
+
+    def fileno(self) -> int:
+        return -1
 
 
 def _flush(f, pending, done, model: nn.Module, stream, device, autocast, logps_fn) -> None:
@@ -113,7 +139,8 @@ def _flush(f, pending, done, model: nn.Module, stream, device, autocast, logps_f
         done.append({"i": n, "digest": digest, "chosen": float(chosen[k]), "rejected": float(rejected[k])})
         f.write(json.dumps(done[-1]) + "\n")
     f.flush()
-    os.fsync(f.fileno())
+    if f.fileno() >= 0:
+        os.fsync(f.fileno())
     pending.clear()
 
 

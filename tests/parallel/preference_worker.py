@@ -35,7 +35,7 @@ LAYOUTS: list[tuple[str, str, dict]] = [
 def train(name: str, kind: str, layout: dict, out: Path) -> None:
     model, objective = setup(kind, DEVICE or torch.device("cpu"))
     pm = parallelize(model, layout, device=DEVICE)
-    objective.reference.parallelize(lambda m: parallelize(m, layout, device=DEVICE))
+    objective.reference.parallelize(lambda m: parallelize(m, layout, device=DEVICE), pm)
     cfg = tiny_config()
     records = run(pm, objective, lambda step: micro_batches(cfg, step, pm.dp_rank, pm.dp_size),
                   [p for p in pm.parameters() if p.requires_grad], pm.device)

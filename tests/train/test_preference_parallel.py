@@ -2,7 +2,7 @@
 path (the frozen reference copy sharded beside the policy, the pair stream split over ranks, validation on
 held-out pairs, collective checkpoints) gives the same per-step loss, rewards and validation metrics within 1e-5,
 and a dp2 run stopped after step 2 resumes into the same steps 3 and 4 (the reference reloaded from
-model.checkpoint)."""
+model.checkpoint). A pp2 run with `reference: precomputed` (its pass through the pipelined policy) matches too."""
 
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ def _config(ckpt: Path, out: Path, data: Path, held_out: Path) -> dict:
                        checkpoint={"every": 2, "at_end": False, "save_final": False})
 
 
-def _torchrun(config: Path, *overrides: str) -> None:
+def _torchrun(config: Path, *overrides: str, layout: str = "parallel.dp=2") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "stitch", "train", str(config), "parallel.dp=2", *overrides]
+           "--master_port", str(port), "-m", "stitch", "train", str(config), layout, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
@@ -76,3 +76,14 @@ def test_dpo_under_fsdp2_equals_one_process_and_resumes(tiny_ckpt, tmp_path):
             if key in want[step]:
                 assert got[step][key] == pytest.approx(want[step][key], abs=1e-5, rel=1e-5), (step, key)
     assert {"val_loss", "val_rewards/accuracies"} <= set(want[2]) and want[4]["rewards/margins"] != 0.0
+    # reference: precomputed under pp2 (the pass runs through the pipelined policy before step 1, the last
+    # stage's log-probs reach the writing rank): the frozen copy's steps and validation again
+    pre = tmp_path / "pp2-precomputed"
+    _torchrun(config, f"output_dir={pre}", "preference.reference=precomputed", layout="parallel.pp=2")
+    assert len((pre / "reference_logps.jsonl").read_text().splitlines()) == 1 + 16
+    assert len((pre / "reference_logps.val.jsonl").read_text().splitlines()) == 1 + 16
+    got = _steps(pre)
+    for step in want:
+        for key in KEYS:
+            if key in want[step]:
+                assert got[step][key] == pytest.approx(want[step][key], abs=1e-5, rel=1e-5), ("pp2", step, key)
