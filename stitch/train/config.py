@@ -306,9 +306,6 @@ class TrainConfig(_Base):
             if self.synthetic.enabled:
                 raise ValueError(f"stage {self.stage} trains on preference pairs (data.datasets), not synthetic data")
             pref = self.preference
-            if (self.parallel.world_size > 1 or self.parallel.dp == -1) and pref.reference_dtype == "bf16":
-                raise ValueError("preference.reference_dtype: bf16 mixes dtypes inside one FSDP unit; under a "
-                                 "parallel layout keep fp32 (the copy is sharded like the policy)")
             n = len(pref.loss_type or pref.default_types(self.stage))
             if pref.loss_weights is not None and len(pref.loss_weights) != n:
                 raise ValueError(f"preference.loss_weights has {len(pref.loss_weights)} values for {n} loss types "

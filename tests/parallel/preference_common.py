@@ -62,7 +62,8 @@ def micro_batches(cfg, step: int, dp_rank: int = 0, dp_size: int = 1, one_batch:
 
 def setup(kind: str, device: torch.device) -> tuple[VLM, PairObjective]:
     """The policy (fp32, the ViT frozen) and its MPO objective. kind "copy": full fine-tuning with a frozen copy
-    as the reference; "lora": LoRA adapters on the LLM only, the reference is the policy with adapters off."""
+    as the reference; "bf16": the same with the copy's Linear weights in bf16; "lora": LoRA adapters on the LLM
+    only, the reference is the policy with adapters off."""
     cfg = tiny_config()
     model = build(cfg).to(device).train()
     for p in model.vision.parameters():
@@ -74,10 +75,11 @@ def setup(kind: str, device: torch.device) -> tuple[VLM, PairObjective]:
             for name, p in model.named_parameters():
                 if ".lora_B." in name:
                     p.normal_(0, 0.02)
-    pref = PreferenceConfig(beta=0.5, reference="adapters" if kind == "lora" else "copy")
+    pref = PreferenceConfig(beta=0.5, reference="adapters" if kind == "lora" else "copy",
+                            reference_dtype="bf16" if kind == "bf16" else "fp32")
     terms = loss_terms(pref, "mpo")
     ref = build_reference(model, pref, device, contextlib.nullcontext, terms)
-    if kind == "copy":
+    if kind in ("copy", "bf16"):
         # The policy moved off its reference before step 1: with rewards exactly 0 every pair would be a tie,
         # and `rewards/accuracies` (chosen > rejected) would read rounding noise.
         g = torch.Generator().manual_seed(2)

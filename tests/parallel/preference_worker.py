@@ -29,6 +29,7 @@ LAYOUTS: list[tuple[str, str, dict]] = [
     ("tp2", "copy", {"tp": 2}),
     ("pp2", "copy", {"pp": 2, "pp_schedule": "1f1b"}),
     ("dp2_lora", "lora", {"dp": 2, "fsdp": True}),
+    ("dp2_bf16_reference", "bf16", {"dp": 2, "fsdp": True}),
 ]
 
 

@@ -52,7 +52,7 @@ def launched(tmp_path_factory) -> Path:
 def one_process() -> dict:
     cfg = tiny_config()
     runs = {}
-    for kind in ("copy", "lora"):
+    for kind in ("copy", "lora", "bf16"):
         model, objective = setup(kind, torch.device("cpu"))
         records = run(model, objective, lambda step: micro_batches(cfg, step, one_batch=True),
                       [p for p in model.parameters() if p.requires_grad], torch.device("cpu"))

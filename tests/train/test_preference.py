@@ -376,6 +376,5 @@ def test_preference_config_errors_name_the_field(tiny_ckpt, tmp_path):
     cfg = load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, preference={"reference": "adapters"}))
     with pytest.raises(StitchConfigError, match="reference: adapters needs LoRA"):
         Trainer(cfg).setup()
-    with pytest.raises(StitchConfigError, match="bf16.*parallel layout"):
-        load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, preference={"reference_dtype": "bf16"},
-                                     parallel={"dp": 2}, train={"global_batch_size": 16}))
+    with pytest.raises(StitchConfigError, match="eval.every needs eval.data"):
+        load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, eval={"every": 2}))
