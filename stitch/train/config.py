@@ -313,9 +313,9 @@ class TrainConfig(_Base):
             if pref.reference == "precomputed" and self.model.random_init:
                 raise ValueError("preference.reference: precomputed stores the log-probs of model.checkpoint; "
                                  "a random_init model has none on disk")
-            if self.eval.every and self.eval.data is None:
-                raise ValueError(f"stage {self.stage}: eval.every needs eval.data, the held-out preference pairs "
-                                 "(eval.data.datasets), for the validation loss, rewards and accuracy")
+            if self.eval.every and self.eval.data is None and self.data.blend is None:
+                raise ValueError(f"stage {self.stage}: eval.every needs held-out preference pairs: eval.data "
+                                 "(eval.data.datasets), or a data.blend with a val split")
         micro = self.data.batch_size * max(self.parallel.dp, 1)
         if self.train.global_batch_size % micro:
             raise ValueError(

@@ -106,8 +106,6 @@ class Trainer:
         cfg = self.cfg
         explicit_val = val and cfg.eval.data is not None
         if cfg.is_preference:
-            if val and cfg.eval.data is None:
-                return None
             return preference_stream(cfg, processor, self.dist, self.reference, self.resume_from is not None,
                                      self.device, val=val)
         if cfg.synthetic.enabled and not explicit_val:

@@ -215,14 +215,16 @@ def preference_stream(cfg: TrainConfig, processor, dist, reference: Reference | 
                       resumed: bool = False, device: torch.device | None = None, val: bool = False
                       ) -> PreferenceStream:
     """This rank's stream of pair micro-batches (`stitch.data.preference.PreferenceStream`) of `data`, or with
-    `val` of the held-out `eval.data`. With a precomputed reference, the pass over the data runs here first (or
+    `val` of the held-out pairs: `eval.data`, else the `val` split of the training blend (as SFT's validation). With a precomputed reference, the pass over the data runs here first (or
     continues; a resumed run needs it complete, since its model has trained) and the stream attaches each
     pair's stored log-probs; the held-out pairs get their own file (`reference_logps` with `.val` before the
     suffix), so the trainer builds that stream before the first step."""
     if processor is None:
         raise StitchConfigError(f"stage {cfg.stage}: preference data needs a tokenizer (the checkpoint has none; "
                                 "set model.tokenizer)")
-    data = cfg.eval.data if val else cfg.data
+    data = cfg.data
+    if val:
+        data = cfg.eval.data if cfg.eval.data is not None else cfg.data.model_copy(update={"split": "val"})
     stream = PreferenceStream(data, processor, rank=dist.dp_rank, world_size=dist.dp_size, seed=cfg.train.seed)
     if reference is not None and reference.kind == "precomputed":
         path = Path(cfg.preference.reference_logps or Path(cfg.output_dir) / "reference_logps.jsonl")

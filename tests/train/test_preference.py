@@ -138,6 +138,15 @@ def test_validation_logs_the_held_out_pairs_loss_rewards_and_accuracy(tiny_ckpt,
     for key, value in want.items():
         assert val[0][key] == pytest.approx(value, abs=2e-5), key
     assert {"val_loss/sigmoid", "val_kl", "val_logps/chosen"} <= set(val[0])
+    # without eval.data, a blend's val split holds the held-out pairs (as SFT's validation reads it)
+    blend = tmp_path / "blend.yaml"
+    blend.write_text(json.dumps({"splits": {"train": {"datasets": [{"path": str(train)}]},
+                                            "val": {"datasets": [{"path": str(test)}]}}}))
+    cfg = _base(tiny_ckpt, tmp_path / "blend", train, "dpo", 1, eval={"every": 1})
+    cfg["data"] = {**cfg["data"], "datasets": [], "blend": str(blend)}
+    trainer = Trainer(load_config(None, data=cfg))
+    trainer.setup()
+    assert [s.name for s in trainer.val_pairs.sources] == [str(test)] and len(trainer.val_pairs.index) == 32
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora-mpo", "full-dpo"])
@@ -376,5 +385,5 @@ def test_preference_config_errors_name_the_field(tiny_ckpt, tmp_path):
     cfg = load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, preference={"reference": "adapters"}))
     with pytest.raises(StitchConfigError, match="reference: adapters needs LoRA"):
         Trainer(cfg).setup()
-    with pytest.raises(StitchConfigError, match="eval.every needs eval.data"):
+    with pytest.raises(StitchConfigError, match="eval.every needs held-out preference pairs"):
         load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, eval={"every": 2}))
