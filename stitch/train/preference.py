@@ -215,10 +215,11 @@ def preference_stream(cfg: TrainConfig, processor, dist, reference: Reference | 
                       resumed: bool = False, device: torch.device | None = None, val: bool = False
                       ) -> PreferenceStream:
     """This rank's stream of pair micro-batches (`stitch.data.preference.PreferenceStream`) of `data`, or with
-    `val` of the held-out pairs: `eval.data`, else the `val` split of the training blend (as SFT's validation). With a precomputed reference, the pass over the data runs here first (or
-    continues; a resumed run needs it complete, since its model has trained) and the stream attaches each
-    pair's stored log-probs; the held-out pairs get their own file (`reference_logps` with `.val` before the
-    suffix), so the trainer builds that stream before the first step."""
+    `val` of the held-out pairs: `eval.data`, else the `val` split of the training blend (as SFT's
+    validation). With a precomputed reference, the pass over the data runs here first (or continues; a resumed
+    run needs it complete, since its model has trained) and the stream attaches each pair's stored log-probs;
+    the held-out pairs get their own file (`reference_logps` with `.val` before the suffix), so the trainer
+    builds that stream before the first step."""
     if processor is None:
         raise StitchConfigError(f"stage {cfg.stage}: preference data needs a tokenizer (the checkpoint has none; "
                                 "set model.tokenizer)")
