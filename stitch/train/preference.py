@@ -238,12 +238,21 @@ def preference_stream(cfg: TrainConfig, processor, dist, reference: Reference | 
                                         "run resumes a trained model, which is no longer the reference")
             table = {r["i"]: r for r in done}
         else:
-            barrier = torch.distributed.barrier if dist.collective else None
-            table = precompute_reference_logps(path, reference.model, stream, cfg.model.checkpoint,
-                                               device or torch.device("cpu"), reference._autocast, sequence_logps,
-                                               writer=dist.is_main, barrier=barrier)
+            collective = dist.collective and torch.distributed.is_initialized()
+            table = precompute_reference_logps(
+                path, reference.model, stream, cfg.model.checkpoint, device or torch.device("cpu"),
+                reference._autocast, sequence_logps, writer=dist.is_main,
+                barrier=torch.distributed.barrier if collective else None, shard=(dist.dp_rank, dist.dp_size),
+                gather=_all_gather if collective else None)
         stream.reference_logps = lookup(table, path)
     return stream
+
+
+def _all_gather(local: dict) -> list[dict]:
+    """Every rank's `local` (the precomputed pass's share of a round), on every rank."""
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, local)
+    return out
 
 
 def _only_adapters_train(model: nn.Module) -> bool:

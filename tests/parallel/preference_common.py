@@ -19,7 +19,7 @@ from stitch.data.preference import collate_pairs
 from stitch.models.lora import apply_lora
 from stitch.models.vlm import VLM
 from stitch.train.config import LoRAConfig, PreferenceConfig
-from stitch.train.preference import PairObjective, build_reference, evaluate_pairs, loss_terms
+from stitch.train.preference import PairObjective, build_reference, evaluate_pairs, loss_terms, sequence_logps
 from stitch.train.step import train_step
 from tests.parallel.common import IMAGE_TOKEN, build, tiny_config
 
@@ -92,7 +92,8 @@ def setup(kind: str, device: torch.device) -> tuple[VLM, PairObjective]:
 def run(model, objective: PairObjective, batches: Callable[[int], list[dict]], params,
         device: torch.device) -> list[dict]:
     """`STEPS` SGD steps through `train_step`; per step the loss, gradient norm and the objective's metrics.
-    Then the held-out evaluation (`evaluate_pairs`) of the trained model on the pairs of step `STEPS`."""
+    Then the held-out evaluation (`evaluate_pairs`) of the trained model on the pairs of step `STEPS`, and
+    `sequence_logps` of its first pair."""
     opt = torch.optim.SGD(params, lr=LR)
     records = []
     for step in range(STEPS):
@@ -101,5 +102,8 @@ def run(model, objective: PairObjective, batches: Callable[[int], list[dict]], p
                         **res.metrics})
     model.eval()
     records.append(evaluate_pairs(model, objective, batches(STEPS), device))
+    # the rows' log-probs on every rank (under PP from the last stage: what the precomputed pass writes)
+    pair = micro_batches(tiny_config(), STEPS, 0, PAIRS)[0]
+    records[-1]["sequence_logps"] = sequence_logps(model, pair)[0].tolist()
     model.train()
     return records

@@ -72,6 +72,7 @@ def test_preference_step_under_a_layout_equals_one_process(launched, one_process
             assert g["label_tokens"] == w["label_tokens"]
             assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=TOL), (name, step)
     assert want[-1]["rewards/margins"] != 0.0 and want[-1]["kl"] != 0.0  # the policy moved from the reference
+    assert got[-1]["sequence_logps"] == pytest.approx(want[-1]["sequence_logps"], abs=TOL)  # on global rank 0
     state = {}
     for part in sorted(launched.glob(f"{name}.pp*.safetensors")):
         state.update(load_file(part))

@@ -2,7 +2,8 @@
 path (the frozen reference copy sharded beside the policy, the pair stream split over ranks, validation on
 held-out pairs, collective checkpoints) gives the same per-step loss, rewards and validation metrics within 1e-5,
 and a dp2 run stopped after step 2 resumes into the same steps 3 and 4 (the reference reloaded from
-model.checkpoint). A pp2 run with `reference: precomputed` (its pass through the pipelined policy) matches too."""
+model.checkpoint). A dp2 run with `reference: precomputed` (its pass split over the data ranks) matches too; the
+pipeline side of that pass (`sequence_logps` under pp2) is checked in tests/parallel/test_preference_layouts.py."""
 
 from __future__ import annotations
 
@@ -76,14 +77,14 @@ def test_dpo_under_fsdp2_equals_one_process_and_resumes(tiny_ckpt, tmp_path):
             if key in want[step]:
                 assert got[step][key] == pytest.approx(want[step][key], abs=1e-5, rel=1e-5), (step, key)
     assert {"val_loss", "val_rewards/accuracies"} <= set(want[2]) and want[4]["rewards/margins"] != 0.0
-    # reference: precomputed under pp2 (the pass runs through the pipelined policy before step 1, the last
-    # stage's log-probs reach the writing rank): the frozen copy's steps and validation again
-    pre = tmp_path / "pp2-precomputed"
-    _torchrun(config, f"output_dir={pre}", "preference.reference=precomputed", layout="parallel.pp=2")
+    # reference: precomputed under dp2 (the pass runs through the sharded policy before step 1, each data rank
+    # forwarding its share of every round, rank 0 writing all of it): the frozen copy's steps and validation
+    pre = tmp_path / "dp2-precomputed"
+    _torchrun(config, f"output_dir={pre}", "preference.reference=precomputed")
     assert len((pre / "reference_logps.jsonl").read_text().splitlines()) == 1 + 16
     assert len((pre / "reference_logps.val.jsonl").read_text().splitlines()) == 1 + 16
     got = _steps(pre)
     for step in want:
         for key in KEYS:
             if key in want[step]:
-                assert got[step][key] == pytest.approx(want[step][key], abs=1e-5, rel=1e-5), ("pp2", step, key)
+                assert got[step][key] == pytest.approx(want[step][key], abs=1e-5, rel=1e-5), ("precomputed", step, key)
