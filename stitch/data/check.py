@@ -182,7 +182,7 @@ def run_check(data_cfg, processor, samples: int = 200, show: int = 2, seed: int 
 def is_preference_data(data_cfg) -> bool:
     """Whether the datasets hold preference pairs (their first record has chosen/rejected answers)."""
     specs = data_cfg.resolve_datasets()
-    if not specs or any(s.path.startswith("easy-vqa") or Path(s.path, ".nv-meta").is_dir() for s in specs):
+    if not specs or any(s.path.startswith("easy-vqa") for s in specs):
         return False
     try:
         return all(is_preference_row(PreferenceSource(s).raw(0)[0]) for s in specs)

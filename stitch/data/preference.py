@@ -32,7 +32,17 @@ from stitch.data.collate import Sample, collate
 from stitch.data.config import DataConfig, DatasetSpec
 from stitch.data.image import ImageInput, load_image
 from stitch.data.skips import SampleError, SkipStats
-from stitch.data.sources import ROLE_MAP, _decode_json, _images_of, _line_offsets, _shard_list, _TarIndex
+from stitch.data.sources import (
+    ROLE_MAP,
+    _decode_json,
+    _images_of,
+    _line_offsets,
+    _shard_list,
+    _TarIndex,
+    energon_fields,
+    energon_shards,
+    is_energon,
+)
 from stitch.errors import DataError
 
 __all__ = ["PreferencePair", "parse_preference_row", "encode_pair", "collate_pairs", "PreferenceSource",
@@ -195,7 +205,10 @@ def collate_pairs(pairs: Sequence[tuple[Sample, Sample]], pad_token_id: int) -> 
 
 # --------------------------------------------------------------------------- sources
 class PreferenceSource:
-    """A JSONL / JSON-list file or WebDataset shards of preference records, read lazily by index."""
+    """A JSONL / JSON-list file, WebDataset shards or an Energon-prepared folder of preference records, read
+    lazily by index. An Energon folder is read natively (no `megatron-energon` needed): the shards of the spec's
+    `split` part, members turned into fields by its dataset.yaml's `field_map` or `sample_loader`, else read as
+    WebDataset's (`key.json` + image members)."""
 
     def __init__(self, spec: DatasetSpec):
         self.name = spec.display_name
@@ -203,6 +216,7 @@ class PreferenceSource:
         self.image_root = Path(spec.image_root) if spec.image_root else path.parent
         self._rows: list[Any] | None = None
         self._tar: _TarIndex | None = None
+        self._fields = None  # an Energon folder's member -> field mapping
         if path.suffix in (".jsonl", ".json") and path.is_file():
             self.path = path
             if path.suffix == ".json":
@@ -219,6 +233,10 @@ class PreferenceSource:
                 n = len(self.offsets)
         elif path.suffix in (".jsonl", ".json"):
             raise DataError(f"{path}: preference file not found")
+        elif is_energon(path):
+            self._tar = _TarIndex(energon_shards(path, spec.option("split") or "train"))
+            self._fields = energon_fields(path)
+            n = len(self._tar)
         else:
             self._tar = _TarIndex(_shard_list(spec.path))
             n = len(self._tar)
@@ -233,6 +251,8 @@ class PreferenceSource:
         """(row, where, images from the shard or None)."""
         if self._tar is not None:
             where, files = self._tar.read(index)
+            if self._fields is not None:
+                return self._fields(files, where), where, None
             if "json" not in files:
                 raise SampleError("malformed_record", f"{where}: no .json member (has {sorted(files)})")
             return _decode_json(files["json"], where), where, _images_of(files) or None

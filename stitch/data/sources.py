@@ -30,7 +30,7 @@ import json
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,25 +400,9 @@ class EnergonSource(Source):
         self.path = Path(path)
         self.name = spec.display_name
         meta = self.path / ".nv-meta"
-        info = _load_meta(meta, (".info.json", ".info.yaml"))
-        splits = _load_meta(meta, ("split.yaml", "split.json"))
-        ds = _load_meta(meta, ("dataset.yaml", "dataset.json"))
         split = spec.option("split") or "train"
-        split_parts = splits.get("split_parts") or {}
-        if not isinstance(split_parts, dict):
-            raise DataError(f"{meta}/split.yaml: split_parts must map split names to lists of shards")
-        parts = split_parts.get(split)
-        if parts is None:
-            raise DataError(f"{meta}/split.yaml: no split part {split!r} (have {list(split_parts)})")
-        if not isinstance(parts, list) or not all(isinstance(x, str) for x in parts):
-            raise DataError(f"{meta}/split.yaml: split_parts.{split} must be a list of shard names, got {parts!r}")
-        excludes = {x for e in splits.get("exclude", []) or [] for x in braceexpand(e)}
-        shard_names = [n for p in parts for n in braceexpand(p) if n not in excludes]
-        counts = info.get("shard_counts", {})
-        for n in shard_names:
-            if n not in counts:
-                raise DataError(f"{meta}: shard {n} of split {split!r} is not in .info shard_counts")
-        self.index = _TarIndex([self.path / n for n in shard_names])
+        self.index = _TarIndex(energon_shards(self.path, split))
+        ds = _load_meta(meta, ("dataset.yaml", "dataset.json"))
         self.sample_type = _energon_type(ds, meta)
         self.field_map: dict[str, str] | None = ds.get("field_map")
         self.loader = _energon_loader(ds, meta)
@@ -466,6 +450,62 @@ class EnergonSource(Source):
         else:
             row = {k: v for k, v in fields.items() if k != "image"}
         return self.renderer.convert({**row, "video": videos}, key, where, images, videos)
+
+
+def is_energon(path: str | Path) -> bool:
+    """An Energon-prepared folder: it has `.nv-meta/`."""
+    return (Path(path) / ".nv-meta").is_dir()
+
+
+def energon_shards(path: Path, split: str) -> list[Path]:
+    """The shards of `split` in an Energon-prepared folder (`.nv-meta/split.yaml`'s split part, brace patterns
+    expanded, `exclude` dropped), each checked against `.info`'s shard counts."""
+    meta = path / ".nv-meta"
+    info = _load_meta(meta, (".info.json", ".info.yaml"))
+    splits = _load_meta(meta, ("split.yaml", "split.json"))
+    split_parts = splits.get("split_parts") or {}
+    if not isinstance(split_parts, dict):
+        raise DataError(f"{meta}/split.yaml: split_parts must map split names to lists of shards")
+    parts = split_parts.get(split)
+    if parts is None:
+        raise DataError(f"{meta}/split.yaml: no split part {split!r} (have {list(split_parts)})")
+    if not isinstance(parts, list) or not all(isinstance(x, str) for x in parts):
+        raise DataError(f"{meta}/split.yaml: split_parts.{split} must be a list of shard names, got {parts!r}")
+    excludes = {x for e in splits.get("exclude", []) or [] for x in braceexpand(e)}
+    shard_names = [n for p in parts for n in braceexpand(p) if n not in excludes]
+    counts = info.get("shard_counts", {})
+    for n in shard_names:
+        if n not in counts:
+            raise DataError(f"{meta}: shard {n} of split {split!r} is not in .info shard_counts")
+    return [path / n for n in shard_names]
+
+
+def energon_fields(path: Path) -> Callable[[dict, str], dict] | None:
+    """How an Energon folder's members become a record's fields: dataset.yaml's `sample_loader` (a function of
+    the member dict) or `field_map` (field -> member extension; images kept as bytes, `json` members decoded,
+    the rest read as text); None when it has neither (members are read as WebDataset's: `key.json` + images)."""
+    meta = path / ".nv-meta"
+    ds = _load_meta(meta, ("dataset.yaml", "dataset.json"))
+    loader = _energon_loader(ds, meta)
+    if loader is not None:
+        return lambda files, where: loader({**files, "__key__": where})
+    field_map = ds.get("field_map")
+    if field_map is None:
+        return None
+    if not isinstance(field_map, dict):
+        raise DataError(f"{meta}/dataset.yaml: field_map must map field names to member extensions")
+
+    def mapped(files: dict, where: str) -> dict:
+        fields = {}
+        for name, ext in field_map.items():
+            if ext not in files:
+                raise SampleError("malformed_record", f"{where}: field {name!r} needs member .{ext}")
+            data = files[ext]
+            fields[name] = data if ext.split(".")[-1] in IMAGE_EXTS + VIDEO_EXTS else (
+                _decode_json(data, where) if ext.endswith("json") else _text(data, where))
+        return fields
+
+    return mapped
 
 
 def _load_meta(meta: Path, names: Sequence[str]) -> dict:

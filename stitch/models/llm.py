@@ -263,6 +263,23 @@ def chunked_cross_entropy_sum(
     return total
 
 
+def answer_logps(
+    hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of the labelled tokens' log-probs and their counts ([N], [N]; fp32), for preference losses.
+
+    As in `token_loss` the output layer runs only at the M positions that predict a label, never over the full
+    [N, T, V]. `lm_head` is called as a module, so a vocabulary-parallel head (a Shard(-1) DTensor under
+    `loss_parallel`) works unchanged: the per-token cross-entropy comes back replicated."""
+    target = labels[:, 1:]  # position t predicts token t+1
+    mask = target != -100
+    logits = lm_head(hidden[:, :-1][mask])  # [M, V]
+    nll = F.cross_entropy(logits.float(), target[mask], reduction="none")  # [M]
+    nll = nll.to_local() if hasattr(nll, "to_local") else nll
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, -nll)
+    return per_token.sum(1), mask.sum(1)
+
+
 def token_loss(
     hidden: torch.Tensor,
     lm_head: nn.Linear,

@@ -13,6 +13,7 @@ path for packed rows included; nothing here knows about parallelism.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,15 @@ class VLM(nn.Module):
         return_logits: bool = True,
         logits_to_keep: int = 0,
         fresh_cache: bool = False,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None,
         **_: object,
     ) -> VLMOutput:
         """Logits [B, T, V] (or the last `logits_to_keep` positions) and, with `labels`, the token-mean loss.
 
         Training passes `return_logits=False`: the loss is then computed from hidden states in chunks, only
         where labels exist, and the full logits tensor is never built. `fresh_cache`: see `LLM.forward`.
+        `loss_fn(hidden, labels, lm_head) -> (loss, labelled tokens)` replaces the next-token loss (the preference
+        losses of `stitch.train.preference`); its `loss` need not be a scalar.
 
         Pruned (a pipeline stage, see the module docstring): without `llm.embed_tokens`, `input_ids` is the
         previous stage's hidden state [B, T, D]; without `llm.lm_head`, the output carries only `hidden_states`.
@@ -99,7 +103,10 @@ class VLM(nn.Module):
             return VLMOutput(logits=None, hidden_states=hidden)
         loss = n_tokens = logits = None
         if labels is not None:
-            loss, n_tokens = self.label_loss(hidden, labels, num_label_tokens)
+            if loss_fn is not None:
+                loss, n_tokens = loss_fn(hidden, labels, self.llm.lm_head)
+            else:
+                loss, n_tokens = self.label_loss(hidden, labels, num_label_tokens)
         if return_logits:
             logits = self.llm.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return VLMOutput(logits=logits, loss=loss, num_label_tokens=n_tokens)

@@ -31,7 +31,8 @@ from stitch.parallel.tensor import vocab_parallel_loss_sum
 
 __all__ = ["StageModule", "PipelineRunner", "microbatch_side"]
 
-SIDE_KEYS = ("pixel_values", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen", "labels")
+# `loss_fn`: a micro-batch's own loss in place of the next-token loss (`VLM.forward`; the preference stages).
+SIDE_KEYS = ("pixel_values", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen", "labels", "loss_fn")
 
 
 def microbatch_side(batch: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +59,8 @@ class StageModule(VLM):
     """One pipeline stage (or the whole model when pp = 1): the VLM pruned to this stage's pieces.
 
     forward(x, **side): x is `input_ids` [B, T] on the first stage, the hidden state [B, T, D] elsewhere.
-    Returns the hidden state (not last), the scaled loss sum [1] (last, mode "loss") or logits (last, "logits").
+    Returns the hidden state (not last), the scaled loss sum [1] (last, mode "loss"), logits (last, "logits"), or
+    the side's `loss_fn` output as it is (last, "output": e.g. per-row log-probs for a reference forward).
     `side` comes either as keyword arguments (pp = 1) or from `push_side` (pipeline schedules).
     Set gradient checkpointing on the model before building stages (the flag is copied).
     """
@@ -102,7 +104,7 @@ class StageModule(VLM):
     def forward(self, x: torch.Tensor, **side: Any) -> torch.Tensor:
         if not side:
             side = self._next_side()
-        wants_loss = self.is_last and self.mode == "loss"
+        wants_loss = self.is_last and self.mode in ("loss", "output")
         out = super().forward(
             x,
             pixel_values=side.get("pixel_values"),
@@ -113,12 +115,15 @@ class StageModule(VLM):
             max_seqlen=side.get("max_seqlen"),
             num_label_tokens=1,  # a sum: the caller's loss_scale makes it the step's token-weighted mean
             return_logits=self.is_last and self.mode == "logits",
+            loss_fn=side.get("loss_fn"),
         )
         if not self.is_last:
             result = out.hidden_states.to(self.comm_dtype)
         elif self.mode == "logits":
             logits = out.logits
             result = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+        elif self.mode == "output":
+            result = out.loss
         else:
             self.loss_sums.append(out.loss.detach())
             result = (out.loss * side["loss_scale"]).reshape(1).clone()  # not a view: FSDP hooks its outputs

@@ -152,6 +152,10 @@ class ParallelModel:
     def named_parameters(self):
         return self.model.named_parameters()
 
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
     def train(self, mode: bool = True) -> ParallelModel:
         self.model.train(mode)
         for stage in self.stages:
@@ -166,7 +170,8 @@ class ParallelModel:
         return loss_parallel() if self.layout.tp > 1 else contextlib.nullcontext()
 
     def forward_backward(
-        self, microbatches: list[dict[str, Any]] | dict[str, Any], num_label_tokens: int | None = None
+        self, microbatches: list[dict[str, Any]] | dict[str, Any], num_label_tokens: int | None = None,
+        normalized: bool = False,
     ) -> StepOutput:
         """Forward and backward over this rank's micro-batches of one optimizer step; gradients accumulate.
 
@@ -175,6 +180,9 @@ class ParallelModel:
         gradients equal those of one process on the whole batch. Under pipeline parallelism the micro-batches
         are the schedule's; they are right-padded to one shape (exact: causal attention never looks right, and
         pads carry no label).
+
+        `normalized`: each micro-batch carries its own `loss_fn` (`VLM.forward`) whose loss is already its share
+        of the global batch's loss (the preference losses divide by the global pair count); it is summed as is.
         """
         if isinstance(microbatches, dict):
             n = self.layout.microbatches or 1
@@ -187,7 +195,7 @@ class ParallelModel:
         if num_label_tokens is None:
             count = torch.tensor(float(local), device=self.device)
             num_label_tokens = int(self.pmesh.all_reduce_dp(count).item())
-        total = max(num_label_tokens, 1)
+        total = 1 if normalized else max(num_label_tokens, 1)
         # FSDP averages gradients over the dp ranks; our loss is already a global mean, so undo the average.
         scale = self.dp_size / total
         with self._loss_context():
@@ -320,6 +328,26 @@ class ParallelModel:
             for stage in self.stages:
                 if isinstance(stage, FSDPModule):
                     stage.reshard()
+
+    def forward_output(self, batch: dict[str, Any], loss_fn) -> torch.Tensor | None:
+        """`loss_fn(hidden, labels, lm_head)`'s first output for one batch, no gradients (collective over the
+        layout), on the last stage's ranks (None on the others): e.g. a reference model's per-row log-probs."""
+        return self._forward_only({**batch, "loss_fn": loss_fn}, "output")
+
+    def from_last_stage(self, value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """`value` (known on the last pipeline stage's ranks) on every rank; `like` gives its shape elsewhere."""
+        if self.layout.pp == 1:
+            return value
+        out = value.float().clone() if value is not None else torch.zeros_like(like, dtype=torch.float32)
+        dist.all_reduce(out, group=self.pmesh.group("pp"))  # zeros from the other stages
+        return out
+
+    def all_reduce_metrics(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum per-step statistics over data ranks and pipeline stages (only the last stage computes them)."""
+        self.pmesh.all_reduce_dp(values)
+        if self.layout.pp > 1:
+            dist.all_reduce(values, group=self.pmesh.group("pp"))
+        return values
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Full logits [B, T, V] of one batch on the last stage's ranks (None on the others); for evaluation."""

@@ -305,8 +305,6 @@ class TrainConfig(_Base):
         if self.is_preference:
             if self.synthetic.enabled:
                 raise ValueError(f"stage {self.stage} trains on preference pairs (data.datasets), not synthetic data")
-            if self.parallel.world_size > 1:
-                raise ValueError(f"stage {self.stage}: parallel layouts are not supported yet (train on one device)")
             pref = self.preference
             n = len(pref.loss_type or pref.default_types(self.stage))
             if pref.loss_weights is not None and len(pref.loss_weights) != n:
@@ -315,9 +313,9 @@ class TrainConfig(_Base):
             if pref.reference == "precomputed" and self.model.random_init:
                 raise ValueError("preference.reference: precomputed stores the log-probs of model.checkpoint; "
                                  "a random_init model has none on disk")
-            if self.eval.every:
-                raise ValueError(f"stage {self.stage}: eval.every (validation loss) is not supported for preference "
-                                 "stages yet; set eval.every: 0 and evaluate the final checkpoint")
+            if self.eval.every and self.eval.data is None and self.data.blend is None:
+                raise ValueError(f"stage {self.stage}: eval.every needs held-out preference pairs: eval.data "
+                                 "(eval.data.datasets), or a data.blend with a val split")
         micro = self.data.batch_size * max(self.parallel.dp, 1)
         if self.train.global_batch_size % micro:
             raise ValueError(

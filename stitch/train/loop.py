@@ -37,7 +37,7 @@ from stitch.train.log import MetricsLog, Progress, plot_losses
 from stitch.train.metrics import FlopModel, RunSummary, batch_shape, peak_flops, peak_memory_gb
 from stitch.train.model_setup import batch_shapes_vary, build_training_model, configure_layers, set_dropout
 from stitch.train.optim import build_optimizer
-from stitch.train.preference import preference_step, preference_stream, start_reference
+from stitch.train.preference import PairObjective, evaluate_pairs, preference_stream, start_reference
 from stitch.train.schedule import LRSchedule, build_scheduler
 from stitch.train.stages import apply_stage, parameter_table, trainable_vision_layers
 from stitch.train.state import (
@@ -105,9 +105,9 @@ class Trainer:
         """The training (or validation) batch stream of this rank; None for validation when there is none."""
         cfg = self.cfg
         explicit_val = val and cfg.eval.data is not None
-        if cfg.is_preference and not val:
+        if cfg.is_preference:
             return preference_stream(cfg, processor, self.dist, self.reference, self.resume_from is not None,
-                                     self.device)
+                                     self.device, val=val)
         if cfg.synthetic.enabled and not explicit_val:
             pad = processor.pad_token_id if processor is not None else 0
             return SyntheticStream(cfg.synthetic, cfg.data, model_cfg, pad, self.dist.dp_rank, self.dist.dp_size,
@@ -165,6 +165,11 @@ class Trainer:
         self.model = model
         self.frozen: FrozenLinearWeights | None = None
         self.module = self.dist.parallelize(model, cfg) if self.dist.parallelize else model
+        self.objective = None
+        if self.reference is not None:
+            if self.dist.parallelize:  # a frozen copy is sharded as the policy is
+                self.reference.parallelize(lambda m: self.dist.parallelize(m, cfg), self.module)
+            self.objective = PairObjective(self.reference, cfg.preference)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.schedule = LRSchedule(cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.decay_steps,
                                    cfg.schedule.min_lr / cfg.optim.lr)
@@ -204,6 +209,12 @@ class Trainer:
         self.stream = self.build_stream(model.config, self.processor)
         if payload is not None and payload.get("data") is not None:
             self.stream.load_state_dict(payload["data"])
+        self.val_pairs = None
+        if cfg.is_preference and cfg.eval.every:
+            # Built before the first step: a precomputed reference runs its pass over these pairs now, while the
+            # model is still the reference. Each evaluation rewinds it to the same pairs.
+            self.val_pairs = self.build_stream(model.config, self.processor, val=True)
+            self._val_start = self.val_pairs.state_dict()
         self._resume_payload = payload
 
     def _lora_base(self, model: VLM, resume_from: Path | None) -> dict[str, str] | None:
@@ -340,14 +351,9 @@ class Trainer:
         groups = self.optimizer.param_groups if self.optimizer is not None else []
         lrs = {g["name"].split(".")[0]: g["lr"] for g in groups}
         lr = cfg.optim.lr * self.schedule(self.state.step)  # the schedule at this step
-        if self.reference is not None:  # dpo / mpo
-            result = preference_step(self.module, self.optimizer, micro, self.reference, cfg.preference,
-                                     self.reference.terms, device=self.device, autocast_dtype=self.autocast_dtype,
-                                     max_grad_norm=cfg.optim.max_grad_norm, params=self.params)
-        else:
-            result = train_step(self.module, self.optimizer, micro, device=self.device,
-                                autocast_dtype=self.autocast_dtype, max_grad_norm=cfg.optim.max_grad_norm,
-                                params=self.params)
+        result = train_step(self.module, self.optimizer, micro, device=self.device,
+                            autocast_dtype=self.autocast_dtype, max_grad_norm=cfg.optim.max_grad_norm,
+                            params=self.params, objective=self.objective)
         if self.scheduler is not None:
             self.scheduler.step()
         dt = time.perf_counter() - t0
@@ -387,12 +393,31 @@ class Trainer:
         }
         if cfg.optim.part_lr:
             record.update({f"lr_{part}": v for part, v in lrs.items()})
-        record.update(getattr(result, "metrics", {}))  # preference stages: rewards, margins, accuracy, KL
+        record.update(result.metrics)  # preference stages: rewards, margins, accuracy, KL
         return record
 
     @torch.no_grad()
+    def evaluate_pairs(self) -> dict[str, float]:
+        """Preference stages: loss, rewards, accuracy and KL of the held-out pairs (`eval.data`): the first
+        `eval.batches` micro-batches of each data rank, fewer when that would repeat pairs."""
+        stream = self.val_pairs
+        stream.load_state_dict(self._val_start)
+        per_step = stream.data.batch_size * self.dist.dp_size
+        n = min(self.cfg.eval.batches, max(1, len(stream.index) // per_step))  # the same on every rank
+        batches = iter(stream)
+        self.module.eval()
+        try:
+            return evaluate_pairs(self.module, self.objective, (next(batches) for _ in range(n)), self.device,
+                                  self.autocast_dtype)
+        finally:
+            self.module.train()
+
+    @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-weighted mean loss over the first `eval.batches` batches of the validation stream."""
+        """Token-weighted mean loss over the first `eval.batches` batches of the validation stream (for a
+        preference stage: the held-out pairs' preference loss, see `evaluate_pairs`)."""
+        if self.val_pairs is not None:
+            return self.evaluate_pairs()["loss"]
         stream = self.build_stream(self.model.config, self.processor, val=True)
         if stream is None:
             return None
@@ -412,6 +437,15 @@ class Trainer:
         # Validation must not move any RNG the training run depends on (resume would then diverge).
         devices = [self.device] if self.device.type == "cuda" else []
         with isolated_rng(), torch.random.fork_rng(devices=devices):
+            if self.val_pairs is not None:
+                pairs = self.evaluate_pairs()
+                record = {"step": self.state.step, "val_loss": pairs.pop("loss"),
+                          **{f"val_{k}": v for k, v in pairs.items()}}
+                if metrics is not None:
+                    metrics.write(record)
+                progress.message(f"step {self.state.step}: val loss {record['val_loss']:.4f}, preference accuracy "
+                                 f"{record['val_rewards/accuracies']:.3f}, margin {record['val_rewards/margins']:.4f}")
+                return
             val = self.evaluate()
         if val is None:
             return

@@ -1,5 +1,7 @@
 """Preference losses (DPO sigmoid / IPO / hinge / robust, BCO pair, SFT; MPO as their weighted sum), the
-reference model, and one preference optimizer step.
+reference model, and `PairObjective`: the preference loss as an objective of the one training step
+(`stitch.train.step.train_step`), so dpo/mpo run in one process and under every `stitch.parallel` layout
+(FSDP2, TP, PP) through the same code as SFT; and `evaluate_pairs`, the validation on held-out pairs.
 
 The losses follow TRL 1.16's `DPOTrainer._compute_loss` term by term, so a run here and a TRL run on the HF
 export of the same model give the same loss, rewards and gradients (tests/train/test_preference_trl.py):
@@ -15,17 +17,17 @@ With gradient accumulation and data parallelism every pair term is divided by th
 term by the global chosen-token count, so the summed gradients are those of one batch of all the pairs.
 
 The reference: with LoRA where only adapters train, the policy itself with adapters switched off (one copy of the
-weights); otherwise a frozen copy made at the start (in bf16 if asked: half the memory). Reference forwards run
-in eval mode (no dropout), under no_grad.
+weights); otherwise a frozen copy made at the start (in bf16 if asked: half the memory), sharded under a layout as
+the policy is. Reference forwards run in eval mode (no dropout), under no_grad, before the step's policy forwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,16 +36,18 @@ from torch import nn
 
 from stitch.data.preference import PreferenceStream
 from stitch.errors import StitchConfigError
+from stitch.models.llm import answer_logps
 from stitch.models.lora import adapters_disabled, has_lora
 from stitch.models.vlm import VLM
+from stitch.parallel.runtime import ParallelModel
 from stitch.train.config import PreferenceConfig, TrainConfig
 from stitch.train.model_setup import build_training_model
 from stitch.train.reference_logps import header as ref_header
 from stitch.train.reference_logps import lookup, precompute_reference_logps, read_reference_logps
-from stitch.train.step import StepResult, _to_device
+from stitch.train.step import _to_device
 
-__all__ = ["sequence_logps", "preference_loss", "PairLogps", "Reference", "build_reference", "preference_step",
-           "PreferenceStepResult", "loss_terms"]
+__all__ = ["sequence_logps", "row_logps", "preference_loss", "PairLogps", "Reference", "build_reference",
+           "PairObjective", "evaluate_pairs", "loss_terms"]
 
 PAIR_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair")
 
@@ -59,23 +63,24 @@ def loss_terms(cfg: PreferenceConfig, stage: str) -> list[tuple[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------- log-probs
-def sequence_logps(model: VLM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row sums of the answer tokens' log-probs, their counts, and the per-token log-probs (0 where masked).
+def row_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `VLM.forward` `loss_fn`: per-row sums of the answer tokens' log-probs and their counts ([N], [N]).
 
     Why not `model(...).logits`: the full [N, T, V] logits (and their log-softmax and its gradient) cost more
-    than the rest of a small model's step; the LM head runs only at the M positions that predict an answer
-    token, as the SFT loss does (`stitch.models.llm.token_loss`). Labels [N, T] are unshifted (-100 = no loss),
-    as the model takes them. Returns (sums [N], counts [N], per_token [N, T-1]), all fp32."""
-    labels = inputs["labels"]
-    embeds = model.embed(inputs["input_ids"], inputs.get("pixel_values"))  # [N, T, H]
-    hidden = model.llm(embeds, inputs.get("position_ids"), inputs.get("attention_mask"), inputs.get("cu_seqlens"),
-                       None, None, inputs.get("max_seqlen"), False)  # [N, T, H]
-    target = labels[:, 1:]  # [N, T-1]: position t predicts token t+1
-    mask = target != -100
-    logits = model.llm.lm_head(hidden[:, :-1][mask]).float()  # [M, V]
-    picked = logits.gather(1, target[mask].unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [M]
-    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, picked)
-    return per_token.sum(1), mask.sum(1), per_token
+    than the rest of a small model's step; `stitch.models.llm.answer_logps` runs the LM head only at the
+    positions that predict an answer token, and works with a vocabulary-parallel head too."""
+    return answer_logps(hidden, lm_head, labels)
+
+
+def sequence_logps(model: VLM | ParallelModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [N], counts [N]) of the answer tokens' log-probs of a batch's rows, labels unshifted (-100 = no
+    loss) as the model takes them; fp32. Under a layout (collective) on every rank."""
+    if isinstance(model, ParallelModel):
+        counts = (inputs["labels"][:, 1:] != -100).sum(1)
+        sums = model.from_last_stage(model.forward_output(inputs, row_logps), counts)
+        return sums, counts
+    out = model(**inputs, loss_fn=row_logps, return_logits=False)
+    return out.loss, out.num_label_tokens
 
 
 @dataclass
@@ -146,19 +151,33 @@ class Reference:
         self.model, self.kind, self._autocast, self.terms = model, kind, autocast, list(terms)
 
     @torch.no_grad()
-    def logps(self, policy: nn.Module, inputs: dict, batch: dict | None = None) -> torch.Tensor:
-        """Summed answer log-probs of the rows [chosen..., rejected...] ([2B])."""
+    def logps(self, policy: nn.Module | ParallelModel, batch: dict, device: torch.device) -> torch.Tensor | None:
+        """Summed answer log-probs of the micro-batch's rows [chosen..., rejected...] ([2B]). Under a layout
+        (collective) they exist on the last pipeline stage only (None elsewhere), where the loss needs them."""
         if self.kind == "precomputed":
-            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(inputs["input_ids"].device)
+            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(device)
         target = policy if self.kind == "adapters" else self.model
-        was_training = target.training
+        parallel = isinstance(target, ParallelModel)
+        module = target.model if parallel else target
+        was_training = module.training
         target.eval()
         try:
-            ctx = adapters_disabled(target) if self.kind == "adapters" else contextlib.nullcontext()
+            ctx = adapters_disabled(module) if self.kind == "adapters" else contextlib.nullcontext()
             with ctx, self._autocast():
-                return sequence_logps(target, inputs)[0]
+                if parallel:
+                    return target.forward_output(batch, row_logps)
+                return sequence_logps(target, _to_device(batch, device))[0]
         finally:
             target.train(was_training)
+
+    def parallelize(self, parallelize: Callable[[nn.Module], ParallelModel], policy: ParallelModel) -> None:
+        """Under a layout: shard a frozen copy as the policy is sharded (it then joins every reference forward
+        collectively); a precomputed reference's pass runs through the parallelised policy before its first
+        step (the policy is then still the starting model)."""
+        if self.kind == "copy":
+            self.model = parallelize(self.model)
+        elif self.kind == "precomputed":
+            self.model = policy
 
 
 def _autocast_factory(device: torch.device, dtype: torch.dtype | None):
@@ -193,16 +212,25 @@ def start_reference(cfg: TrainConfig, model: VLM, device: torch.device, resume_f
 
 
 def preference_stream(cfg: TrainConfig, processor, dist, reference: Reference | None = None,
-                      resumed: bool = False, device: torch.device | None = None) -> PreferenceStream:
-    """This rank's stream of pair micro-batches (`stitch.data.preference.PreferenceStream`). With a precomputed
-    reference, the pass over the data runs here first (or continues; a resumed run needs it complete, since
-    its model has trained) and the stream attaches each pair's stored log-probs."""
+                      resumed: bool = False, device: torch.device | None = None, val: bool = False
+                      ) -> PreferenceStream:
+    """This rank's stream of pair micro-batches (`stitch.data.preference.PreferenceStream`) of `data`, or with
+    `val` of the held-out pairs: `eval.data`, else the `val` split of the training blend (as SFT's
+    validation). With a precomputed reference, the pass over the data runs here first (or continues; a resumed
+    run needs it complete, since its model has trained) and the stream attaches each pair's stored log-probs;
+    the held-out pairs get their own file (`reference_logps` with `.val` before the suffix), so the trainer
+    builds that stream before the first step."""
     if processor is None:
         raise StitchConfigError(f"stage {cfg.stage}: preference data needs a tokenizer (the checkpoint has none; "
                                 "set model.tokenizer)")
-    stream = PreferenceStream(cfg.data, processor, rank=dist.dp_rank, world_size=dist.dp_size, seed=cfg.train.seed)
+    data = cfg.data
+    if val:
+        data = cfg.eval.data if cfg.eval.data is not None else cfg.data.model_copy(update={"split": "val"})
+    stream = PreferenceStream(data, processor, rank=dist.dp_rank, world_size=dist.dp_size, seed=cfg.train.seed)
     if reference is not None and reference.kind == "precomputed":
         path = Path(cfg.preference.reference_logps or Path(cfg.output_dir) / "reference_logps.jsonl")
+        if val:
+            path = path.with_name(f"{path.stem}.val{path.suffix}")
         if resumed:
             done = read_reference_logps(path, ref_header(stream, cfg.model.checkpoint)) if path.exists() else []
             if len(done) < len(stream.index):
@@ -210,10 +238,21 @@ def preference_stream(cfg: TrainConfig, processor, dist, reference: Reference | 
                                         "run resumes a trained model, which is no longer the reference")
             table = {r["i"]: r for r in done}
         else:
-            table = precompute_reference_logps(path, reference.model, stream, cfg.model.checkpoint,
-                                               device or torch.device("cpu"), reference._autocast, sequence_logps)
+            collective = dist.collective and torch.distributed.is_initialized()
+            table = precompute_reference_logps(
+                path, reference.model, stream, cfg.model.checkpoint, device or torch.device("cpu"),
+                reference._autocast, sequence_logps, writer=dist.is_main,
+                barrier=torch.distributed.barrier if collective else None, shard=(dist.dp_rank, dist.dp_size),
+                gather=_all_gather if collective else None)
         stream.reference_logps = lookup(table, path)
     return stream
+
+
+def _all_gather(local: dict) -> list[dict]:
+    """Every rank's `local` (the precomputed pass's share of a round), on every rank."""
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, local)
+    return out
 
 
 def _only_adapters_train(model: nn.Module) -> bool:
@@ -266,88 +305,107 @@ def _linear_weights_to_bf16(model: nn.Module) -> None:
                     p.data = p.data.to(torch.bfloat16)
 
 
-# ------------------------------------------------------------------------------------------- the step
-@dataclass
-class PreferenceStepResult(StepResult):
-    metrics: dict[str, float] = field(default_factory=dict)
+# ------------------------------------------------------------------------------------------- the objective
+class PairObjective:
+    """The preference loss as `stitch.train.step.train_step`'s objective, so a dpo/mpo step is the SFT step
+    (one process or any `stitch.parallel` layout) with another loss.
 
+    Per step: the global pair and chosen-token counts (summed over data ranks), the reference log-probs of
+    every micro-batch, then one `loss_fn` per micro-batch for the policy forward (`VLM.forward`), which runs on
+    the rank that holds the output layer and returns its share of the global loss. Metrics (TRL's names):
+    rewards/chosen, rewards/rejected (β × log-ratio, means over pairs), rewards/margins, rewards/accuracies
+    (chosen reward > rejected), logps/chosen, logps/rejected, kl (mean per-token log-ratio to the reference
+    over all answer tokens: an estimate of KL(π‖π_ref) on the pairs' tokens) and each loss term."""
 
-def _global(t: torch.Tensor, all_reduce) -> torch.Tensor:
-    return all_reduce(t) if all_reduce is not None else t
+    STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
+             "kl_sum", "kl_tokens")
 
+    def __init__(self, reference: Reference, cfg: PreferenceConfig, terms: Sequence[tuple[str, float]] | None = None):
+        self.reference = reference
+        self.terms = list(terms if terms is not None else reference.terms)
+        self.beta, self.label_smoothing = cfg.beta, cfg.label_smoothing
+        self.names = [*self.STATS, *[f"loss/{t}" for t, _ in self.terms]]
+        self._acc: torch.Tensor | None = None
 
-def preference_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[dict],
-    reference: Reference,
-    cfg: PreferenceConfig,
-    terms: Sequence[tuple[str, float]],
-    *,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    max_grad_norm: float | None = None,
-    params: Sequence[torch.Tensor] | None = None,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    grad_sync: Callable[[bool], None] | None = None,
-) -> PreferenceStepResult:
-    """One optimizer step over micro-batches of pairs (`stitch.data.preference.collate_pairs`); the hooks are
-    `stitch.train.step.train_step`'s. Metrics (TRL's names): rewards/chosen, rewards/rejected (β × log-ratio,
-    means over pairs), rewards/margins, rewards/accuracies (chosen reward > rejected), logps/chosen,
-    logps/rejected, kl (mean per-token log-ratio to the reference over all answer tokens: an estimate of
-    KL(π‖π_ref) on the pairs' tokens) and each loss term."""
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    autocast = _autocast_factory(device, autocast_dtype)
-    # Global denominators first: pairs, and chosen answer tokens (the SFT term's token mean).
-    counts = torch.tensor([[float(mb["num_pairs"]),
-                            float((mb["labels"][: mb["num_pairs"], 1:] != -100).sum())] for mb in micro_batches],
-                          device=device).sum(0)
-    counts = _global(counts, all_reduce)
-    n_pairs, n_chosen_tokens = counts[0], counts[1].clamp(min=1)
-    beta = cfg.beta
-    acc = {k: torch.zeros((), device=device) for k in
-           ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
-            "kl_sum", "kl_tokens", *[f"loss/{t}" for t, _ in terms])}
-    label_tokens = 0
-    for i, mb in enumerate(micro_batches):
-        inputs = _to_device(mb, device)
-        ref_sums = reference.logps(model, inputs, mb)
-        ref_c, ref_r = ref_sums.chunk(2)
-        if grad_sync is not None:
-            grad_sync(i == len(micro_batches) - 1)
-        with autocast():
-            sums, n_tok, _ = sequence_logps(model, inputs)  # rows [chosen..., rejected...]
-        policy = PairLogps.from_rows(sums, n_tok)
-        loss, parts = preference_loss(policy, ref_c, ref_r, terms, beta, cfg.label_smoothing, n_pairs,
-                                      n_chosen_tokens)
-        loss.backward()
-        label_tokens += int(n_tok.sum())
+    def loss_fns(self, model: nn.Module | ParallelModel, micro_batches: Sequence[dict], device: torch.device,
+                 reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[Callable]:
+        """One `loss_fn(hidden, labels, lm_head)` per micro-batch; `reduce` sums a tensor over data ranks."""
+        counts = torch.tensor([[float(mb["num_pairs"]),
+                                float((mb["labels"][: mb["num_pairs"], 1:] != -100).sum())] for mb in micro_batches],
+                              device=device).sum(0)
+        counts = reduce(counts)
+        n_pairs, n_tokens = counts[0], counts[1].clamp(min=1)
+        self._acc = torch.zeros(len(self.names), device=device)
+        refs = [self.reference.logps(model, mb, device) for mb in micro_batches]
+        return [functools.partial(self._loss, int(mb["num_pairs"]), ref, n_pairs, n_tokens)
+                for mb, ref in zip(micro_batches, refs)]
+
+    def _loss(self, b: int, ref: torch.Tensor, n_pairs: torch.Tensor, n_tokens: torch.Tensor,
+              hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        sums, counts = row_logps(hidden, labels, lm_head)  # rows [chosen..., rejected..., (pipeline padding)]
+        sums, counts = sums[: 2 * b], counts[: 2 * b]
+        policy = PairLogps.from_rows(sums, counts)
+        ref_c, ref_r = ref.to(sums.device).chunk(2)
+        loss, parts = preference_loss(policy, ref_c, ref_r, self.terms, self.beta, self.label_smoothing, n_pairs,
+                                      n_tokens)
         with torch.no_grad():
-            rc, rr = beta * (policy.chosen - ref_c), beta * (policy.rejected - ref_r)
-            acc["loss"] += loss.detach()
-            acc["rewards/chosen"] += rc.sum() / n_pairs
-            acc["rewards/rejected"] += rr.sum() / n_pairs
-            acc["rewards/accuracies"] += (rc > rr).float().sum() / n_pairs
-            acc["logps/chosen"] += policy.chosen.detach().sum() / n_pairs
-            acc["logps/rejected"] += policy.rejected.detach().sum() / n_pairs
-            acc["kl_sum"] += (sums.detach() - ref_sums).sum()  # = the per-token log-ratios summed
-            acc["kl_tokens"] += n_tok.sum()
-            for t, v in parts.items():
-                acc[f"loss/{t}"] += v.detach()
-    names = list(acc)
-    stacked = _global(torch.stack([acc[k].float() for k in names]), all_reduce)
-    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=device.type == "cuda" or None)
-    values = dict(zip(names, stacked.tolist()))
-    norm = float(grad_norm)
-    metrics = {k: v for k, v in values.items() if k not in ("loss", "kl_sum", "kl_tokens")}
-    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    metrics["kl"] = values["kl_sum"] / max(values["kl_tokens"], 1.0)
-    loss_value = values["loss"]
-    total_labels = int(_global(torch.tensor(float(label_tokens), device=device), all_reduce).item())
-    skipped = not (math.isfinite(loss_value) and math.isfinite(norm))
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return PreferenceStepResult(loss_value, norm, total_labels, skipped, metrics)
+            rc, rr = self.beta * (policy.chosen - ref_c), self.beta * (policy.rejected - ref_r)
+            stats = [rc.sum() / n_pairs, rr.sum() / n_pairs, (rc > rr).float().sum() / n_pairs,
+                     policy.chosen.sum() / n_pairs, policy.rejected.sum() / n_pairs,
+                     (sums - ref.to(sums.device)).sum(),  # = the per-token log-ratios summed
+                     counts.sum().float(), *[parts[t] for t, _ in self.terms]]
+            self._acc += torch.stack([v.detach().float().reshape(()) for v in stats])
+        return loss, counts.sum()
+
+    def metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """The step's metrics, summed over data ranks (and pipeline stages) by `reduce`."""
+        values = dict(zip(self.names, reduce(self._acc.clone()).tolist()))
+        kl_sum, kl_tokens = values.pop("kl_sum"), values.pop("kl_tokens")
+        values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+        values["kl"] = kl_sum / max(kl_tokens, 1.0)
+        return values
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module | ParallelModel, objective: PairObjective, batches: Iterable[dict],
+                   device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The preference loss and metrics of held-out pairs (no gradients; collective under a layout): `loss`, each
+    `loss/<term>`, `rewards/*`, `logps/*` and `kl` as a training step logs them, over all of `batches` on every
+    data rank at once (pair terms are means over all the pairs, the SFT term over all chosen tokens). Call with
+    the model in eval mode."""
+    parallel = isinstance(model, ParallelModel)
+    reduce = model.all_reduce_metrics if parallel else (lambda t: t)
+    beta, terms = objective.beta, objective.terms
+    names = ["pairs", "chosen_tokens", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+             "logps/rejected", "kl_sum", "kl_tokens", *[f"loss/{t}" for t, _ in terms]]
+    acc = torch.zeros(len(names), dtype=torch.float64, device=device)
+    autocast = _autocast_factory(device, autocast_dtype)
+    for batch in batches:
+        ref = objective.reference.logps(model, batch, device)
+        with autocast():
+            if parallel:
+                sums, counts = model.forward_output(batch, row_logps), None
+                if sums is not None:  # the last pipeline stage
+                    counts = (batch["labels"][:, 1:] != -100).sum(1).to(device)
+            else:
+                sums, counts = sequence_logps(model, _to_device(batch, device))
+        if sums is None:
+            continue
+        b = int(batch["num_pairs"])
+        sums, counts, ref = sums[: 2 * b].float(), counts[: 2 * b], ref.to(sums.device)
+        policy = PairLogps.from_rows(sums, counts)
+        ref_c, ref_r = ref.chunk(2)
+        _, parts = preference_loss(policy, ref_c, ref_r, terms, beta, objective.label_smoothing, 1.0, 1.0)  # sums
+        rc, rr = beta * (policy.chosen - ref_c), beta * (policy.rejected - ref_r)
+        acc += torch.stack([torch.tensor(float(b), device=sums.device), policy.chosen_tokens.sum().float(),
+                            rc.sum(), rr.sum(), (rc > rr).float().sum(), policy.chosen.sum(), policy.rejected.sum(),
+                            (sums - ref).sum(), counts.sum().float(), *[parts[t] for t, _ in terms]]).double()
+    values = dict(zip(names, reduce(acc).tolist()))
+    n_pairs, n_tokens = max(values.pop("pairs"), 1.0), max(values.pop("chosen_tokens"), 1.0)
+    out = {k: v / n_pairs for k, v in values.items() if k.startswith(("rewards/", "logps/"))}
+    for t, _ in terms:
+        out[f"loss/{t}"] = values[f"loss/{t}"] / (n_tokens if t == "sft" else n_pairs)
+    out["loss"] = sum(w * out[f"loss/{t}"] for t, w in terms)
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    out["kl"] = values["kl_sum"] / max(values["kl_tokens"], 1.0)
+    return out

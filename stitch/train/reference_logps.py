@@ -11,6 +11,7 @@ refused with what differs, and every pair is checked against its digest when tra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -66,14 +67,30 @@ def read_reference_logps(path: Path, expected: dict) -> list[dict]:
 
 @torch.no_grad()
 def precompute_reference_logps(path: Path, model: VLM, stream: PreferenceStream, checkpoint: str,
-                               device: torch.device, autocast: Callable, logps_fn: Callable) -> dict[int, dict]:
+                               device: torch.device, autocast: Callable, logps_fn: Callable,
+                               writer: bool = True, barrier: Callable[[], None] | None = None,
+                               shard: tuple[int, int] = (0, 1),
+                               gather: Callable[[dict], list[dict]] | None = None) -> dict[int, dict]:
     """Fill `path` with the starting model's log-probs of every record (continuing a partial file) and return
-    them by record number. `logps_fn(model, inputs) -> (sums [2B], counts, per_token)`."""
+    them by record number. `logps_fn(model, inputs) -> (sums [2B], counts)`.
+
+    The records go in rounds of `batch_size` x data ranks, each written whole, in record order, and fsynced, so
+    the file always holds a prefix of the records (a killed pass continues at the next round). Under a parallel
+    layout (`shard` = (data rank, data ranks)) every rank encodes the round, forwards its share of the usable
+    pairs (one forward per rank and round, the model's forwards being collective; a rank with no share forwards
+    the round's first pair and drops the result), `gather` (an all-gather of each rank's {record: sums}) gives
+    every rank all of them, and only the `writer` writes; `barrier` keeps the others from reading the file
+    while the writer changes it."""
     head = header(stream, checkpoint)
     done = read_reference_logps(path, head) if path.exists() else []
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if barrier is not None:
+        barrier()  # every rank has read what is done before the writer touches the file
+    if writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
     mode = "r+" if path.exists() and done else "w"
-    with open(path, mode, encoding="utf-8") as f:
+    rank, ranks = shard
+    per_round = stream.data.batch_size * ranks
+    with open(path, mode, encoding="utf-8") if writer else _NoFile() as f:
         if mode == "w":
             f.write(json.dumps(head) + "\n")
         else:  # drop a partial last line, then append
@@ -84,37 +101,66 @@ def precompute_reference_logps(path: Path, model: VLM, stream: PreferenceStream,
         was_training = model.training
         model.eval()
         try:
-            pending: list[tuple[int, str, tuple[Sample, Sample]]] = []
-            for n in range(len(done), len(stream.index)):
-                d, i = stream.index[n]
-                src = stream.sources[d]
-                try:
-                    pair = encode_pair(stream.processor, src.get(i), stream.data.seq_length, dataset=src.name)
-                except SampleError as e:
-                    done.append({"i": n, "skip": e.reason})
-                    f.write(json.dumps(done[-1]) + "\n")
-                    continue
-                pending.append((n, pair_digest(*pair), pair))
-                if len(pending) == stream.data.batch_size or n == len(stream.index) - 1:
-                    _flush(f, pending, done, model, stream, device, autocast, logps_fn)
-            if pending:
-                _flush(f, pending, done, model, stream, device, autocast, logps_fn)
+            for first in range(len(done), len(stream.index), per_round):
+                rows, usable = _encode_round(stream, range(first, min(first + per_round, len(stream.index))))
+                mine = usable[rank::ranks]
+                if usable:  # every rank knows the round, so all forward or none
+                    sums = _logps(model, mine or usable[:1], stream, device, autocast, logps_fn)
+                    local = {n: s for (n, _, _), s in zip(mine, sums)}
+                    for part in gather(local) if gather is not None else [local]:
+                        for n, (chosen, rejected) in part.items():
+                            rows[n].update(chosen=chosen, rejected=rejected)
+                for n in sorted(rows):
+                    done.append(rows[n])
+                    f.write(json.dumps(rows[n]) + "\n")
+                f.flush()
+                if f.fileno() >= 0:
+                    os.fsync(f.fileno())
         finally:
             model.train(was_training)
+    if barrier is not None:
+        barrier()  # the file is complete before any rank goes on
     return {r["i"]: r for r in done}
 
 
-def _flush(f, pending, done, model: nn.Module, stream, device, autocast, logps_fn) -> None:
+def _encode_round(stream: PreferenceStream, records: range) -> tuple[dict[int, dict], list]:
+    """Each record's line so far ({"i", "digest"} or {"i", "skip"}) and the usable (n, digest, pair)s."""
+    rows, usable = {}, []
+    for n in records:
+        d, i = stream.index[n]
+        src = stream.sources[d]
+        try:
+            pair = encode_pair(stream.processor, src.get(i), stream.data.seq_length, dataset=src.name)
+        except SampleError as e:
+            rows[n] = {"i": n, "skip": e.reason}
+            continue
+        rows[n] = {"i": n, "digest": pair_digest(*pair)}
+        usable.append((n, rows[n]["digest"], pair))
+    return rows, usable
+
+
+def _logps(model: nn.Module, pending: list, stream, device, autocast, logps_fn) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed answer log-probs of the pairs in `pending`, in one forward."""
     batch = collate_pairs([p for _, _, p in pending], stream.processor.pad_token_id)
     with autocast():
-        sums, _, _ = logps_fn(model, _to_device(batch, device))
+        sums, _ = logps_fn(model, _to_device(batch, device))
     chosen, rejected = sums.chunk(2)
-    for k, (n, digest, _) in enumerate(pending):
-        done.append({"i": n, "digest": digest, "chosen": float(chosen[k]), "rejected": float(rejected[k])})
-        f.write(json.dumps(done[-1]) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-    pending.clear()
+    return [(float(c), float(r)) for c, r in zip(chosen.tolist(), rejected.tolist())]
+
+
+class _NoFile(contextlib.nullcontext):
+    """What a rank that does not write the file writes to."""
+
+    def __enter__(self):
+        return self
+
+    def write(self, *_) -> None:
+        pass
+
+    seek = truncate = flush = write
+
+    def fileno(self) -> int:
+        return -1
 
 
 def lookup(table: dict[int, dict], path: Path) -> Callable[[list], tuple[torch.Tensor, torch.Tensor]]:

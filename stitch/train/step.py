@@ -10,6 +10,10 @@ runs them (torchtitan's `forward_backward_step` / `train_step`, with the layout 
   be driven one micro-batch at a time), and clipping counts every shard and stage once.
 Then, for both: the non-finite check, the update, one `StepResult`. The bookkeeping around the step is
 `stitch.train.loop.Trainer`'s.
+
+`objective`: a loss other than the next-token one, for the same step (the preference stages'
+`stitch.train.preference.PairObjective`): it gives each micro-batch a `loss_fn` (`VLM.forward`) whose loss is
+already that micro-batch's share of the global batch's loss, and the step's metrics afterwards.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,8 +31,8 @@ from stitch.parallel.runtime import ParallelModel
 from stitch.parallel.step import parallel_eval
 from stitch.train.config import TrainConfig
 
-__all__ = ["train_step", "eval_batch", "StepResult", "Distributed", "count_label_tokens", "mask_is_redundant",
-           "MODEL_INPUTS"]
+__all__ = ["train_step", "eval_batch", "StepResult", "Objective", "Distributed", "count_label_tokens",
+           "mask_is_redundant", "MODEL_INPUTS"]
 
 # Batch keys the model takes; the rest (num_tiles, sample_keys, the micro-batch's own num_label_tokens) stay out.
 MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen")
@@ -41,6 +45,21 @@ class StepResult:
     grad_norm: float  # total L2 norm of the trainable gradients before clipping
     label_tokens: int  # labels of the global batch
     skipped: bool  # non-finite loss or gradient: no update was made
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's (preference stages), global
+
+
+class Objective(Protocol):
+    """A loss other than the token-mean next-token loss, run by `train_step` (see the module docstring)."""
+
+    def loss_fns(self, model: Any, micro_batches: Sequence[dict], device: torch.device,
+                 reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[Callable]:
+        """One `loss_fn(hidden, labels, lm_head) -> (loss, labelled tokens)` per micro-batch, each loss its share
+        of the global batch's; `reduce` sums a tensor over the data-parallel ranks (identity in one process)."""
+        ...
+
+    def metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """The step's metrics; `reduce` sums over data ranks and pipeline stages."""
+        ...
 
 
 def count_label_tokens(micro_batches: Sequence[dict]) -> int:
@@ -87,6 +106,7 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     max_grad_norm: float | None = None,
     params: Sequence[torch.Tensor] | None = None,
+    objective: Objective | None = None,
 ) -> StepResult:
     """One optimizer step over `micro_batches` (this rank's share of the global batch); see the module docstring.
 
@@ -96,15 +116,26 @@ def train_step(
     update (gradients are dropped) and returns skipped=True; the caller counts it. The model is assumed in
     train mode; gradients are left cleared.
     """
-    if isinstance(model, ParallelModel):
-        with _autocast(model.device, autocast_dtype):
-            out = model.forward_backward(list(micro_batches))
-        grad_norm = model.clip_grad_norm_(max_grad_norm)
-        loss_t, n_global, device = out.loss, out.num_tokens, model.device
+    parallel = isinstance(model, ParallelModel)
+    if parallel:
+        device = model.device
+        count_reduce, metric_reduce = model.pmesh.all_reduce_dp, model.all_reduce_metrics
     else:
         device = device if device is not None else next(model.parameters()).device
+        count_reduce = metric_reduce = _identity
+    loss_fns = objective.loss_fns(model, micro_batches, device, count_reduce) if objective is not None else None
+    if parallel:
+        mbs = list(micro_batches)
+        if loss_fns is not None:
+            mbs = [{**mb, "loss_fn": fn} for mb, fn in zip(mbs, loss_fns)]
+        with _autocast(model.device, autocast_dtype):
+            out = model.forward_backward(mbs, normalized=loss_fns is not None)
+        grad_norm = model.clip_grad_norm_(max_grad_norm)
+        loss_t, n_global = out.loss, out.num_tokens
+    else:
         loss_t, n_global, grad_norm = _forward_backward(model, micro_batches, device, autocast_dtype, max_grad_norm,
-                                                        params)
+                                                        params, loss_fns)
+    metrics = objective.metrics(metric_reduce) if objective is not None else {}
     # One host sync for both; on a layout both are global, so every rank takes the same branch below.
     loss, norm = (float(x) for x in torch.stack([loss_t.float(), grad_norm.float().to(device)]).tolist())
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
@@ -115,7 +146,11 @@ def train_step(
     else:
         for p in model.parameters():
             p.grad = None
-    return StepResult(loss, norm, n_global, skipped=skipped)
+    return StepResult(loss, norm, n_global, skipped=skipped, metrics=metrics)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _forward_backward(
@@ -125,6 +160,7 @@ def _forward_backward(
     autocast_dtype: torch.dtype | None,
     max_grad_norm: float | None,
     params: Sequence[torch.Tensor] | None,
+    loss_fns: Sequence[Callable] | None = None,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """One process: (summed token-weighted loss, label tokens, gradient norm before clipping)."""
     if params is None:
@@ -135,8 +171,10 @@ def _forward_backward(
     denom = torch.tensor(float(max(n_global, 1)), device=device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     autocast = _autocast(device, autocast_dtype)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
         inputs = _to_device(mb, device)
+        if loss_fns is not None:
+            inputs["loss_fn"] = loss_fns[i]
         with autocast:
             out = model(**inputs, num_label_tokens=denom, return_logits=False)
         out.loss.backward()

@@ -23,7 +23,7 @@ from stitch.data.config import DataConfig
 from stitch.data.preference import PreferenceSource, PreferenceStream, encode_pair, parse_preference_row
 from stitch.data.processor import Processor
 from stitch.data.skips import SampleError
-from stitch.errors import StitchConfigError
+from stitch.errors import DataError, StitchConfigError
 from stitch.train.config import load_config
 from stitch.train.loop import Trainer
 from tests.train.helpers import tiny_config
@@ -103,6 +103,52 @@ def test_dpo_after_sft_raises_held_out_preference_accuracy_and_exact_match(tiny_
         records[-1])
 
 
+@torch.no_grad()
+def _answer_logps(ckpt: Path, pairs: Path) -> torch.Tensor:
+    """logp(answer) of every held-out pair's rows from the full logits ([64]: 32 chosen, then 32 rejected)."""
+    model = load_model(ckpt, dtype=torch.float32).eval()
+    batch = next(iter(PreferenceStream(DataConfig(datasets=[{"path": str(pairs)}], batch_size=32),
+                                       Processor.from_pretrained(ckpt))))
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(2, target.clamp(min=0)[..., None])[..., 0] * (target != -100)
+    keys = batch["sample_keys"]
+    order = sorted(range(32), key=keys.__getitem__)  # a record's rows wherever the stream's shuffle put it
+    return logp.sum(1).view(2, 32)[:, order]
+
+
+def test_validation_logs_the_held_out_pairs_loss_rewards_and_accuracy(tiny_ckpt, colours, tmp_path):
+    """eval.every on eval.data: every held-out pair once (4 micro-batches of 8 on the 32 pairs), its DPO loss,
+    rewards and accuracy against the starting model, as computed here from the full logits of the final weights."""
+    train, test = colours
+    cfg = _base(tiny_ckpt, tmp_path / "dpo", train, "dpo", 2, optim={"lr": 2e-3},
+                eval={"every": 2, "data": {"datasets": [{"path": str(test)}], "batch_size": 8}})
+    Trainer(load_config(None, data=cfg)).fit()
+    rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2]
+    beta = 0.1
+    reward = beta * (_answer_logps(tmp_path / "dpo" / "final", test) - _answer_logps(tiny_ckpt, test))  # [2, 32]
+    delta = reward[0] - reward[1]
+    want = {"val_loss": float(-torch.nn.functional.logsigmoid(delta).mean()),
+            "val_rewards/chosen": float(reward[0].mean()), "val_rewards/rejected": float(reward[1].mean()),
+            "val_rewards/margins": float(delta.mean()), "val_rewards/accuracies": float((delta > 0).float().mean())}
+    assert delta.abs().min() > 1e-4  # no ties for the accuracy to read rounding on
+    for key, value in want.items():
+        assert val[0][key] == pytest.approx(value, abs=2e-5), key
+    assert {"val_loss/sigmoid", "val_kl", "val_logps/chosen"} <= set(val[0])
+    # without eval.data, a blend's val split holds the held-out pairs (as SFT's validation reads it)
+    blend = tmp_path / "blend.yaml"
+    blend.write_text(json.dumps({"splits": {"train": {"datasets": [{"path": str(train)}]},
+                                            "val": {"datasets": [{"path": str(test)}]}}}))
+    cfg = _base(tiny_ckpt, tmp_path / "blend", train, "dpo", 1, eval={"every": 1})
+    cfg["data"] = {**cfg["data"], "datasets": [], "blend": str(blend)}
+    trainer = Trainer(load_config(None, data=cfg))
+    trainer.setup()
+    assert [s.name for s in trainer.val_pairs.sources] == [str(test)] and len(trainer.val_pairs.index) == 32
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora-mpo", "full-dpo"])
 def test_resume_is_bit_exact_and_lora_keeps_one_copy_of_the_base(tiny_ckpt, colours, tmp_path, lora):
     train, _ = colours
@@ -147,8 +193,9 @@ def test_accumulating_unequal_micro_batches_equals_one_batch_of_all_the_pairs(ti
     """Pair terms are means over the global pairs and the SFT term over the global chosen tokens, so 3 + 1 pairs
     in two micro-batches give the loss, metrics and gradients of one batch of the 4."""
     from stitch.data.preference import collate_pairs
-    from stitch.train.preference import build_reference, loss_terms, preference_step
+    from stitch.train.preference import PairObjective, build_reference, loss_terms
     from stitch.train.stages import apply_stage
+    from stitch.train.step import train_step
 
     train, _ = colours
     cfg = load_config(None, data=_base(tiny_ckpt, Path("unused"), train, "mpo", 1))
@@ -163,7 +210,8 @@ def test_accumulating_unequal_micro_batches_equals_one_batch_of_all_the_pairs(ti
         terms = loss_terms(cfg.preference, cfg.stage)
         ref = build_reference(model, cfg.preference, torch.device("cpu"), contextlib.nullcontext, terms)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        results.append((preference_step(model, opt, micro, ref, cfg.preference, terms, device=torch.device("cpu")),
+        step = train_step(model, opt, micro, device=torch.device("cpu"), objective=PairObjective(ref, cfg.preference))
+        results.append((step,
                         model.llm.layers[0].self_attn.q_proj.weight.detach().clone()))
     (one, w_one), (two, w_two) = results
     assert one.loss == pytest.approx(two.loss, abs=1e-6) and one.label_tokens == two.label_tokens
@@ -175,7 +223,6 @@ def test_accumulating_unequal_micro_batches_equals_one_batch_of_all_the_pairs(ti
 
 def test_precomputed_reference_logps_equal_the_copy_resume_a_partial_pass_and_refuse_other_data(
         tiny_ckpt, colours, tmp_path):
-    from stitch.errors import DataError
     from stitch.train.preference import Reference, preference_stream, sequence_logps
     from stitch.train.reference_logps import precompute_reference_logps
 
@@ -257,6 +304,56 @@ def test_pairs_from_rlaif_v_llava_rlhf_and_trl_fields_render_with_answer_only_ma
     assert [s["key"].rsplit(" ", 1)[1] for s in report["shown"]] == ["(chosen)", "(rejected)"]
 
 
+def _energon_pairs(folder: Path, splits: dict[str, list[dict]], image: bytes) -> Path:
+    """An Energon-prepared folder as `energon prepare` leaves it: one shard per split, members `key.question.txt`,
+    `key.chosen.txt`, `key.rejected.txt`, `key.jpg`, and dataset.yaml's field_map naming them."""
+    folder.mkdir()
+    counts = {}
+    for split, rows in splits.items():
+        with tarfile.open(folder / f"{split}.tar", "w") as tar:
+            for k, row in enumerate(rows):
+                members = {f"{k:04d}.{name}.txt": row[name].encode() for name in ("question", "chosen", "rejected")}
+                for name, data in {**members, f"{k:04d}.jpg": image}.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        counts[f"{split}.tar"] = len(rows)
+    meta = folder / ".nv-meta"
+    meta.mkdir()
+    (meta / ".info.yaml").write_text(json.dumps({"shard_counts": counts}))
+    (meta / "split.yaml").write_text(json.dumps({"split_parts": {s: [f"{s}.tar"] for s in splits}}))
+    (meta / "dataset.yaml").write_text(json.dumps({
+        "sample_type": {"__module__": "custom", "__class__": "PreferenceSample"},
+        "field_map": {"question": "question.txt", "chosen": "chosen.txt", "rejected": "rejected.txt",
+                      "image": "jpg"}}))
+    return folder
+
+
+def test_pairs_from_an_energon_folder_render_as_the_same_jsonl_pairs_per_split(tiny_ckpt, tmp_path):
+    processor = Processor.from_pretrained(tiny_ckpt)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="JPEG")
+    (tmp_path / "a.jpg").write_bytes(buf.getvalue())
+    rows = {"train": [{"question": "What colour?", "chosen": "Red.", "rejected": "Blue."},
+                      {"question": "Which shape?", "chosen": "A square.", "rejected": "A circle."}],
+            "val": [{"question": "Is it red?", "chosen": "Yes.", "rejected": "No."}]}
+    folder = _energon_pairs(tmp_path / "energon", rows, buf.getvalue())
+    for split, records in rows.items():
+        jsonl = tmp_path / f"{split}.jsonl"
+        jsonl.write_text("".join(json.dumps({**r, "image": "a.jpg"}) + "\n" for r in records))
+        energon = DataConfig(datasets=[{"path": str(folder), "split": split}]).resolve_datasets()[0]
+        plain = DataConfig(datasets=[{"path": str(jsonl)}]).resolve_datasets()[0]
+        a, b = PreferenceSource(energon), PreferenceSource(plain)
+        assert len(a) == len(b) == len(records)
+        for i in range(len(records)):
+            for x, y in zip(encode_pair(processor, a.get(i)), encode_pair(processor, b.get(i))):
+                assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+                assert torch.equal(x.pixel_values, y.pixel_values)
+    assert is_preference_data(DataConfig(datasets=[{"path": str(folder)}]))
+    with pytest.raises(DataError, match="no split part 'test'"):
+        PreferenceSource(DataConfig(datasets=[{"path": str(folder), "split": "test"}]).resolve_datasets()[0])
+
+
 @pytest.mark.parametrize("row, reason, text", [
     ({"chosen": "a", "rejected": "b"}, "malformed_record", "no prompt"),
     ({"question": "q", "chosen": "a"}, "malformed_record", "no answers"),
@@ -288,3 +385,5 @@ def test_preference_config_errors_name_the_field(tiny_ckpt, tmp_path):
     cfg = load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, preference={"reference": "adapters"}))
     with pytest.raises(StitchConfigError, match="reference: adapters needs LoRA"):
         Trainer(cfg).setup()
+    with pytest.raises(StitchConfigError, match="eval.every needs held-out preference pairs"):
+        load_config(None, data=_base(tiny_ckpt, tmp_path, data, "dpo", 1, eval={"every": 2}))

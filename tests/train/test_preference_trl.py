@@ -4,8 +4,9 @@ TRL computes DPO's log-probs, losses and metrics in `DPOTrainer._compute_loss` (
 HF model); a DPOTrainer is built on the HF export with a frozen reference copy, and that method is run on the
 batch TRL's own `DataCollatorForPreference` makes from our pairs' prompt/chosen/rejected token ids (plus the
 pixel values: TRL's vision collator would re-tile the images with HF's processor, which the export does not
-ship). Stitch runs its real `preference_step` on the same pairs through `PreferenceStream`. Loss, rewards,
-margins, accuracy, log-probs and the first step's gradients must agree within 1e-5 in fp32.
+ship). Stitch runs its real `train_step` (with the preference objective) on the same pairs through
+`PreferenceStream`. Loss, rewards, margins, accuracy, log-probs and the first step's gradients must agree within
+1e-5 in fp32.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from stitch.data.preference import PreferenceStream  # noqa: E402
 from stitch.data.processor import Processor  # noqa: E402
 from stitch.data.sources import easy_vqa_records  # noqa: E402
 from stitch.train.config import PreferenceConfig, load_config  # noqa: E402
-from stitch.train.preference import build_reference, loss_terms, preference_step  # noqa: E402
+from stitch.train.preference import PairObjective, build_reference, loss_terms  # noqa: E402
 from stitch.train.stages import apply_stage  # noqa: E402
+from stitch.train.step import train_step  # noqa: E402
 
 ANSWERS = [("blue", "It is red, I think."), ("There are two circles here.", "no")]
 
@@ -43,7 +45,7 @@ CASES = {  # name: (stitch preference config, TRL loss_type, TRL loss_weights, l
 
 
 class _KeepGrads:
-    """An optimizer stand-in that records the gradients `preference_step` leaves for the update."""
+    """An optimizer stand-in that records the gradients `train_step` leaves for the update."""
 
     def __init__(self, named):
         self.named, self.grads = named, {}
@@ -80,7 +82,7 @@ def _stitch(ckpt, path, pref: dict, pairs: int):
     terms = loss_terms(cfg.preference, cfg.stage)
     ref = build_reference(model, cfg.preference, torch.device("cpu"), contextlib.nullcontext, terms)
     opt = _KeepGrads([(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    result = preference_step(model, opt, [batch], ref, cfg.preference, terms, device=torch.device("cpu"))
+    result = train_step(model, opt, [batch], device=torch.device("cpu"), objective=PairObjective(ref, cfg.preference))
     return model, batch, result, opt.grads
 
 
