@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["ImageEmbeddingCache"]
+__all__ = ["ImageEmbeddingCache", "tile_key"]
+
+
+def tile_key(tile: torch.Tensor) -> bytes:
+    """A content hash of one tile (pixels, shape and dtype): equal keys mean equal embeddings."""
+    data = tile.detach().contiguous().cpu()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=20)
+    digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+    return digest.digest()
 
 
 class ImageEmbeddingCache:
@@ -53,12 +61,7 @@ class ImageEmbeddingCache:
     def stats(self) -> dict[str, int]:
         return {"tile_hits": self.hits, "tile_misses": self.misses, "cached_tiles": len(self._entries)}
 
-    @staticmethod
-    def _key(tile: torch.Tensor) -> bytes:
-        data = tile.detach().contiguous().cpu()
-        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=20)
-        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-        return digest.digest()
+    _key = staticmethod(tile_key)
 
     def _embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, 3, H, W] -> [tiles * tokens_per_tile, D], computing only unseen tiles."""
