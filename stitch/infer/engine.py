@@ -327,6 +327,9 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         self._options: tuple = ()  # the options `get_engine` created it with
+        if prefix_cache_bytes < 0:
+            raise StitchError(f"prefix_cache_bytes must be >= 0 (0 turns the prefix cache off), got "
+                              f"{prefix_cache_bytes}")
         cfg = model.config
         self.prefix_cache = PrefixKVCache(prefix_cache_bytes, getattr(cfg, "image_token_id", None),
                                           getattr(cfg, "tokens_per_tile", 1)) if prefix_cache_bytes > 0 else None

@@ -51,7 +51,8 @@ class PrefixEntry:
 class PrefixKVCache:
     """Stored prompt KV, LRU by bytes. `lookup` finds the longest reusable prefix, `store` adds a prompt.
 
-    `hits` / `misses` count lookups, `reused_tokens` the prompt tokens not recomputed."""
+    `hits` / `misses` count prompts run with and without reused tokens, `reused_tokens` the tokens not
+    recomputed (the engine counts them: a batch may use less of a match than `lookup` found)."""
 
     def __init__(self, max_bytes: int, image_token_id: int | None, tokens_per_tile: int, min_tokens: int = 16):
         if max_bytes < 0:
@@ -110,10 +111,7 @@ class PrefixKVCache:
             if m > best_len:
                 best, best_len = key, m
         if best is None or best_len < self.min_tokens:
-            self.misses += 1
             return None
-        self.hits += 1
-        self.reused_tokens += best_len
         self._entries.move_to_end(best)
         return self._entries[best], best_len
 
