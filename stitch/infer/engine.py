@@ -525,11 +525,12 @@ class Engine:
                                        for i, r in batch]
             rows += [None] * (size - len(rows))
             pending: _HostCopy | None = _HostCopy(tok)
-            with torch.inference_mode():  # queued after the first tokens' copy: not on their critical path
-                self._prefix_store(state.cache, [(row, r, prompt_len) for row, (_, r) in enumerate(batch)])
+            with torch.inference_mode():  # copies queued after the first tokens': not on their critical path
+                snapshots = self._prefix_snapshot(state.cache, [(i, r, prompt_len) for i, (_, r) in enumerate(batch)])
             if self.cuda_graphs and state.graph is None and steps > 1:
                 # A shape without its graph yet: hand out the first tokens, then capture.
                 yield from self._push(rows, pending.get(), 0)
+                snapshots = self._prefix_insert(snapshots)
                 if all(row is None or row.done for row in rows):
                     return
                 with torch.inference_mode():
@@ -551,9 +552,12 @@ class Engine:
                         nxt = _HostCopy(tok)
                 if pending is not None:
                     yield from self._push(rows, pending.get(), pending_step)
+                if snapshots:  # hashing images and the bookkeeping wait until the first tokens are out
+                    snapshots = self._prefix_insert(snapshots)
                 if nxt is None or all(row is None or row.done for row in rows):
                     break
                 pending, pending_step, step = nxt, step, step + 1
+            self._prefix_insert(snapshots)  # a batch whose every row ended at its first token
         finally:
             if state is not None:
                 state.busy = False
@@ -606,7 +610,7 @@ class Engine:
                                          state.cache.rows(row, row + 1), slot - n)
         sampler = BatchSampler([request.params], 1, logits.shape[-1], device, [request.input_ids.reshape(-1)])
         first = sampler(logits, 0)
-        self._prefix_store(state.cache, [(row, request, slot)])
+        self._prefix_insert(self._prefix_snapshot(state.cache, [(row, request, slot)]))
         return first
 
     def _prompt_logits(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, position_ids: torch.Tensor,
@@ -701,25 +705,35 @@ class Engine:
             hits = []
             for request in requests:
                 ids = request.input_ids.reshape(-1)
-                keys = self._tile_keys(request)
-                if image_id is not None and int((ids == image_id).sum()) != len(keys) * per_tile:
+                pixels = request.pixel_values
+                tiles = int(pixels.shape[0]) if pixels is not None and pixels.numel() else 0
+                if image_id is not None and int((ids == image_id).sum()) != tiles * per_tile:
                     return none
+                keys = functools.partial(self._tile_keys, request)  # hashed only if a match reaches an image
                 hits.append(cache.lookup(ids, keys, int(ids.numel()) - 1) if len(cache) else None)
         return hits
 
-    def _prefix_store(self, cache: KVCache, rows: Sequence[tuple[int, Request, int]]) -> None:
-        """Keep the KV of each (row, request, end): the request's prompt sits in cache slots [end - n, end)."""
+    def _prefix_snapshot(self, cache: KVCache, rows: Sequence[tuple[int, Request, int]]
+                         ) -> list[tuple[Request, torch.Tensor]]:
+        """Copies of the KV of each (row, request, end), whose prompt sits in cache slots [end - n, end), for
+        `_prefix_insert`: device copies, queued without waiting."""
         store = self.prefix_cache
         if store is None:
-            return
+            return []
+        out = []
         for row, request, end in rows:
-            ids = request.input_ids.reshape(-1)
-            n = int(ids.numel())
-            if n < store.min_tokens or n * self._kv_bytes_per_token() > store.max_bytes:
-                continue
-            kv = torch.stack(_row_slots(cache, row, end - n, end))
+            n = int(request.input_ids.numel())
+            if store.min_tokens <= n and n * self._kv_bytes_per_token() <= store.max_bytes:
+                out.append((request, torch.stack(_row_slots(cache, row, end - n, end)).unflatten(0, (2, -1))))
+        return out
+
+    def _prefix_insert(self, snapshots: list[tuple[Request, torch.Tensor]]) -> list:
+        """Store snapshots in the prefix cache (hashing their tiles); returns [] (nothing left to insert)."""
+        for request, kv in snapshots:
+            keys = self._tile_keys(request)
             with self._prefix_lock:
-                store.store(ids, self._tile_keys(request), kv.unflatten(0, (2, -1)))
+                self.prefix_cache.store(request.input_ids.reshape(-1), keys, kv)
+        return []
 
     def _kv_bytes_per_token(self) -> int:
         cfg = self.model.config.llm

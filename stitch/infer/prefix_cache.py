@@ -15,7 +15,10 @@ switched off) empty the cache: see `Engine._prefix_fingerprint`.
 
 from __future__ import annotations
 
+import os
+import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +28,38 @@ from stitch.infer.image_cache import tile_key
 __all__ = ["PrefixEntry", "PrefixKVCache", "request_tile_keys"]
 
 
-def request_tile_keys(pixel_values: torch.Tensor | None) -> tuple[bytes, ...]:
-    """Content hashes of a request's tiles, in the order their image tokens appear."""
+Tiles = tuple[bytes, ...]
+_COEFFICIENTS: dict[tuple, torch.Tensor] = {}
+_SEED = int.from_bytes(os.urandom(8), "little") >> 1  # secret per process: hashes cannot be steered into collisions
+
+
+def request_tile_keys(pixel_values: torch.Tensor | None) -> Tiles:
+    """Content hashes of a request's tiles, in the order their image tokens appear. Tiles on the host get
+    `tile_key` (blake2b of the bytes); tiles already on a GPU are hashed there (`_device_keys`), which spares a
+    copy of the pixels to the host and its sync."""
     if pixel_values is None or pixel_values.numel() == 0:
         return ()
+    if pixel_values.is_cuda:
+        return _device_keys(pixel_values)
     return tuple(tile_key(t) for t in pixel_values)
+
+
+def _device_keys(pixel_values: torch.Tensor) -> Tiles:
+    """Two random linear hashes (mod 2^64, odd coefficients drawn from a per-process secret seed) of each tile's
+    bit pattern: 128 bits per tile, one small copy to the host for the whole request."""
+    tiles = pixel_values.detach().contiguous()
+    flat = tiles.reshape(tiles.shape[0], -1)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = flat.view(ints).long()
+    key = (bits.shape[1], bits.device)
+    coef = _COEFFICIENTS.get(key)
+    if coef is None:
+        gen = torch.Generator().manual_seed(_SEED)
+        coef = (torch.randint(-(2**62), 2**62, (2, bits.shape[1]), generator=gen) * 2 + 1).to(bits.device)
+        _COEFFICIENTS[key] = coef
+    sums = torch.stack([(bits * c).sum(1) for c in coef], 1).tolist()
+    tag = f"{tuple(tiles.shape[1:])}{tiles.dtype}".encode()
+    return tuple(struct.pack("<qq", a, b) + tag for a, b in sums)
 
 
 @dataclass
@@ -84,8 +114,9 @@ class PrefixKVCache:
             self.clear()
             self.fingerprint = fingerprint
 
-    def match(self, ids: torch.Tensor, tiles: tuple[bytes, ...], entry: PrefixEntry) -> int:
-        """How many leading tokens of (`ids`, `tiles`) equal `entry`'s, image content included."""
+    def match(self, ids: torch.Tensor, tiles: Tiles | Callable[[], Tiles], entry: PrefixEntry) -> int:
+        """How many leading tokens of (`ids`, `tiles`) equal `entry`'s, image content included. `tiles` may be
+        a function giving them: it is called only when the ids match through an image token."""
         n = min(len(ids), len(entry))
         same = ids[:n] == entry.ids[:n]
         m = n if bool(same.all()) else int((~same).nonzero()[0])
@@ -95,12 +126,15 @@ class PrefixKVCache:
         if image_at.numel() == 0:
             return m
         needed = -(-image_at.numel() // self.tokens_per_tile)  # tiles with a token in the match
+        if callable(tiles):
+            tiles = tiles()
         for j in range(needed):
             if j >= len(tiles) or j >= len(entry.tiles) or tiles[j] != entry.tiles[j]:
                 return int(image_at[j * self.tokens_per_tile])  # up to this tile's first token
         return m
 
-    def lookup(self, ids: torch.Tensor, tiles: tuple[bytes, ...], limit: int) -> tuple[PrefixEntry, int] | None:
+    def lookup(self, ids: torch.Tensor, tiles: Tiles | Callable[[], Tiles], limit: int
+               ) -> tuple[PrefixEntry, int] | None:
         """The entry sharing the longest prefix with the prompt and that length (at most `limit`), or None
         when no entry shares `min_tokens` or more. A hit becomes the most recently used entry."""
         best, best_len = None, 0

@@ -171,3 +171,17 @@ def test_refuses_a_negative_budget(loaded):
     model, processor = loaded
     with pytest.raises(StitchError, match="prefix_cache_bytes"):
         Engine(model, processor, prefix_cache_bytes=-1)
+
+
+def test_device_hash_tells_tiles_apart():
+    """The on-GPU tile hash (run here on CPU tensors): equal tiles equal keys; one changed pixel, one changed
+    dtype or shape, a different key."""
+    from stitch.infer.prefix_cache import _device_keys
+
+    tiles = torch.randn(3, 3, 8, 8)
+    changed = tiles.clone()
+    changed[1, 0, 0, 0] += 1e-3
+    keys, again, other = _device_keys(tiles), _device_keys(tiles.clone()), _device_keys(changed)
+    assert keys == again and len(set(keys)) == 3
+    assert other[0] == keys[0] and other[1] != keys[1] and other[2] == keys[2]
+    assert _device_keys(tiles.bfloat16())[0] != keys[0] and _device_keys(tiles.reshape(3, 3, 4, 16))[0] != keys[0]
