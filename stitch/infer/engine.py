@@ -340,11 +340,15 @@ class Engine:
                 params: SamplingParams | None = None, videos: Sequence | None = None,
                 num_frames: int | None = None) -> Request:
         """Render `conversation` (with `<image>` / `<video>` placeholders), its images and videos into a
-        `Request`; `num_frames` overrides the frames sampled per video."""
+        `Request`; `num_frames` overrides the frames sampled per video. With the prefix cache on, the tiles'
+        content hashes are computed here too, outside the engine's thread."""
         processor = self.processor if num_frames is None else self.processor.with_options(num_frames=num_frames)
         sample = processor.encode(list(conversation), list(images or []), list(videos or []),
                                   add_generation_prompt=True)
-        return Request(sample.input_ids, sample.pixel_values, params or SamplingParams())
+        request = Request(sample.input_ids, sample.pixel_values, params or SamplingParams())
+        if self.prefix_cache is not None:  # hashed here, in the caller's thread (a server's request thread)
+            self._tile_keys(request)
+        return request
 
     def generate(self, requests: Sequence[Request], max_batch_size: int | None = None) -> list[Completion]:
         """Run `requests` to completion; completions in request order."""
