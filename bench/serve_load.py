@@ -315,6 +315,8 @@ def summarize(results: list[dict], t0: float) -> dict:
 
 
 def run_system(system: str, ckpt: Path, args, requests: list, warmup: list) -> dict:
+    import httpx
+
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -322,6 +324,7 @@ def run_system(system: str, ckpt: Path, args, requests: list, warmup: list) -> d
     try:
         wait_healthy(base, proc, args.start_timeout)
         results, t0 = asyncio.run(drive(base, requests, warmup))
+        health = httpx.get(f"{base}/health", timeout=10).json()
     finally:
         proc.terminate()
         try:
@@ -329,7 +332,7 @@ def run_system(system: str, ckpt: Path, args, requests: list, warmup: list) -> d
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return summarize(results, t0)
+    return {**summarize(results, t0), "prefix_cache": health.get("prefix_cache")}
 
 
 def main(argv: list[str] | None = None) -> dict:

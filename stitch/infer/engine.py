@@ -703,19 +703,26 @@ class Engine:
         none: list[tuple[PrefixEntry, int] | None] = [None] * len(requests)
         if cache is None:
             return none
-        image_id, per_tile = cache.image_token_id, cache.tokens_per_tile
         with self._prefix_lock:
             cache.check(self._prefix_fingerprint())
             hits = []
             for request in requests:
                 ids = request.input_ids.reshape(-1)
-                pixels = request.pixel_values
-                tiles = int(pixels.shape[0]) if pixels is not None and pixels.numel() else 0
-                if image_id is not None and int((ids == image_id).sum()) != tiles * per_tile:
+                if not self._tiles_match_tokens(request):
                     return none
                 keys = functools.partial(self._tile_keys, request)  # hashed only if a match reaches an image
                 hits.append(cache.lookup(ids, keys, int(ids.numel()) - 1) if len(cache) else None)
         return hits
+
+    def _tiles_match_tokens(self, request: Request) -> bool:
+        """Its image tokens are its tiles x tokens_per_tile (what the prefix cache's tile bookkeeping assumes)."""
+        cache = self.prefix_cache
+        assert cache is not None
+        if cache.image_token_id is None:
+            return True
+        pixels = request.pixel_values
+        tiles = int(pixels.shape[0]) if pixels is not None and pixels.numel() else 0
+        return int((request.input_ids == cache.image_token_id).sum()) == tiles * cache.tokens_per_tile
 
     def _prefix_snapshot(self, cache: KVCache, rows: Sequence[tuple[int, Request, int]]
                          ) -> list[tuple[Request, torch.Tensor]]:
@@ -727,7 +734,8 @@ class Engine:
         out = []
         for row, request, end in rows:
             n = int(request.input_ids.numel())
-            if store.min_tokens <= n and n * self._kv_bytes_per_token() <= store.max_bytes:
+            if (store.min_tokens <= n and n * self._kv_bytes_per_token() <= store.max_bytes
+                    and self._tiles_match_tokens(request)):
                 out.append((request, torch.stack(_row_slots(cache, row, end - n, end)).unflatten(0, (2, -1))))
         return out
 

@@ -6,7 +6,7 @@ that turn's time to first token. The engine stores each prompt's KV after its pr
 copies the longest stored prefix into its cache rows and prefills only the rest.
 
 Keys are exact: a match counts token ids position by position, and image tokens (all one id) match only where
-the tiles they stand for have equal content hashes (`tile_key`, the image-embedding cache's key), so no image
+the tiles they stand for have equal content hashes (`tile_keys`, the image-embedding cache's keys), so no image
 ids are needed and a different image never matches. Entries are bounded by bytes and evicted least recently
 used first; storing a prompt drops the entries it extends (the new one serves every lookup they served), so a
 long chat keeps one entry, not one per turn. Weights that change (training between calls, a LoRA adapter
@@ -15,51 +15,25 @@ switched off) empty the cache: see `Engine._prefix_fingerprint`.
 
 from __future__ import annotations
 
-import os
-import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from stitch.infer.image_cache import tile_key
+from stitch.infer.image_cache import tile_keys
 
 __all__ = ["PrefixEntry", "PrefixKVCache", "request_tile_keys"]
 
 
 Tiles = tuple[bytes, ...]
-_COEFFICIENTS: dict[tuple, torch.Tensor] = {}
-_SEED = int.from_bytes(os.urandom(8), "little") >> 1  # secret per process: hashes cannot be steered into collisions
 
 
 def request_tile_keys(pixel_values: torch.Tensor | None) -> Tiles:
-    """Content hashes of a request's tiles, in the order their image tokens appear. Tiles on the host get
-    `tile_key` (blake2b of the bytes); tiles already on a GPU are hashed there (`_device_keys`), which spares a
-    copy of the pixels to the host and its sync."""
+    """Content hashes of a request's tiles, in the order their image tokens appear (see `tile_keys`)."""
     if pixel_values is None or pixel_values.numel() == 0:
         return ()
-    if pixel_values.is_cuda:
-        return _device_keys(pixel_values)
-    return tuple(tile_key(t) for t in pixel_values)
-
-
-def _device_keys(pixel_values: torch.Tensor) -> Tiles:
-    """Two random linear hashes (mod 2^64, odd coefficients drawn from a per-process secret seed) of each tile's
-    bit pattern: 128 bits per tile, one small copy to the host for the whole request."""
-    tiles = pixel_values.detach().contiguous()
-    flat = tiles.reshape(tiles.shape[0], -1)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    bits = flat.view(ints).long()
-    key = (bits.shape[1], bits.device)
-    coef = _COEFFICIENTS.get(key)
-    if coef is None:
-        gen = torch.Generator().manual_seed(_SEED)
-        coef = (torch.randint(-(2**62), 2**62, (2, bits.shape[1]), generator=gen) * 2 + 1).to(bits.device)
-        _COEFFICIENTS[key] = coef
-    sums = torch.stack([(bits * c).sum(1) for c in coef], 1).tolist()
-    tag = f"{tuple(tiles.shape[1:])}{tiles.dtype}".encode()
-    return tuple(struct.pack("<qq", a, b) + tag for a, b in sums)
+    return tile_keys(pixel_values)
 
 
 @dataclass

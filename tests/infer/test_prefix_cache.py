@@ -176,7 +176,7 @@ def test_refuses_a_negative_budget(loaded):
 def test_device_hash_tells_tiles_apart():
     """The on-GPU tile hash (run here on CPU tensors): equal tiles equal keys; one changed pixel, one changed
     dtype or shape, a different key."""
-    from stitch.infer.prefix_cache import _device_keys
+    from stitch.infer.image_cache import _device_keys
 
     tiles = torch.randn(3, 3, 8, 8)
     changed = tiles.clone()
