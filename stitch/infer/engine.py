@@ -138,6 +138,23 @@ def _row_slots(cache: KVCache, row: int, start: int, stop: int) -> list[torch.Te
     return [k[row, :, start:stop] for k in cache.k] + [v[row, :, start:stop] for v in cache.v]
 
 
+def _uncached(request: Request, hit: tuple | None) -> int:
+    """Prompt tokens a request must compute: all but its prefix-cache match."""
+    return int(request.input_ids.numel()) - (hit[1] if hit is not None else 0)
+
+
+def _prefill_groups(needs: Sequence[int], rows: int, max_groups: int = 3) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) prefilled together, from rows sorted by the tokens they must compute (`needs`): a
+    new group starts where a row needs more than twice the group's first plus 32 (each group is one more
+    forward, so near-equal ones stay together), at most `max_groups`. Rows past the requests (bucket padding)
+    go with the last group."""
+    starts = [0]
+    for i, need in enumerate(needs):
+        if len(starts) < max_groups and need > 2 * needs[starts[-1]] + 32:
+            starts.append(i)
+    return list(zip(starts, starts[1:] + [rows]))
+
+
 def _decode_forward(model, tokens, positions, cache_position, mask, cache) -> torch.Tensor:
     """One decode step: tokens [B, 1] at `positions` [B, 1] into cache slot `cache_position` [1] -> logits [B, V]."""
     llm = model.llm
@@ -524,7 +541,11 @@ class Engine:
         try:
             with torch.inference_mode():
                 state = self._state(size, length)
-                sampler, tok = self._prefill(state, batch, spare_rows_empty=admit is not None)
+                hits = self._prefix_lookup([r for _, r in batch])
+                # Rows in order of the tokens they must compute, so that similar ones prefill together.
+                order = sorted(range(len(batch)), key=lambda i: _uncached(batch[i][1], hits[i]))
+                batch, hits = [batch[i] for i in order], [hits[i] for i in order]
+                sampler, tok = self._prefill(state, batch, hits, spare_rows_empty=admit is not None)
             rows: list[_Row | None] = [_Row(i, r, self.eos_ids, self.processor.tokenizer, track_text, start)
                                        for i, r in batch]
             rows += [None] * (size - len(rows))
@@ -630,10 +651,16 @@ class Engine:
             )
         return out.logits[:, -1]
 
-    def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]], spare_rows_empty: bool = False
+    def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]],
+                 hits: Sequence[tuple[PrefixEntry, int] | None], spare_rows_empty: bool = False
                  ) -> tuple[BatchSampler, torch.Tensor]:
         """Left-pad the prompts into `state`'s cache and mask, run them (images and all) and sample the first
         token of every row; leaves `state.positions`/`cache_position` pointing at that token.
+
+        `hits`: each row's prefix-cache match (`_prefix_lookup`), rows sorted by their uncached tokens. Without
+        any, one forward over all prompts. With some, up to three, over groups of rows whose uncached tails are
+        of similar length (`_prefill_groups`), each computing only its own longest tail: one long miss would
+        otherwise make every row recompute its whole prefix.
 
         Rows beyond the batch (bucket padding) run as all-padding rows, or with `spare_rows_empty` (continuous
         batching keeps them for requests that join) not at all: their mask is all ones, so their idle decode
@@ -652,11 +679,15 @@ class Engine:
             mask[row, prompt_len - n_tok : prompt_len] = 1
         state.mask.copy_(mask)
         cache = state.cache if run == size else state.cache.rows(0, run)
-        hits = self._prefix_lookup([r for _, r in batch])
-        # The prompts' last `window` slots are run; every row's tokens before them come from the prefix cache.
-        window = max(n - (hit[1] if hit is not None else 0) for n, hit in zip(lengths, hits))
-        if window < prompt_len:
-            logits = self._resume_logits(cache, state.mask[:run], [r for _, r in batch], hits, prompt_len, window)
+        if any(hit is not None for hit in hits):
+            needs = [_uncached(r, h) for (_, r), h in zip(batch, hits)]
+            parts = []
+            for lo, hi in _prefill_groups(needs, run):
+                # The group's rows run their last `window` slots; tokens before them come from the cache.
+                parts.append(self._resume_logits(state.cache.rows(lo, hi), state.mask[lo:hi],
+                                                 [r for _, r in batch[lo:hi]], hits[lo:hi], prompt_len,
+                                                 max(needs[lo:hi])))
+            logits = torch.cat(parts)
         else:
             if self.prefix_cache is not None:
                 self.prefix_cache.misses += len(batch)

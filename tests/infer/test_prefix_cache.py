@@ -64,24 +64,30 @@ def test_second_turn_reuses_the_first_and_answers_the_same(engines):
 
 def test_batch_of_hits_and_misses_equals_no_cache(engines):
     """One batch: a chat's second turn (a long hit), the same question about another image (its text prefix
-    matches, the image must not), a new short text prompt and a new image prompt (misses)."""
+    matches, the image must not), a new short text prompt, a new image prompt and a long text prompt (misses).
+    The hit still reuses its whole first turn: rows with a match prefill as their own group."""
     cached, plain = engines
     cached.prefix_cache.clear()
     q = ["Describe this picture in a few words.", "Now tell me about the corners."]
-    reply = cached.generate([turns(cached, RED, q[:1], [])])[0].text
+    first = turns(cached, RED, q[:1], [])
+    reply = cached.generate([first])[0].text
     cached.generate([turns(cached, BLUE, ["Is it dark?"], [])])  # a stored entry the blue row could match
 
     def batch(engine):
         return [turns(engine, RED, q, [reply]), turns(engine, BLUE, q, [reply]),
                 engine.prepare(build_conversation("Hi there", 0), [], GREEDY),
-                engine.prepare(build_conversation("What is it?", 1), [picture((10, 200, 10), 40, 40)], GREEDY)]
+                engine.prepare(build_conversation("What is it?", 1), [picture((10, 200, 10), 40, 40)], GREEDY),
+                engine.prepare(build_conversation("A long story, please, about rivers. " * 10, 0), [], GREEDY)]
 
     before = dict(cached.prefix_cache.stats())
-    got = cached.generate(batch(cached))
+    requests = batch(cached)
+    assert requests[-1].input_ids.numel() > requests[0].input_ids.numel()  # the longest prompt is a miss
+    got = cached.generate(requests)
     want = plain.generate(batch(plain))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     stats = cached.prefix_cache.stats()
     assert stats["prefix_hits"] > before["prefix_hits"] and stats["prefix_misses"] > before["prefix_misses"]
+    assert stats["prefix_reused_tokens"] - before["prefix_reused_tokens"] >= first.input_ids.numel() - 1
 
 
 def test_a_different_image_matches_only_up_to_its_first_tile(engines):
