@@ -8,6 +8,7 @@
 #   bash bench/h200_suite.sh generate     # compiled decode: 2B batch 1/16/64, 8B batch 16
 #   bash bench/h200_suite.sh attention    # SDPA backends: steady time and cost of a new shape; one packed step profiled
 #   bash bench/h200_suite.sh dp2          # data-parallel scaling on two GPUs (bench/dp_scaling.py)
+#   bash bench/h200_suite.sh serving      # second turn about one image (prefix cache); serving under Poisson load
 set -u
 cd "$(dirname "$0")"
 out=${OUT:-results}
@@ -54,5 +55,9 @@ generate)
     run gen8b_compile 200 generate_throughput.py --compile --preset internvl-8b --batch-sizes 16 \
         --out "$out/generate_8b_compile.json"
     ;;
-*) echo "usage: $0 train|packed|train-more|dp2|generate|attention" >&2; exit 2 ;;
+serving)
+    run second_turn 150 second_turn.py --device cuda --out "$out/second_turn_nvidia-h200.json"
+    run serve_load 420 serve_load.py --device cuda --out "$out/serve_load_nvidia-h200.json"
+    ;;
+*) echo "usage: $0 train|packed|train-more|dp2|generate|attention|serving" >&2; exit 2 ;;
 esac

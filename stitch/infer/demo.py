@@ -37,7 +37,13 @@ from stitch.infer.generate import get_engine
 from stitch.infer.image_cache import ImageEmbeddingCache
 from stitch.infer.request import IMAGE_FORMATS, decode_image
 from stitch.infer.sampling import SamplingParams
-from stitch.infer.server import add_limit_arguments, limits_from_args, load_for_serving
+from stitch.infer.server import (
+    add_limit_arguments,
+    add_prefix_cache_argument,
+    limits_from_args,
+    load_for_serving,
+    prefix_cache_bytes,
+)
 
 __all__ = ["Chat", "DemoBackend", "build_demo", "demo", "demo_arguments"]
 
@@ -223,6 +229,7 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the slider's starting value")
     parser.add_argument("--plain-text", action="store_true",
                         help="show replies as plain text instead of rendering them as Markdown")
+    add_prefix_cache_argument(parser)
     add_limit_arguments(parser)
 
 
@@ -242,13 +249,15 @@ def demo(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise StitchError(f"stitch demo needs Gradio: pip install 'stitch-vlm[demo]' ({e})") from e
     limits = limits_from_args(args)
+    cache_bytes = prefix_cache_bytes(args)
     if args.max_new_tokens <= 0:
         raise StitchError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     ckpt = Path(args.checkpoint)
     model, processor, compute = load_for_serving(ckpt, args.device, args.dtype)
     name = ckpt.resolve().name
-    app = build_demo(model, processor, limits=limits, title=f"Stitch · {name}", max_new_tokens=args.max_new_tokens,
-                     markdown=not args.plain_text)
+    engine = get_engine(model, processor, prefix_cache_bytes=cache_bytes)  # later turns reuse the chat's KV
+    app = build_demo(model, processor, limits=limits, engine=engine, title=f"Stitch · {name}",
+                     max_new_tokens=args.max_new_tokens, markdown=not args.plain_text)
     port = args.port or _free_port(args.host)
     if args.host not in ("localhost", "127.0.0.1", "::1") and not args.host.startswith("127."):
         print(f"stitch demo: warning: listening on {args.host}: anyone who can reach this port can use the model",

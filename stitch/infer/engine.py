@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stitch.errors import StitchError
+from stitch.infer.prefix_cache import PrefixEntry, PrefixKVCache, request_tile_keys
 from stitch.infer.sampling import BatchSampler, SamplingParams
 from stitch.infer.text import TextStream
 from stitch.models.layers import any_shape_attention
@@ -50,6 +51,7 @@ class Request:
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    tile_keys: tuple[bytes, ...] | None = field(default=None, repr=False)  # content hashes, set on first use
 
 
 @dataclass
@@ -129,6 +131,28 @@ class _HostCopy:
         if self.event is not None:
             self.event.synchronize()
         return self.buf.tolist()
+
+
+def _row_slots(cache: KVCache, row: int, start: int, stop: int) -> list[torch.Tensor]:
+    """Views of slots [start, stop) of one row: every layer's keys, then every layer's values."""
+    return [k[row, :, start:stop] for k in cache.k] + [v[row, :, start:stop] for v in cache.v]
+
+
+def _uncached(request: Request, hit: tuple | None) -> int:
+    """Prompt tokens a request must compute: all but its prefix-cache match."""
+    return int(request.input_ids.numel()) - (hit[1] if hit is not None else 0)
+
+
+def _prefill_groups(needs: Sequence[int], rows: int, max_groups: int = 3) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) prefilled together, from rows sorted by the tokens they must compute (`needs`): a
+    new group starts where a row needs more than twice the group's first plus 32 (each group is one more
+    forward, so near-equal ones stay together), at most `max_groups`. Rows past the requests (bucket padding)
+    go with the last group."""
+    starts = [0]
+    for i, need in enumerate(needs):
+        if len(starts) < max_groups and need > 2 * needs[starts[-1]] + 32:
+            starts.append(i)
+    return list(zip(starts, starts[1:] + [rows]))
 
 
 def _decode_forward(model, tokens, positions, cache_position, mask, cache) -> torch.Tensor:
@@ -278,6 +302,9 @@ class Engine:
     for it to end: each is prefilled alone into its row, its prompt ending where the batch's next token goes.
     Such batches get every row of `max_batch_size` and twice the cache length of their first requests, so later
     ones fit (a prompt longer than the tokens already in the cache, or one that would outrun the cache, waits).
+    prefix_cache_bytes: the budget of the prefix KV cache (`stitch.infer.prefix_cache`; 0 = off): a prompt that
+    starts like an earlier one (the next turn of a chat about the same image) copies that prefix's keys and
+    values instead of recomputing them, and only the rest of the prompt (and no image in the prefix) is run.
     """
 
     def __init__(
@@ -293,6 +320,7 @@ class Engine:
         batch_wait_s: float = 0.005,
         any_shape_attention: bool = True,
         continuous_batching: bool = False,
+        prefix_cache_bytes: int = 1 << 30,
     ):
         self.model = model
         self.processor = processor
@@ -316,17 +344,28 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         self._options: tuple = ()  # the options `get_engine` created it with
+        if prefix_cache_bytes < 0:
+            raise StitchError(f"prefix_cache_bytes must be >= 0 (0 turns the prefix cache off), got "
+                              f"{prefix_cache_bytes}")
+        cfg = model.config
+        self.prefix_cache = PrefixKVCache(prefix_cache_bytes, getattr(cfg, "image_token_id", None),
+                                          getattr(cfg, "tokens_per_tile", 1)) if prefix_cache_bytes > 0 else None
+        self._prefix_lock = threading.Lock()
 
     # ------------------------------------------------------------------ requests
     def prepare(self, conversation: Sequence[dict], images: Sequence | None = None,
                 params: SamplingParams | None = None, videos: Sequence | None = None,
                 num_frames: int | None = None) -> Request:
         """Render `conversation` (with `<image>` / `<video>` placeholders), its images and videos into a
-        `Request`; `num_frames` overrides the frames sampled per video."""
+        `Request`; `num_frames` overrides the frames sampled per video. With the prefix cache on, the tiles'
+        content hashes are computed here too, outside the engine's thread."""
         processor = self.processor if num_frames is None else self.processor.with_options(num_frames=num_frames)
         sample = processor.encode(list(conversation), list(images or []), list(videos or []),
                                   add_generation_prompt=True)
-        return Request(sample.input_ids, sample.pixel_values, params or SamplingParams())
+        request = Request(sample.input_ids, sample.pixel_values, params or SamplingParams())
+        if self.prefix_cache is not None:  # hashed here, in the caller's thread (a server's request thread)
+            self._tile_keys(request)
+        return request
 
     def generate(self, requests: Sequence[Request], max_batch_size: int | None = None) -> list[Completion]:
         """Run `requests` to completion; completions in request order."""
@@ -502,14 +541,21 @@ class Engine:
         try:
             with torch.inference_mode():
                 state = self._state(size, length)
-                sampler, tok = self._prefill(state, batch, spare_rows_empty=admit is not None)
+                hits = self._prefix_lookup([r for _, r in batch])
+                # Rows in order of the tokens they must compute, so that similar ones prefill together.
+                order = sorted(range(len(batch)), key=lambda i: _uncached(batch[i][1], hits[i]))
+                batch, hits = [batch[i] for i in order], [hits[i] for i in order]
+                sampler, tok = self._prefill(state, batch, hits, spare_rows_empty=admit is not None)
             rows: list[_Row | None] = [_Row(i, r, self.eos_ids, self.processor.tokenizer, track_text, start)
                                        for i, r in batch]
             rows += [None] * (size - len(rows))
             pending: _HostCopy | None = _HostCopy(tok)
+            with torch.inference_mode():  # copies queued after the first tokens': not on their critical path
+                snapshots = self._prefix_snapshot(state.cache, [(i, r, prompt_len) for i, (_, r) in enumerate(batch)])
             if self.cuda_graphs and state.graph is None and steps > 1:
                 # A shape without its graph yet: hand out the first tokens, then capture.
                 yield from self._push(rows, pending.get(), 0)
+                snapshots = self._prefix_insert(snapshots)
                 if all(row is None or row.done for row in rows):
                     return
                 with torch.inference_mode():
@@ -531,9 +577,12 @@ class Engine:
                         nxt = _HostCopy(tok)
                 if pending is not None:
                     yield from self._push(rows, pending.get(), pending_step)
+                if snapshots:  # hashing images and the bookkeeping wait until the first tokens are out
+                    snapshots = self._prefix_insert(snapshots)
                 if nxt is None or all(row is None or row.done for row in rows):
                     break
                 pending, pending_step, step = nxt, step, step + 1
+            self._prefix_insert(snapshots)  # a batch whose every row ended at its first token
         finally:
             if state is not None:
                 state.busy = False
@@ -575,10 +624,19 @@ class Engine:
         state.positions[row] = n
         pixels = request.pixel_values
         pixels = pixels.to(device) if pixels is not None and pixels.numel() else None
-        logits = self._prompt_logits(request.input_ids.reshape(1, -1), pixels, torch.arange(n)[None],
-                                     state.cache.rows(row, row + 1), slot - n)
+        hits = self._prefix_lookup([request])
+        if hits[0] is not None:
+            logits = self._resume_logits(state.cache.rows(row, row + 1), state.mask[row : row + 1], [request],
+                                         hits, slot, n - hits[0][1])
+        else:
+            if self.prefix_cache is not None:
+                self.prefix_cache.misses += 1
+            logits = self._prompt_logits(request.input_ids.reshape(1, -1), pixels, torch.arange(n)[None],
+                                         state.cache.rows(row, row + 1), slot - n)
         sampler = BatchSampler([request.params], 1, logits.shape[-1], device, [request.input_ids.reshape(-1)])
-        return sampler(logits, 0)
+        first = sampler(logits, 0)
+        self._prefix_insert(self._prefix_snapshot(state.cache, [(row, request, slot)]))
+        return first
 
     def _prompt_logits(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, position_ids: torch.Tensor,
                        cache: KVCache, first_slot: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -593,10 +651,16 @@ class Engine:
             )
         return out.logits[:, -1]
 
-    def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]], spare_rows_empty: bool = False
+    def _prefill(self, state: _DecodeState, batch: list[tuple[int, Request]],
+                 hits: Sequence[tuple[PrefixEntry, int] | None], spare_rows_empty: bool = False
                  ) -> tuple[BatchSampler, torch.Tensor]:
         """Left-pad the prompts into `state`'s cache and mask, run them (images and all) and sample the first
         token of every row; leaves `state.positions`/`cache_position` pointing at that token.
+
+        `hits`: each row's prefix-cache match (`_prefix_lookup`), rows sorted by their uncached tokens. Without
+        any, one forward over all prompts. With some, up to three, over groups of rows whose uncached tails are
+        of similar length (`_prefill_groups`), each computing only its own longest tail: one long miss would
+        otherwise make every row recompute its whole prefix.
 
         Rows beyond the batch (bucket padding) run as all-padding rows, or with `spare_rows_empty` (continuous
         batching keeps them for requests that join) not at all: their mask is all ones, so their idle decode
@@ -614,14 +678,27 @@ class Engine:
             ids[row, prompt_len - n_tok :] = req.input_ids.reshape(-1)
             mask[row, prompt_len - n_tok : prompt_len] = 1
         state.mask.copy_(mask)
-        position_ids = (mask[:run, :prompt_len].cumsum(-1) - 1).clamp(min=0)
-        tiles = [r.pixel_values for _, r in batch if r.pixel_values is not None and r.pixel_values.numel()]
-        pixel_values = torch.cat([t.to(device) for t in tiles]) if tiles else None
-        # The cache is empty: attention runs over the prompt's own keys, with no mask at all (the fused causal
-        # kernel) when no row is padded.
-        padded = run > len(batch) or min(lengths) < prompt_len
         cache = state.cache if run == size else state.cache.rows(0, run)
-        logits = self._prompt_logits(ids, pixel_values, position_ids, cache, 0, state.mask[:run] if padded else None)
+        if any(hit is not None for hit in hits):
+            needs = [_uncached(r, h) for (_, r), h in zip(batch, hits)]
+            parts = []
+            for lo, hi in _prefill_groups(needs, run):
+                # The group's rows run their last `window` slots; tokens before them come from the cache.
+                parts.append(self._resume_logits(state.cache.rows(lo, hi), state.mask[lo:hi],
+                                                 [r for _, r in batch[lo:hi]], hits[lo:hi], prompt_len,
+                                                 max(needs[lo:hi])))
+            logits = torch.cat(parts)
+        else:
+            if self.prefix_cache is not None:
+                self.prefix_cache.misses += len(batch)
+            position_ids = (mask[:run, :prompt_len].cumsum(-1) - 1).clamp(min=0)
+            tiles = [r.pixel_values for _, r in batch if r.pixel_values is not None and r.pixel_values.numel()]
+            pixel_values = torch.cat([t.to(device) for t in tiles]) if tiles else None
+            # The cache is empty: attention runs over the prompt's own keys, with no mask at all (the fused
+            # causal kernel) when no row is padded.
+            padded = run > len(batch) or min(lengths) < prompt_len
+            logits = self._prompt_logits(ids, pixel_values, position_ids, cache, 0,
+                                         state.mask[:run] if padded else None)
         if run < size:
             logits = torch.cat([logits, logits.new_zeros(size - run, logits.shape[-1])])
         sampler = BatchSampler(
@@ -631,3 +708,127 @@ class Engine:
         state.positions.copy_(torch.tensor(lengths + [0] * (size - len(batch)), device=device)[:, None])
         state.cache_position.fill_(prompt_len)
         return sampler, tok
+
+    # ------------------------------------------------------------------ prefix cache
+    def _prefix_fingerprint(self) -> tuple:
+        """What the cached KV was computed with: the weights' storage and in-place version counters (an
+        optimizer step bumps them), and which LoRA adapters are on (`adapters_disabled` flips them)."""
+        params = list(self.model.parameters())
+        try:
+            version = sum(p._version for p in params)
+        except RuntimeError:  # inference tensors have no version counter (and cannot change outside inference)
+            version = None
+        adapters = tuple(m.adapter_enabled for m in self.model.modules() if hasattr(m, "adapter_enabled"))
+        return tuple(p.data_ptr() for p in params), version, adapters
+
+    def _tile_keys(self, request: Request) -> tuple[bytes, ...]:
+        if request.tile_keys is None:
+            request.tile_keys = request_tile_keys(request.pixel_values)
+        return request.tile_keys
+
+    def _prefix_lookup(self, requests: Sequence[Request]) -> list[tuple[PrefixEntry, int] | None]:
+        """Each request's longest cached prefix (entry, tokens; at most all but its last token) or None. All
+        None when the cache is off or a request's image tokens do not match its tiles (the plain prefill then
+        raises the model's error)."""
+        cache = self.prefix_cache
+        none: list[tuple[PrefixEntry, int] | None] = [None] * len(requests)
+        if cache is None:
+            return none
+        with self._prefix_lock:
+            cache.check(self._prefix_fingerprint())
+            hits = []
+            for request in requests:
+                ids = request.input_ids.reshape(-1)
+                if not self._tiles_match_tokens(request):
+                    return none
+                keys = functools.partial(self._tile_keys, request)  # hashed only if a match reaches an image
+                hits.append(cache.lookup(ids, keys, int(ids.numel()) - 1) if len(cache) else None)
+        return hits
+
+    def _tiles_match_tokens(self, request: Request) -> bool:
+        """Its image tokens are its tiles x tokens_per_tile (what the prefix cache's tile bookkeeping assumes)."""
+        cache = self.prefix_cache
+        assert cache is not None
+        if cache.image_token_id is None:
+            return True
+        pixels = request.pixel_values
+        tiles = int(pixels.shape[0]) if pixels is not None and pixels.numel() else 0
+        return int((request.input_ids == cache.image_token_id).sum()) == tiles * cache.tokens_per_tile
+
+    def _prefix_snapshot(self, cache: KVCache, rows: Sequence[tuple[int, Request, int]]
+                         ) -> list[tuple[Request, torch.Tensor]]:
+        """Copies of the KV of each (row, request, end), whose prompt sits in cache slots [end - n, end), for
+        `_prefix_insert`: device copies, queued without waiting."""
+        store = self.prefix_cache
+        if store is None:
+            return []
+        out = []
+        for row, request, end in rows:
+            n = int(request.input_ids.numel())
+            if (store.min_tokens <= n and n * self._kv_bytes_per_token() <= store.max_bytes
+                    and self._tiles_match_tokens(request)):
+                out.append((request, torch.stack(_row_slots(cache, row, end - n, end)).unflatten(0, (2, -1))))
+        return out
+
+    def _prefix_insert(self, snapshots: list[tuple[Request, torch.Tensor]]) -> list:
+        """Store snapshots in the prefix cache (hashing their tiles); returns [] (nothing left to insert)."""
+        for request, kv in snapshots:
+            keys = self._tile_keys(request)
+            with self._prefix_lock:
+                self.prefix_cache.store(request.input_ids.reshape(-1), keys, kv)
+        return []
+
+    def _kv_bytes_per_token(self) -> int:
+        cfg = self.model.config.llm
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _resume_logits(self, cache: KVCache, mask: torch.Tensor, requests: Sequence[Request],
+                       hits: Sequence[tuple[PrefixEntry, int] | None], end: int, window: int) -> torch.Tensor:
+        """Last-position logits [rows, V] of prompts that end at cache slot `end` (left-padded, `mask` [rows, L]
+        marks their slots), computing only the last `window` slots: each row's tokens before them are copied
+        from its prefix-cache entry, and the window attends to them through the cache.
+
+        Rows share one window (one `cache_position` for the batch), so a row that needs fewer new tokens
+        recomputes a few of its cached ones (the same values) and a row shorter than the window is padding
+        there. Only the tiles with tokens in the window go through the vision encoder."""
+        device, llm, store = self.device, self.model.llm, self.prefix_cache
+        assert store is not None
+        image_id, per_tile = store.image_token_id, store.tokens_per_tile
+        rows = mask.shape[0]
+        ids = torch.full((rows, window), self.pad_id, dtype=torch.long)
+        positions = torch.zeros(rows, window, dtype=torch.long)
+        tiles, spans = [], []  # tiles to encode; per row (their tokens, tokens in the window)
+        for r, (request, hit) in enumerate(zip(requests, hits)):
+            full = request.input_ids.reshape(-1)
+            n = int(full.numel())
+            keep = n - window  # tokens before the window, all from the cache
+            if keep > 0:
+                assert hit is not None and hit[1] >= keep
+                start = end - n
+                dst = _row_slots(cache, r, start, start + keep)
+                torch._foreach_copy_(dst, list(hit[0].kv[..., :keep, :].flatten(0, 1).unbind(0)))
+                store.hits += 1
+                store.reused_tokens += keep
+            else:
+                store.misses += 1
+            toks = full[max(0, keep) :]
+            ids[r, window - toks.numel() :] = toks
+            positions[r, window - toks.numel() :] = torch.arange(max(0, keep), n)
+            in_window = int((toks == image_id).sum()) if image_id is not None else 0
+            if in_window:
+                count = -(-in_window // per_tile)
+                tiles.append(request.pixel_values[-count:])
+                spans.append((count * per_tile, in_window))
+        ids = ids.to(device)
+        embeds = llm.embed_tokens(ids)
+        if tiles:
+            image = self.model.image_embeddings(torch.cat([t.to(device) for t in tiles]))
+            parts, at = [], 0
+            for total, used in spans:  # a row's window holds the last `used` image tokens of its tiles
+                parts.append(image[at + total - used : at + total])
+                at += total
+            embeds = embeds.masked_scatter((ids == image_id)[..., None], torch.cat(parts).to(embeds.dtype))
+        with any_shape_attention(self.model, self.any_shape_attention):
+            hidden = llm(embeds, positions.to(device), mask[:, :end], None, cache.slots(end),
+                         torch.arange(end - window, end, device=device))
+        return llm.lm_head(hidden[:, -1])

@@ -12,12 +12,51 @@ its images come from the cache from the second turn on.
 from __future__ import annotations
 
 import hashlib
+import os
+import struct
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
-__all__ = ["ImageEmbeddingCache"]
+__all__ = ["ImageEmbeddingCache", "tile_key", "tile_keys"]
+
+_COEFFICIENTS: dict[tuple, torch.Tensor] = {}
+_SEED = int.from_bytes(os.urandom(8), "little") >> 1  # secret per process: hashes cannot be steered into collisions
+
+
+def tile_key(tile: torch.Tensor) -> bytes:
+    """A content hash of one tile (pixels, shape and dtype): equal keys mean equal embeddings."""
+    data = tile.detach().contiguous().cpu()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=20)
+    digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+    return digest.digest()
+
+
+def tile_keys(pixel_values: torch.Tensor) -> tuple[bytes, ...]:
+    """`tile_key` of every tile [tiles, 3, H, W]; tiles already on a GPU are hashed there (`_device_keys`),
+    sparing a copy of the pixels to the host and a blake2b pass over them (~10 ms for 5 tiles)."""
+    if pixel_values.is_cuda:
+        return _device_keys(pixel_values)
+    return tuple(tile_key(t) for t in pixel_values)
+
+
+def _device_keys(pixel_values: torch.Tensor) -> tuple[bytes, ...]:
+    """Two random linear hashes (mod 2^64, odd coefficients drawn from a per-process secret seed) of each tile's
+    bit pattern: 128 bits per tile, one small copy to the host for the whole batch of tiles."""
+    tiles = pixel_values.detach().contiguous()
+    flat = tiles.reshape(tiles.shape[0], -1)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = flat.view(ints).long()
+    key = (bits.shape[1], bits.device)
+    coef = _COEFFICIENTS.get(key)
+    if coef is None:
+        gen = torch.Generator().manual_seed(_SEED)
+        coef = (torch.randint(-(2**62), 2**62, (2, bits.shape[1]), generator=gen) * 2 + 1).to(bits.device)
+        _COEFFICIENTS[key] = coef
+    sums = torch.stack([(bits * c).sum(1) for c in coef], 1).tolist()
+    tag = f"{tuple(tiles.shape[1:])}{tiles.dtype}".encode()
+    return tuple(struct.pack("<qq", a, b) + tag for a, b in sums)
 
 
 class ImageEmbeddingCache:
@@ -53,16 +92,11 @@ class ImageEmbeddingCache:
     def stats(self) -> dict[str, int]:
         return {"tile_hits": self.hits, "tile_misses": self.misses, "cached_tiles": len(self._entries)}
 
-    @staticmethod
-    def _key(tile: torch.Tensor) -> bytes:
-        data = tile.detach().contiguous().cpu()
-        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=20)
-        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-        return digest.digest()
+    _key = staticmethod(tile_key)
 
     def _embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, 3, H, W] -> [tiles * tokens_per_tile, D], computing only unseen tiles."""
-        keys = [self._key(t) for t in pixel_values]
+        keys = list(tile_keys(pixel_values))
         missing = [i for i, k in enumerate(keys) if k not in self._entries]
         fresh: dict[bytes, torch.Tensor] = {}
         if missing:

@@ -31,6 +31,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -252,7 +253,9 @@ def create_app(model, processor, *, model_name: str, limits: Limits | None = Non
     # Plain Starlette endpoints (the request is their one argument): the body is read here (size-checked as it
     # arrives) and checked by `parse_chat_request`, so every refusal has the server's own status, code and text.
     async def health(request):
-        return JSONResponse({"status": "ok", "model": model_name, "requests_in_progress": service.admitted})
+        cache = service.engine.prefix_cache
+        return JSONResponse({"status": "ok", "model": model_name, "requests_in_progress": service.admitted,
+                             "prefix_cache": cache.stats() if cache is not None else None})
 
     async def list_models(request):
         authorize(request)
@@ -350,6 +353,7 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continuous-batching", action="store_true",
                         help="requests join a running batch (a finished or spare row) instead of waiting for it "
                              "to end")
+    add_prefix_cache_argument(parser)
     add_limit_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -431,6 +435,20 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
+def add_prefix_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024.0, metavar="MB",
+                        help="device memory for the KV of earlier prompts, reused by prompts that start the same "
+                             "way (a chat's next turn about the same image); 0 = off (default: 1024)")
+
+
+def prefix_cache_bytes(args: argparse.Namespace) -> int:
+    """`--prefix-cache-mb` in bytes; a StitchError for a negative or non-finite value."""
+    mb = args.prefix_cache_mb
+    if not math.isfinite(mb) or mb < 0:
+        raise StitchError(f"--prefix-cache-mb must be >= 0 (0 = off), got {mb}")
+    return int(mb * MiB)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
 
@@ -460,7 +478,7 @@ def serve(args: argparse.Namespace) -> int:
     sock = listen_socket(args.host, args.port)  # before loading: a taken port fails fast
     model, processor, compute = load_for_serving(ckpt, args.device, args.dtype)
     engine = get_engine(model, processor, max_batch_size=args.max_batch_size, compile=args.compile,
-                        continuous_batching=args.continuous_batching)
+                        continuous_batching=args.continuous_batching, prefix_cache_bytes=prefix_cache_bytes(args))
     name = args.model_name or ckpt.resolve().name
     app = create_app(model, processor, model_name=name, limits=limits, api_key=args.api_key,
                      local_images=local, engine=engine)

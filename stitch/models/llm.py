@@ -68,6 +68,15 @@ class KVCache:
         view.max_len = self.max_len
         return view
 
+    def slots(self, stop: int) -> KVCache:
+        """The same cache seen through slots [0, stop): attention of a prompt resumed after a reused prefix
+        reads only the slots up to its end, not the whole buffer."""
+        view = object.__new__(KVCache)
+        view.k = [k[:, :, :stop] for k in self.k]
+        view.v = [v[:, :, :stop] for v in self.v]
+        view.max_len = stop
+        return view
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
         self.k[layer].index_copy_(2, cache_position, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(2, cache_position, v.to(self.v[layer].dtype))
