@@ -4,7 +4,8 @@ Why probe first: the processor's visual-token budget lowers a video's frame coun
 needs only the frame count and rate, which the container header gives. Pixels are then decoded once, for the
 chosen frames only: each wanted frame is reached by seeking to the key frame before its timestamp and decoding
 forward (consecutive wanted frames close together share one seek), so a 16-frame sample of an hour-long video
-decodes a few GOPs, not the hour.
+decodes a few GOPs, not the hour. Decoding is single-threaded by default (a data worker is one core) and drops
+the non-reference frames presented before the one sought (`DecodeOptions`): the same pixels for less work.
 
 Nothing silent: a file that is missing, not a video, corrupt, truncated (ends before a wanted frame), has no
 frames, or is over a limit (bytes, duration, pixels per frame, frames) raises `SampleError` with a reason from
@@ -42,6 +43,8 @@ __all__ = [
     "VideoLimits",
     "VideoInfo",
     "Video",
+    "DecodeOptions",
+    "EXACT",
     "SAMPLING_RULES",
     "uniform_indices",
     "internvl_indices",
@@ -278,8 +281,34 @@ def probe_video(src: VideoInput, limits: VideoLimits = VideoLimits(), frames_fps
         container.close()
 
 
+# Codecs whose decoders honour `skip_frame=NONREF` (a non-reference frame is dropped, never needed by another
+# frame) in containers that store each packet's presentation time, so a packet can be told to be before the
+# wanted frame before it is decoded. AVI stores no presentation times (its B-frames' packets carry decode order).
+SKIP_NONREF_CODECS = {"h264", "hevc", "vp8", "vp9", "mpeg2video"}
+NO_PTS_FORMATS = {"avi"}
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How frames are decoded; the defaults are the fast path, whose frames equal the exact path's (`EXACT`).
+
+    - `threads`: decoder threads; 1 (one core per data worker) costs the least CPU per frame: FFmpeg's frame
+      threads restart their pipeline at every seek. 0 lets FFmpeg choose (frame + slice threads on all cores).
+    - `skip_nonref`: packets presented before the frame being sought that no other frame refers to are not
+      decoded (`skip_frame=NONREF`, set per packet before it is sent, only for `SKIP_NONREF_CODECS` in
+      containers with presentation times). Dropping a frame nothing refers to cannot change another frame, so
+      the wanted frames' pixels are unchanged (tested bit for bit, with B-frames).
+    """
+
+    threads: int = 1
+    skip_nonref: bool = True
+
+
+EXACT = DecodeOptions(threads=0, skip_nonref=False)
+
+
 def _decode_file(
-    src: str | Path | bytes, indices: Sequence[int], limits: VideoLimits
+    src: str | Path | bytes, indices: Sequence[int], limits: VideoLimits, options: DecodeOptions = DecodeOptions()
 ) -> tuple[list[np.ndarray], VideoInfo]:
     import av
 
@@ -288,13 +317,35 @@ def _decode_file(
     try:
         info = _stream_info(container, name, limits)
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        if options.threads == 1:
+            stream.thread_type, stream.thread_count = "SLICE", 1
+        else:
+            stream.thread_type, stream.thread_count = "AUTO", options.threads
+        codec = stream.codec_context
+        skip = options.skip_nonref and codec.name in SKIP_NONREF_CODECS and \
+            not NO_PTS_FORMATS.intersection(container.format.name.split(","))
         base = stream.start_time or 0
         tb = float(stream.time_base)
 
-        def index_of(frame) -> int:
-            pts = frame.pts if frame.pts is not None else frame.dts
+        def index_at(pts: int | None) -> int:
             return int(round((pts - base) * tb * info.fps)) if pts is not None else -1
+
+        def index_of(frame) -> int:
+            return index_at(frame.pts if frame.pts is not None else frame.dts)
+
+        target = 0
+
+        def decoded():
+            """Frames in presentation order from the current position; non-reference packets presented before
+            `target` (read at each packet) are dropped by the decoder when `skip` is on."""
+            for packet in container.demux(stream):
+                if packet.size == 0:  # end of stream: drain the decoder
+                    break
+                early = skip and not packet.is_keyframe and packet.pts is not None and index_at(packet.pts) < target
+                codec.skip_frame = "NONREF" if early else "DEFAULT"
+                yield from codec.decode(packet)
+            codec.skip_frame = "DEFAULT"
+            yield from codec.decode(None)
 
         wanted = sorted(set(int(i) for i in indices))
         if wanted and (wanted[0] < 0 or wanted[-1] >= info.total_frames):
@@ -302,9 +353,11 @@ def _decode_file(
         got: dict[int, np.ndarray] = {}
         frames, pos = None, -(10**9)
         for idx in wanted:
+            target = idx
             if frames is None or idx - pos > SEEK_GAP_FRAMES or idx <= pos:
                 container.seek(base + int(idx / info.fps / tb), stream=stream, backward=True, any_frame=False)
-                frames = container.decode(stream)
+                codec.flush_buffers()
+                frames = decoded()
             try:
                 for frame in frames:
                     pos = index_of(frame)
@@ -323,11 +376,16 @@ def _decode_file(
 
 
 def decode_frames(
-    src: VideoInput, indices: Sequence[int], limits: VideoLimits = VideoLimits(), frames_fps: float = 1.0
+    src: VideoInput,
+    indices: Sequence[int],
+    limits: VideoLimits = VideoLimits(),
+    frames_fps: float = 1.0,
+    options: DecodeOptions = DecodeOptions(),
 ) -> tuple[list[Image.Image], VideoInfo]:
-    """The frames at `indices` (RGB PIL images, in the order given) and the video's info."""
+    """The frames at `indices` (RGB PIL images, in the order given) and the video's info; `options` say how a
+    video file is decoded (`EXACT` for FFmpeg's threads and no skipping)."""
     if isinstance(src, (str, Path, bytes)) and not (isinstance(src, (str, Path)) and Path(src).is_dir()):
-        arrays, info = _decode_file(src, indices, limits)
+        arrays, info = _decode_file(src, indices, limits, options)
         return [Image.fromarray(a) for a in arrays], info
     info = probe_video(src, limits, frames_fps)
     if isinstance(src, (str, Path)):
@@ -349,11 +407,12 @@ def load_video(
     limits: VideoLimits = VideoLimits(),
     frames_fps: float = 1.0,
     info: VideoInfo | None = None,
+    options: DecodeOptions = DecodeOptions(),
 ) -> Video:
     """Probe, sample by `rule`, decode only the sampled frames."""
     info = info or probe_video(src, limits, frames_fps)
     indices = sample_indices(info.total_frames, num_frames, rule, video_fps=info.fps, fps=fps, max_frames=max_frames)
-    frames, info = decode_frames(src, indices, limits, frames_fps)
+    frames, info = decode_frames(src, indices, limits, frames_fps, options)
     return Video(frames=frames, indices=list(indices), info=info, timestamps=[i / info.fps for i in indices])
 
 

@@ -11,6 +11,8 @@ from PIL import Image
 
 from stitch.data.skips import REASONS, SampleError
 from stitch.data.video import (
+    EXACT,
+    DecodeOptions,
     VideoLimits,
     decode_frames,
     frame_steps,
@@ -19,7 +21,7 @@ from stitch.data.video import (
     sample_indices,
 )
 
-from .video_clips import CODECS, encode, frame_number, numbered_frames
+from .video_clips import CODECS, encode, frame_number, moving_square, numbered_frames
 
 
 @pytest.mark.parametrize("container", sorted(CODECS))
@@ -144,3 +146,42 @@ def test_bad_videos_raise_their_reasons(tmp_path):
         with pytest.raises(SampleError) as err:
             probe_video(good, VideoLimits(**{key: value}))
         assert err.value.reason == "video_too_large" and key in str(err.value)
+
+
+def _textured(num_frames: int, size: int = 64) -> np.ndarray:
+    """Frames whose every pixel matters: a noise texture sliding by one pixel a frame, and a bright square
+    crossing it, so a neighbouring frame or a wrongly predicted block shows as a pixel difference."""
+    rng = np.random.default_rng(3)
+    texture = rng.integers(0, 255, size=(size, 3 * size, 3), dtype=np.uint8)
+    frames = np.stack([texture[:, t % (2 * size) : t % (2 * size) + size] for t in range(num_frames)])
+    return frames | moving_square(num_frames, size, seed=4)
+
+
+FAST_CLIPS = {  # (container, codec, encoder options): B-frames (with B-pyramids), hidden frames, open GOPs
+    "h264-bpyramid": ("mp4", "libx264", {"preset": "medium"}),
+    "hevc": ("mkv", "libx265", {"preset": "medium"}),
+    "vp9": ("webm", "libvpx-vp9", {}),
+    "mpeg2-bframes": ("mkv", "mpeg2video", {"bframes": 2, "bit_rate": 4_000_000}),
+    # AVI stores no presentation times: decoded without skipping. (With B-frames both paths misplace frames.)
+    "mpeg4-avi": ("avi", "mpeg4", {"bit_rate": 4_000_000}),
+}
+
+
+@pytest.mark.parametrize("clip", sorted(FAST_CLIPS))
+def test_fast_decoding_returns_the_exact_paths_frames(tmp_path, clip):
+    """The default decode (one thread, non-reference frames before the wanted one skipped) returns the same
+    frames, bit for bit, as FFmpeg's plain threaded decode of every frame (`EXACT`), on every index pattern:
+    each frame alone, neighbours, far jumps, repeats, unsorted."""
+    container, codec, opts = FAST_CLIPS[clip]
+    total = 90
+    data = encode(_textured(total), container=container, codec=codec, fps=25, gop=24, **opts)
+    numbered = encode(numbered_frames(total), container=container, codec=codec, fps=25, gop=24, **opts)
+    rng = np.random.default_rng(0)
+    patterns = [list(range(total)), [total - 1, 0, 45, 44, 45], *[rng.integers(0, total, 7).tolist() for _ in range(6)]]
+    patterns += [[i] for i in range(0, total, 7)]
+    for wanted in patterns:
+        fast, _ = decode_frames(data, wanted)
+        exact, _ = decode_frames(data, wanted, options=EXACT)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(fast, exact)), (clip, wanted)
+        assert [frame_number(f) for f in decode_frames(numbered, wanted)[0]] == wanted, (clip, wanted)
+    assert DecodeOptions() != EXACT and DecodeOptions().skip_nonref and DecodeOptions().threads == 1
