@@ -39,6 +39,7 @@ from stitch.data.collate import Sample
 from stitch.data.image import ImageInput, ImageProcessor, load_image, tile_budgets, tile_image
 from stitch.data.skips import SampleError
 from stitch.data.video import (
+    DecodeOptions,
     VideoInfo,
     VideoInput,
     VideoLimits,
@@ -99,6 +100,7 @@ class Processor:
         self.min_frames = 1
         self.frames_fps = 1.0  # the rate of a folder of frames / of decoded frames given as a list
         self.video_limits = VideoLimits()
+        self.frame_resize = "exact"  # "decoder": frames resized by swscale while decoding (DecodeOptions.size)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, **kwargs: Any) -> Processor:
@@ -134,7 +136,7 @@ class Processor:
         `chat_format="plain"` renders LLaVA's plain pretraining format instead of the chat template (on a
         private copy of the tokenizer, so checkpoints keep the model's own template). Video options (any of
         `num_frames`, `frame_sampling`, `sample_fps`, `max_frames`, `min_frames`, `frames_fps`,
-        `video_limits`) replace the processor's; None keeps it."""
+        `video_limits`, `frame_resize`) replace the processor's; None keeps it."""
         other = copy.copy(self)
         for name, value in video.items():
             if name not in _VIDEO_OPTIONS:
@@ -233,9 +235,11 @@ class Processor:
             if kind == "video":
                 used[k] = max(used.get(k, 0), first + 1)
         out = {}
+        size = self.images.image_size
+        options = DecodeOptions(size=(size, size)) if self.frame_resize == "decoder" else DecodeOptions()
         for k in used:
             n = len(indices[k]) if self.config.resolved_video_layout == "nvlm" else used[k]
-            out[k], _ = decode_frames(videos[k], indices[k][:n], self.video_limits, self.frames_fps)
+            out[k], _ = decode_frames(videos[k], indices[k][:n], self.video_limits, self.frames_fps, options)
         return out
 
     def _pixels(self, images, grids, frames_of, layout, sources) -> torch.Tensor | None:
@@ -293,7 +297,8 @@ class Processor:
 
 
 _VIDEO_OPTIONS = {
-    "num_frames", "frame_sampling", "sample_fps", "max_frames", "min_frames", "frames_fps", "video_limits"
+    "num_frames", "frame_sampling", "sample_fps", "max_frames", "min_frames", "frames_fps", "video_limits",
+    "frame_resize",
 }
 
 

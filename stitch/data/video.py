@@ -298,10 +298,16 @@ class DecodeOptions:
       decoded (`skip_frame=NONREF`, set per packet before it is sent, only for `SKIP_NONREF_CODECS` in
       containers with presentation times). Dropping a frame nothing refers to cannot change another frame, so
       the wanted frames' pixels are unchanged (tested bit for bit, with B-frames).
+    - `size` (width, height): frames come back at that size, converted and resized in one swscale bicubic pass
+      from the decoder's YUV, instead of full-size RGB that the processor then resizes with PIL. Cheaper
+      (docs/video.md) but not the same pixels: they differ from PIL's by ~1/255 on average (chroma is scaled
+      from its own plane), so it is off by default and training opts in (`frame_resize: decoder`); parity
+      with transformers' processors, which resize full frames, needs the default. Files only.
     """
 
     threads: int = 1
     skip_nonref: bool = True
+    size: tuple[int, int] | None = None
 
 
 EXACT = DecodeOptions(threads=0, skip_nonref=False)
@@ -334,6 +340,12 @@ def _decode_file(
             return index_at(frame.pts if frame.pts is not None else frame.dts)
 
         target = 0
+        width, height = options.size or (None, None)
+
+        def to_rgb(frame) -> np.ndarray:
+            if options.size is None:
+                return frame.to_ndarray(format="rgb24")
+            return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
 
         def decoded():
             """Frames in presentation order from the current position; non-reference packets presented before
@@ -362,7 +374,7 @@ def _decode_file(
                 for frame in frames:
                     pos = index_of(frame)
                     if pos >= idx:
-                        got[idx] = frame.to_ndarray(format="rgb24")
+                        got[idx] = to_rgb(frame)
                         break
             except av.FFmpegError as e:
                 raise SampleError("truncated_video", f"{name}: decoding frame {idx} failed ({e})") from e

@@ -128,3 +128,21 @@ def test_bad_video_in_a_sample_is_a_skip_reason(tmp_path, smol_tok):
     assert err.value.reason == "unreadable_video" and "bad.mp4" in str(err.value)
     frames = [Image.fromarray(f) for f in numbered_frames(5)]
     assert proc(conv, videos=[frames])["pixel_values"].shape[0] == 5  # 8 asked, the seed's rule keeps 5
+
+
+def test_decoder_frame_resize_option(tmp_path, smol_tok):
+    """`frame_resize="decoder"` (the data config's option) resizes in the decoder: the same tokens and frames,
+    pixel values close to the default PIL path's."""
+    path = tmp_path / "clip.mp4"
+    encode(moving_square(20, size=64), path, fps=10)
+    conv = [{"role": "user", "content": "<video>\nWhich way?"}, {"role": "assistant", "content": "right"}]
+    proc = Processor(smol_tok, tiny_config(**INTERNVL)).with_options(num_frames=5)
+    exact = proc(conv, videos=[path])
+    fast = proc.with_options(frame_resize="decoder")(conv, videos=[path])
+    assert fast["input_ids"].tolist() == exact["input_ids"].tolist()
+    assert fast["pixel_values"].shape == exact["pixel_values"].shape
+    diff = (fast["pixel_values"] - exact["pixel_values"]).abs()  # normalised units: 1/255 is ~0.017
+    assert diff.mean() < 0.05, diff.mean()
+    from stitch.data.config import DataConfig
+
+    assert DataConfig.model_fields["frame_resize"].default == "exact"
