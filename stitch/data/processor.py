@@ -40,9 +40,11 @@ from stitch.data.image import ImageInput, ImageProcessor, load_image, tile_budge
 from stitch.data.skips import SampleError
 from stitch.data.video import (
     DecodeOptions,
+    VideoClip,
     VideoInfo,
     VideoInput,
     VideoLimits,
+    clip_indices,
     decode_frames,
     frame_steps,
     probe_video,
@@ -189,7 +191,7 @@ class Processor:
         with_labels = not add_generation_prompt
         layout_name = self.config.resolved_video_layout
         for frames, budget in self._budgets(max_length, bool(videos), bool(loaded)):
-            indices = [self._frame_indices(info, frames) for info in infos]
+            indices = [self._frame_indices(video, info, frames) for video, info in zip(videos, infos)]
             stamps = [[i / info.fps for i in idx] for info, idx in zip(infos, indices)]
             grids = [self.images.grid(im.size, budget) for im in loaded]
             image_layouts = [(c * r, self.config.use_thumbnail and c * r > 1) for c, r in grids]
@@ -222,7 +224,10 @@ class Processor:
             else [self.config.max_tiles]
         return [(f, tiles[0]) for f in frames] + [(frames[-1], t) for t in tiles[1:]]
 
-    def _frame_indices(self, info: VideoInfo, num_frames: int) -> list[int]:
+    def _frame_indices(self, video: VideoInput, info: VideoInfo, num_frames: int) -> list[int]:
+        if isinstance(video, VideoClip):  # sampled within its [start, end] (MVBench's bounds)
+            return clip_indices(video, info.total_frames, info.fps, num_frames, self.frame_sampling,
+                                fps=self.sample_fps, max_frames=self.max_frames)
         return sample_indices(
             info.total_frames, num_frames, self.frame_sampling,
             video_fps=info.fps, fps=self.sample_fps, max_frames=self.max_frames,

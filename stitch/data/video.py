@@ -40,6 +40,8 @@ from stitch.data.skips import SampleError
 
 __all__ = [
     "VideoInput",
+    "VideoClip",
+    "clip_indices",
     "VideoLimits",
     "VideoInfo",
     "Video",
@@ -56,7 +58,29 @@ __all__ = [
     "frame_steps",
 ]
 
-VideoInput = str | Path | bytes | np.ndarray | Sequence[Image.Image]
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """A video whose frames are sampled only within [start, end] seconds, as MVBench's evaluation does for the
+    questions that carry a `start`/`end` (`clip_indices`).
+
+    `first_frame` is the number the reference gives the first frame (MVBench's frame folders are named from
+    00001.jpg, and its `get_index` counts from 1 for them); `fps` is a frame folder's rate (MVBench's TVQA
+    frames: 3), None for a file, whose header gives it."""
+
+    source: str | Path | bytes | np.ndarray | Sequence[Image.Image]
+    start: float
+    end: float
+    first_frame: int = 0
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.end < self.start:
+            raise ValueError(f"a clip needs finite start <= end seconds, got [{self.start}, {self.end}]")
+
+
+VideoInput = str | Path | bytes | np.ndarray | Sequence[Image.Image] | VideoClip
 SAMPLING_RULES = ("uniform", "internvl", "hf", "fps")
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # Wanted frames at most this many frames apart are reached by decoding forward instead of a new seek: a seek
@@ -163,6 +187,37 @@ def sample_indices(
     raise ValueError(f"unknown frame sampling rule {rule!r}; expected one of {SAMPLING_RULES}")
 
 
+def clip_indices(
+    clip: VideoClip,
+    total: int,
+    video_fps: float,
+    num_frames: int = 8,
+    rule: str = "uniform",
+    *,
+    fps: float | None = None,
+    max_frames: int | None = None,
+) -> list[int]:
+    """Frame indices (0-based, into [0, total)) of `rule` applied to the clip's frames only.
+
+    "internvl" is MVBench's own rule: InternVL's `get_index(bound, fps, max_frame, first_idx)` verbatim, with
+    `max_frame` the last frame's number in the reference's counting (`len(video) - 1` for a file,
+    `len(frames)` for a frame folder counted from 1). Other rules sample [round(start*fps), round(end*fps)]
+    (clamped to the video) as they would a whole video of those frames."""
+    if total < 1:
+        raise SampleError("empty_video", "the video has no frames")
+    n = min(num_frames, max_frames) if max_frames else num_frames
+    first = clip.first_frame
+    lo = max(first, round(clip.start * video_fps))
+    hi = min(round(clip.end * video_fps), total - 1 + first)
+    if lo > hi:
+        raise SampleError("empty_video", f"the clip [{clip.start}, {clip.end}] s holds no frame of a video of "
+                                         f"{total} frames at {video_fps:g} fps")
+    if rule == "internvl":
+        return [i - first for i in internvl_indices(total + first, n, video_fps, (clip.start, clip.end), first)]
+    return [i + lo - first for i in sample_indices(hi - lo + 1, n, rule, video_fps=video_fps, fps=fps,
+                                                   max_frames=max_frames)]
+
+
 def frame_steps(num_frames: int, min_frames: int = 1) -> list[int]:
     """Frame counts to try, largest first, when a sample's visual tokens overflow: halving down to `min_frames`."""
     out, n = [num_frames], num_frames
@@ -258,6 +313,8 @@ def _stream_info(container, name: str, limits: VideoLimits) -> VideoInfo:
 
 def probe_video(src: VideoInput, limits: VideoLimits = VideoLimits(), frames_fps: float = 1.0) -> VideoInfo:
     """Frame count, rate and size from the header (or the folder / the frames given); nothing is decoded."""
+    if isinstance(src, VideoClip):
+        return probe_video(src.source, limits, src.fps or frames_fps)
     name = _name(src)
     if isinstance(src, np.ndarray) or (isinstance(src, Sequence) and not isinstance(src, (str, bytes))):
         if len(src) == 0:
@@ -396,6 +453,8 @@ def decode_frames(
 ) -> tuple[list[Image.Image], VideoInfo]:
     """The frames at `indices` (RGB PIL images, in the order given) and the video's info; `options` say how a
     video file is decoded (`EXACT` for FFmpeg's threads and no skipping)."""
+    if isinstance(src, VideoClip):
+        return decode_frames(src.source, indices, limits, src.fps or frames_fps, options)
     if isinstance(src, (str, Path, bytes)) and not (isinstance(src, (str, Path)) and Path(src).is_dir()):
         arrays, info = _decode_file(src, indices, limits, options)
         return [Image.fromarray(a) for a in arrays], info
@@ -421,9 +480,13 @@ def load_video(
     info: VideoInfo | None = None,
     options: DecodeOptions = DecodeOptions(),
 ) -> Video:
-    """Probe, sample by `rule`, decode only the sampled frames."""
+    """Probe, sample by `rule` (within the clip for a `VideoClip`), decode only the sampled frames."""
     info = info or probe_video(src, limits, frames_fps)
-    indices = sample_indices(info.total_frames, num_frames, rule, video_fps=info.fps, fps=fps, max_frames=max_frames)
+    if isinstance(src, VideoClip):
+        indices = clip_indices(src, info.total_frames, info.fps, num_frames, rule, fps=fps, max_frames=max_frames)
+    else:
+        indices = sample_indices(info.total_frames, num_frames, rule, video_fps=info.fps, fps=fps,
+                                 max_frames=max_frames)
     frames, info = decode_frames(src, indices, limits, frames_fps, options)
     return Video(frames=frames, indices=list(indices), info=info, timestamps=[i / info.fps for i in indices])
 

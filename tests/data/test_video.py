@@ -13,7 +13,9 @@ from stitch.data.skips import REASONS, SampleError
 from stitch.data.video import (
     EXACT,
     DecodeOptions,
+    VideoClip,
     VideoLimits,
+    clip_indices,
     decode_frames,
     frame_steps,
     load_video,
@@ -210,3 +212,53 @@ def test_decoder_resize_is_close_to_the_pil_resize(tmp_path):
     numbered = encode(numbered_frames(40, size=96), container="mp4", fps=20, gop=12, preset="medium")
     small, _ = decode_frames(numbered, wanted, options=DecodeOptions(size=(48, 48)))
     assert [frame_number(f) for f in small] == wanted
+
+
+BOUNDS = [(0.0, 1.0), (1.5, 4.0), (2.0, 2.4), (0.3, 100.0), (-5.0, 3.3), (6.0, 9.9)]
+
+
+def test_clip_sampling_equals_mvbench_get_index():
+    """Within a clip, the "internvl" rule is MVBench's `get_index(bound, fps, max_frame, first_idx)` verbatim:
+    videos (`max_frame = len - 1`, first_idx 0) and frame folders (`max_frame = len`, first_idx 1, names from 1;
+    our indices are 0-based, so one less). Other rules sample the clip's frames as a whole video of them."""
+    checked = 0
+    for total in (30, 75, 241):
+        for fps in (3.0, 10.0, 29.97):
+            for start, end in BOUNDS:
+                clip = VideoClip("v.mp4", start, end)
+                folder = VideoClip("frames", start, end, first_frame=1)
+                lo, hi = max(0, round(start * fps)), min(round(end * fps), total - 1)
+                for n in (1, 4, 8, 16):
+                    if hi < lo:  # a clip past the video's end: no frame to sample
+                        with pytest.raises(SampleError, match="holds no frame"):
+                            clip_indices(clip, total, fps, n, "internvl")
+                        continue
+                    ref = _reference_get_index((start, end), fps, total - 1, num_segments=n).tolist()
+                    assert clip_indices(clip, total, fps, n, "internvl") == ref, (total, fps, start, end, n)
+                    ref1 = _reference_get_index((start, end), fps, total, first_idx=1, num_segments=n).tolist()
+                    assert clip_indices(folder, total, fps, n, "internvl") == [i - 1 for i in ref1]
+                    got = clip_indices(clip, total, fps, n, "uniform")
+                    assert got == [lo + i for i in sample_indices(hi - lo + 1, n, "uniform")]
+                    checked += 1
+    assert checked >= 50
+    with pytest.raises(ValueError, match="start <= end"):
+        VideoClip("v.mp4", 3.0, 1.0)
+
+
+def test_clips_decode_only_their_frames(tmp_path):
+    path = tmp_path / "clip.mp4"
+    encode(numbered_frames(100), path, fps=10, gop=12)
+    video = load_video(VideoClip(str(path), 2.0, 5.0), num_frames=4, rule="internvl")
+    assert video.indices == _reference_get_index((2.0, 5.0), 10.0, 99, num_segments=4).tolist()
+    assert all(20 <= i <= 50 for i in video.indices)
+    assert [frame_number(f) for f in video.frames] == video.indices
+    assert video.timestamps == pytest.approx([i / 10 for i in video.indices])
+    # a frame folder at 3 fps named from 00001.jpg, as MVBench's TVQA frames are
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, f in enumerate(numbered_frames(30, size=32)):
+        Image.fromarray(f).save(folder / f"{t + 1:05d}.png")
+    clip = VideoClip(str(folder), 2.0, 6.0, first_frame=1, fps=3.0)
+    video = load_video(clip, num_frames=3, rule="internvl")
+    names = _reference_get_index((2.0, 6.0), 3.0, 30, first_idx=1, num_segments=3).tolist()  # file numbers
+    assert [frame_number(f) + 1 for f in video.frames] == names and video.info.fps == 3.0
