@@ -68,10 +68,10 @@ def stages(path: Path, samples: int, num_frames: int = 16, size: int = 448) -> d
     plans = [sample_indices(info.total_frames, num_frames + k % 4, "uniform") for k in range(samples)]
     count = sum(len(p) for p in plans)
     out, frames = {}, []
-    settings = {"exact (FFmpeg threads, every frame)": EXACT,
-                "one thread, every frame": DecodeOptions(threads=1, skip_nonref=False),
-                "FFmpeg threads, non-ref skipped": DecodeOptions(threads=0, skip_nonref=True),
-                "default (one thread, non-ref skipped)": DecodeOptions()}
+    settings = {"EXACT (FFmpeg threads, seeks, every frame)": EXACT,
+                "one thread": DecodeOptions(threads=1, skip_nonref=False, look_ahead=False),
+                "one thread, non-ref skipped": DecodeOptions(threads=1, skip_nonref=True, look_ahead=False),
+                "default (+ look-ahead to key frames)": DecodeOptions()}
     for label, opts in settings.items():
         cpu = time.process_time()
         frames = [f for p in plans for f in decode_frames(path, p, options=opts)[0]]

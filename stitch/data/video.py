@@ -86,6 +86,10 @@ FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # Wanted frames at most this many frames apart are reached by decoding forward instead of a new seek: a seek
 # restarts at the key frame before the target, so for close targets decoding on is never slower.
 SEEK_GAP_FRAMES = 32
+# With `DecodeOptions.look_ahead`, wanted frames up to this many frames ahead are reached by demuxing on (cheap:
+# nothing is decoded) to the last key frame before them, or decoding on when there is none: never more work
+# than a seek, which lands on that same key frame.
+LOOK_AHEAD_FRAMES = 300
 
 
 @dataclass(frozen=True)
@@ -355,6 +359,9 @@ class DecodeOptions:
       decoded (`skip_frame=NONREF`, set per packet before it is sent, only for `SKIP_NONREF_CODECS` in
       containers with presentation times). Dropping a frame nothing refers to cannot change another frame, so
       the wanted frames' pixels are unchanged (tested bit for bit, with B-frames).
+    - `look_ahead`: the next wanted frame, when at most `LOOK_AHEAD_FRAMES` ahead, is reached by reading
+      packets on without decoding them: from the last key frame before it if one comes first (what a seek
+      would decode), else by decoding on from the current position (less than a seek would decode).
     - `size` (width, height): frames come back at that size, converted and resized in one swscale bicubic pass
       from the decoder's YUV, instead of full-size RGB that the processor then resizes with PIL. Cheaper
       (docs/video.md) but not the same pixels: they differ from PIL's by ~1/255 on average (chroma is scaled
@@ -364,10 +371,11 @@ class DecodeOptions:
 
     threads: int = 1
     skip_nonref: bool = True
+    look_ahead: bool = True
     size: tuple[int, int] | None = None
 
 
-EXACT = DecodeOptions(threads=0, skip_nonref=False)
+EXACT = DecodeOptions(threads=0, skip_nonref=False, look_ahead=False)
 
 
 def _decode_file(
@@ -404,15 +412,36 @@ def _decode_file(
                 return frame.to_ndarray(format="rgb24")
             return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
 
-        def decoded():
-            """Frames in presentation order from the current position; non-reference packets presented before
-            `target` (read at each packet) are dropped by the decoder when `skip` is on."""
-            for packet in container.demux(stream):
-                if packet.size == 0:  # end of stream: drain the decoder
-                    break
+        def send(packets):
+            """Decode `packets`; each non-reference one presented before `target` (read at each packet, as the
+            caller moves it) is dropped by the decoder when `skip` is on."""
+            for packet in packets:
                 early = skip and not packet.is_keyframe and packet.pts is not None and index_at(packet.pts) < target
                 codec.skip_frame = "NONREF" if early else "DEFAULT"
                 yield from codec.decode(packet)
+
+        def decoded():
+            """Frames in presentation order from the current position. With `look_ahead`, packets presented
+            before `target` are held, undecoded, until one at or past it arrives; a key frame among them drops
+            those before it (and what the decoder holds, all presented earlier), as a seek to it would."""
+            held, restart = [], False
+            for packet in container.demux(stream):
+                if packet.size == 0:  # end of stream: drain the decoder
+                    break
+                if options.look_ahead and packet.pts is not None and index_at(packet.pts) < target:
+                    if packet.is_keyframe:
+                        held, restart = [packet], True
+                    else:
+                        held.append(packet)
+                    continue
+                if restart:
+                    codec.flush_buffers()
+                    restart = False
+                batch, held = held + [packet], []
+                yield from send(batch)
+            if restart:
+                codec.flush_buffers()
+            yield from send(held)
             codec.skip_frame = "DEFAULT"
             yield from codec.decode(None)
 
@@ -423,7 +452,8 @@ def _decode_file(
         frames, pos = None, -(10**9)
         for idx in wanted:
             target = idx
-            if frames is None or idx - pos > SEEK_GAP_FRAMES or idx <= pos:
+            gap = LOOK_AHEAD_FRAMES if options.look_ahead else SEEK_GAP_FRAMES
+            if frames is None or idx - pos > gap or idx <= pos:
                 container.seek(base + int(idx / info.fps / tb), stream=stream, backward=True, any_frame=False)
                 codec.flush_buffers()
                 frames = decoded()

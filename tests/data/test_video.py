@@ -171,9 +171,9 @@ FAST_CLIPS = {  # (container, codec, encoder options): B-frames (with B-pyramids
 
 @pytest.mark.parametrize("clip", sorted(FAST_CLIPS))
 def test_fast_decoding_returns_the_exact_paths_frames(tmp_path, clip):
-    """The default decode (one thread, non-reference frames before the wanted one skipped) returns the same
-    frames, bit for bit, as FFmpeg's plain threaded decode of every frame (`EXACT`), on every index pattern:
-    each frame alone, neighbours, far jumps, repeats, unsorted."""
+    """The default decode (one thread, non-reference frames before the wanted one skipped, key frames reached
+    by reading on) returns the same frames, bit for bit, as FFmpeg's plain threaded decode of every frame after
+    a seek (`EXACT`), on every index pattern: each frame alone, neighbours, far jumps, repeats, unsorted."""
     container, codec, opts = FAST_CLIPS[clip]
     total = 90
     data = encode(_textured(total), container=container, codec=codec, fps=25, gop=24, **opts)
@@ -181,12 +181,16 @@ def test_fast_decoding_returns_the_exact_paths_frames(tmp_path, clip):
     rng = np.random.default_rng(0)
     patterns = [list(range(total)), [total - 1, 0, 45, 44, 45], *[rng.integers(0, total, 7).tolist() for _ in range(6)]]
     patterns += [[i] for i in range(0, total, 7)]
-    for wanted in patterns:
-        fast, _ = decode_frames(data, wanted)
+    # each saving alone too (on a few patterns): skipping, looking ahead, FFmpeg's threads
+    alone = [DecodeOptions(look_ahead=False), DecodeOptions(skip_nonref=False), DecodeOptions(threads=0)]
+    for k, wanted in enumerate(patterns):
         exact, _ = decode_frames(data, wanted, options=EXACT)
-        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(fast, exact)), (clip, wanted)
+        for options in [DecodeOptions()] + (alone if k < 3 else []):
+            fast, _ = decode_frames(data, wanted, options=options)
+            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(fast, exact)), \
+                (clip, wanted, options)
         assert [frame_number(f) for f in decode_frames(numbered, wanted)[0]] == wanted, (clip, wanted)
-    assert DecodeOptions() != EXACT and DecodeOptions().skip_nonref and DecodeOptions().threads == 1
+    assert DecodeOptions() == DecodeOptions(threads=1, skip_nonref=True, look_ahead=True, size=None)
 
 
 def test_decoder_resize_is_close_to_the_pil_resize(tmp_path):
