@@ -3,9 +3,10 @@
 Why probe first: the processor's visual-token budget lowers a video's frame count before it cuts text, and that
 needs only the frame count and rate, which the container header gives. Pixels are then decoded once, for the
 chosen frames only: each wanted frame is reached by seeking to the key frame before its timestamp and decoding
-forward (consecutive wanted frames close together share one seek), so a 16-frame sample of an hour-long video
-decodes a few GOPs, not the hour. Decoding is single-threaded by default (a data worker is one core) and drops
-the non-reference frames presented before the one sought (`DecodeOptions`): the same pixels for less work.
+forward (a wanted frame not far ahead is reached by reading on instead), so a 16-frame sample of an hour-long
+video decodes a few GOPs, not the hour. Decoding is single-threaded by default (a data worker is one core) and
+drops the non-reference frames presented before the one sought (`DecodeOptions`): the same pixels for less work.
+A `VideoClip` restricts sampling to [start, end] seconds (MVBench's bounds; `clip_indices`).
 
 Nothing silent: a file that is missing, not a video, corrupt, truncated (ends before a wanted frame), has no
 frames, or is over a limit (bytes, duration, pixels per frame, frames) raises `SampleError` with a reason from
