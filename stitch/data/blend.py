@@ -316,6 +316,7 @@ class DataStream:
             sample_fps=data_cfg.sample_fps,
             max_frames=data_cfg.max_frames,
             min_frames=data_cfg.min_frames,
+            frame_resize=data_cfg.frame_resize,
         )
         self.processor = processor
         self.dataset = BlendDataset(

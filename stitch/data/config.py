@@ -52,6 +52,9 @@ class DataConfig(_Base):
     sample_fps: float | None = Field(default=None, gt=0)  # frames per second of video, for "fps"
     max_frames: int | None = Field(default=None, ge=1)
     min_frames: int = Field(default=1, ge=1)
+    # "decoder": frames resized to the tile size by swscale while decoding (cheaper; ~1/255 from the default
+    # PIL resize that transformers' processors match; docs/video.md).
+    frame_resize: Literal["exact", "decoder"] = "exact"
     max_skip_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     skip_check_after: int = Field(default=100, ge=1)  # attempts on a dataset before its skip rate is judged
 

@@ -39,9 +39,12 @@ from stitch.data.collate import Sample
 from stitch.data.image import ImageInput, ImageProcessor, load_image, tile_budgets, tile_image
 from stitch.data.skips import SampleError
 from stitch.data.video import (
+    DecodeOptions,
+    VideoClip,
     VideoInfo,
     VideoInput,
     VideoLimits,
+    clip_indices,
     decode_frames,
     frame_steps,
     probe_video,
@@ -99,6 +102,7 @@ class Processor:
         self.min_frames = 1
         self.frames_fps = 1.0  # the rate of a folder of frames / of decoded frames given as a list
         self.video_limits = VideoLimits()
+        self.frame_resize = "exact"  # "decoder": frames resized by swscale while decoding (DecodeOptions.size)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, **kwargs: Any) -> Processor:
@@ -134,7 +138,7 @@ class Processor:
         `chat_format="plain"` renders LLaVA's plain pretraining format instead of the chat template (on a
         private copy of the tokenizer, so checkpoints keep the model's own template). Video options (any of
         `num_frames`, `frame_sampling`, `sample_fps`, `max_frames`, `min_frames`, `frames_fps`,
-        `video_limits`) replace the processor's; None keeps it."""
+        `video_limits`, `frame_resize`) replace the processor's; None keeps it."""
         other = copy.copy(self)
         for name, value in video.items():
             if name not in _VIDEO_OPTIONS:
@@ -187,7 +191,7 @@ class Processor:
         with_labels = not add_generation_prompt
         layout_name = self.config.resolved_video_layout
         for frames, budget in self._budgets(max_length, bool(videos), bool(loaded)):
-            indices = [self._frame_indices(info, frames) for info in infos]
+            indices = [self._frame_indices(video, info, frames) for video, info in zip(videos, infos)]
             stamps = [[i / info.fps for i in idx] for info, idx in zip(infos, indices)]
             grids = [self.images.grid(im.size, budget) for im in loaded]
             image_layouts = [(c * r, self.config.use_thumbnail and c * r > 1) for c, r in grids]
@@ -220,7 +224,10 @@ class Processor:
             else [self.config.max_tiles]
         return [(f, tiles[0]) for f in frames] + [(frames[-1], t) for t in tiles[1:]]
 
-    def _frame_indices(self, info: VideoInfo, num_frames: int) -> list[int]:
+    def _frame_indices(self, video: VideoInput, info: VideoInfo, num_frames: int) -> list[int]:
+        if isinstance(video, VideoClip):  # sampled within its [start, end] (MVBench's bounds)
+            return clip_indices(video, info.total_frames, info.fps, num_frames, self.frame_sampling,
+                                fps=self.sample_fps, max_frames=self.max_frames)
         return sample_indices(
             info.total_frames, num_frames, self.frame_sampling,
             video_fps=info.fps, fps=self.sample_fps, max_frames=self.max_frames,
@@ -233,9 +240,11 @@ class Processor:
             if kind == "video":
                 used[k] = max(used.get(k, 0), first + 1)
         out = {}
+        size = self.images.image_size
+        options = DecodeOptions(size=(size, size)) if self.frame_resize == "decoder" else DecodeOptions()
         for k in used:
             n = len(indices[k]) if self.config.resolved_video_layout == "nvlm" else used[k]
-            out[k], _ = decode_frames(videos[k], indices[k][:n], self.video_limits, self.frames_fps)
+            out[k], _ = decode_frames(videos[k], indices[k][:n], self.video_limits, self.frames_fps, options)
         return out
 
     def _pixels(self, images, grids, frames_of, layout, sources) -> torch.Tensor | None:
@@ -293,7 +302,8 @@ class Processor:
 
 
 _VIDEO_OPTIONS = {
-    "num_frames", "frame_sampling", "sample_fps", "max_frames", "min_frames", "frames_fps", "video_limits"
+    "num_frames", "frame_sampling", "sample_fps", "max_frames", "min_frames", "frames_fps", "video_limits",
+    "frame_resize",
 }
 
 

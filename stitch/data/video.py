@@ -3,8 +3,10 @@
 Why probe first: the processor's visual-token budget lowers a video's frame count before it cuts text, and that
 needs only the frame count and rate, which the container header gives. Pixels are then decoded once, for the
 chosen frames only: each wanted frame is reached by seeking to the key frame before its timestamp and decoding
-forward (consecutive wanted frames close together share one seek), so a 16-frame sample of an hour-long video
-decodes a few GOPs, not the hour.
+forward (a wanted frame not far ahead is reached by reading on instead), so a 16-frame sample of an hour-long
+video decodes a few GOPs, not the hour. Decoding is single-threaded by default (a data worker is one core) and
+drops the non-reference frames presented before the one sought (`DecodeOptions`): the same pixels for less work.
+A `VideoClip` restricts sampling to [start, end] seconds (MVBench's bounds; `clip_indices`).
 
 Nothing silent: a file that is missing, not a video, corrupt, truncated (ends before a wanted frame), has no
 frames, or is over a limit (bytes, duration, pixels per frame, frames) raises `SampleError` with a reason from
@@ -39,9 +41,13 @@ from stitch.data.skips import SampleError
 
 __all__ = [
     "VideoInput",
+    "VideoClip",
+    "clip_indices",
     "VideoLimits",
     "VideoInfo",
     "Video",
+    "DecodeOptions",
+    "EXACT",
     "SAMPLING_RULES",
     "uniform_indices",
     "internvl_indices",
@@ -53,12 +59,38 @@ __all__ = [
     "frame_steps",
 ]
 
-VideoInput = str | Path | bytes | np.ndarray | Sequence[Image.Image]
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """A video whose frames are sampled only within [start, end] seconds, as MVBench's evaluation does for the
+    questions that carry a `start`/`end` (`clip_indices`).
+
+    `first_frame` is the number the reference gives the first frame (MVBench's frame folders are named from
+    00001.jpg, and its `get_index` counts from 1 for them); `fps` is a frame folder's rate (MVBench's TVQA
+    frames: 3), None for a file, whose header gives it."""
+
+    source: str | Path | bytes | np.ndarray | Sequence[Image.Image]
+    start: float
+    end: float
+    first_frame: int = 0
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.end < self.start:
+            raise ValueError(f"a clip needs finite start <= end seconds, got [{self.start}, {self.end}]")
+
+
+VideoInput = str | Path | bytes | np.ndarray | Sequence[Image.Image] | VideoClip
 SAMPLING_RULES = ("uniform", "internvl", "hf", "fps")
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # Wanted frames at most this many frames apart are reached by decoding forward instead of a new seek: a seek
 # restarts at the key frame before the target, so for close targets decoding on is never slower.
 SEEK_GAP_FRAMES = 32
+# With `DecodeOptions.look_ahead`, wanted frames up to this many frames ahead are reached by demuxing on (cheap:
+# nothing is decoded) to the last key frame before them, or decoding on when there is none: never more work
+# than a seek, which lands on that same key frame.
+LOOK_AHEAD_FRAMES = 300
 
 
 @dataclass(frozen=True)
@@ -160,6 +192,37 @@ def sample_indices(
     raise ValueError(f"unknown frame sampling rule {rule!r}; expected one of {SAMPLING_RULES}")
 
 
+def clip_indices(
+    clip: VideoClip,
+    total: int,
+    video_fps: float,
+    num_frames: int = 8,
+    rule: str = "uniform",
+    *,
+    fps: float | None = None,
+    max_frames: int | None = None,
+) -> list[int]:
+    """Frame indices (0-based, into [0, total)) of `rule` applied to the clip's frames only.
+
+    "internvl" is MVBench's own rule: InternVL's `get_index(bound, fps, max_frame, first_idx)` verbatim, with
+    `max_frame` the last frame's number in the reference's counting (`len(video) - 1` for a file,
+    `len(frames)` for a frame folder counted from 1). Other rules sample [round(start*fps), round(end*fps)]
+    (clamped to the video) as they would a whole video of those frames."""
+    if total < 1:
+        raise SampleError("empty_video", "the video has no frames")
+    n = min(num_frames, max_frames) if max_frames else num_frames
+    first = clip.first_frame
+    lo = max(first, round(clip.start * video_fps))
+    hi = min(round(clip.end * video_fps), total - 1 + first)
+    if lo > hi:
+        raise SampleError("empty_video", f"the clip [{clip.start}, {clip.end}] s holds no frame of a video of "
+                                         f"{total} frames at {video_fps:g} fps")
+    if rule == "internvl":
+        return [i - first for i in internvl_indices(total + first, n, video_fps, (clip.start, clip.end), first)]
+    return [i + lo - first for i in sample_indices(hi - lo + 1, n, rule, video_fps=video_fps, fps=fps,
+                                                   max_frames=max_frames)]
+
+
 def frame_steps(num_frames: int, min_frames: int = 1) -> list[int]:
     """Frame counts to try, largest first, when a sample's visual tokens overflow: halving down to `min_frames`."""
     out, n = [num_frames], num_frames
@@ -255,6 +318,8 @@ def _stream_info(container, name: str, limits: VideoLimits) -> VideoInfo:
 
 def probe_video(src: VideoInput, limits: VideoLimits = VideoLimits(), frames_fps: float = 1.0) -> VideoInfo:
     """Frame count, rate and size from the header (or the folder / the frames given); nothing is decoded."""
+    if isinstance(src, VideoClip):
+        return probe_video(src.source, limits, src.fps or frames_fps)
     name = _name(src)
     if isinstance(src, np.ndarray) or (isinstance(src, Sequence) and not isinstance(src, (str, bytes))):
         if len(src) == 0:
@@ -278,8 +343,44 @@ def probe_video(src: VideoInput, limits: VideoLimits = VideoLimits(), frames_fps
         container.close()
 
 
+# Codecs whose decoders honour `skip_frame=NONREF` (a non-reference frame is dropped, never needed by another
+# frame) in containers that store each packet's presentation time, so a packet can be told to be before the
+# wanted frame before it is decoded. AVI stores no presentation times (its B-frames' packets carry decode order).
+SKIP_NONREF_CODECS = {"h264", "hevc", "vp8", "vp9", "mpeg2video"}
+NO_PTS_FORMATS = {"avi"}
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How frames are decoded; the defaults are the fast path, whose frames equal the exact path's (`EXACT`).
+
+    - `threads`: decoder threads; 1 (one core per data worker) costs the least CPU per frame: FFmpeg's frame
+      threads restart their pipeline at every seek. 0 lets FFmpeg choose (frame + slice threads on all cores).
+    - `skip_nonref`: packets presented before the frame being sought that no other frame refers to are not
+      decoded (`skip_frame=NONREF`, set per packet before it is sent, only for `SKIP_NONREF_CODECS` in
+      containers with presentation times). Dropping a frame nothing refers to cannot change another frame, so
+      the wanted frames' pixels are unchanged (tested bit for bit, with B-frames).
+    - `look_ahead`: the next wanted frame, when at most `LOOK_AHEAD_FRAMES` ahead, is reached by reading
+      packets on without decoding them: from the last key frame before it if one comes first (what a seek
+      would decode), else by decoding on from the current position (less than a seek would decode).
+    - `size` (width, height): frames come back at that size, converted and resized in one swscale bicubic pass
+      from the decoder's YUV, instead of full-size RGB that the processor then resizes with PIL. Cheaper
+      (docs/video.md) but not the same pixels: they differ from PIL's by ~1/255 on average (chroma is scaled
+      from its own plane), so it is off by default and training opts in (`frame_resize: decoder`); parity
+      with transformers' processors, which resize full frames, needs the default. Files only.
+    """
+
+    threads: int = 1
+    skip_nonref: bool = True
+    look_ahead: bool = True
+    size: tuple[int, int] | None = None
+
+
+EXACT = DecodeOptions(threads=0, skip_nonref=False, look_ahead=False)
+
+
 def _decode_file(
-    src: str | Path | bytes, indices: Sequence[int], limits: VideoLimits
+    src: str | Path | bytes, indices: Sequence[int], limits: VideoLimits, options: DecodeOptions = DecodeOptions()
 ) -> tuple[list[np.ndarray], VideoInfo]:
     import av
 
@@ -288,13 +389,62 @@ def _decode_file(
     try:
         info = _stream_info(container, name, limits)
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        if options.threads == 1:
+            stream.thread_type, stream.thread_count = "SLICE", 1
+        else:
+            stream.thread_type, stream.thread_count = "AUTO", options.threads
+        codec = stream.codec_context
+        skip = options.skip_nonref and codec.name in SKIP_NONREF_CODECS and \
+            not NO_PTS_FORMATS.intersection(container.format.name.split(","))
         base = stream.start_time or 0
         tb = float(stream.time_base)
 
-        def index_of(frame) -> int:
-            pts = frame.pts if frame.pts is not None else frame.dts
+        def index_at(pts: int | None) -> int:
             return int(round((pts - base) * tb * info.fps)) if pts is not None else -1
+
+        def index_of(frame) -> int:
+            return index_at(frame.pts if frame.pts is not None else frame.dts)
+
+        target = 0
+        width, height = options.size or (None, None)
+
+        def to_rgb(frame) -> np.ndarray:
+            if options.size is None:
+                return frame.to_ndarray(format="rgb24")
+            return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
+
+        def send(packets):
+            """Decode `packets`; each non-reference one presented before `target` (read at each packet, as the
+            caller moves it) is dropped by the decoder when `skip` is on."""
+            for packet in packets:
+                early = skip and not packet.is_keyframe and packet.pts is not None and index_at(packet.pts) < target
+                codec.skip_frame = "NONREF" if early else "DEFAULT"
+                yield from codec.decode(packet)
+
+        def decoded():
+            """Frames in presentation order from the current position. With `look_ahead`, packets presented
+            before `target` are held, undecoded, until one at or past it arrives; a key frame among them drops
+            those before it (and what the decoder holds, all presented earlier), as a seek to it would."""
+            held, restart = [], False
+            for packet in container.demux(stream):
+                if packet.size == 0:  # end of stream: drain the decoder
+                    break
+                if options.look_ahead and packet.pts is not None and index_at(packet.pts) < target:
+                    if packet.is_keyframe:
+                        held, restart = [packet], True
+                    else:
+                        held.append(packet)
+                    continue
+                if restart:
+                    codec.flush_buffers()
+                    restart = False
+                batch, held = held + [packet], []
+                yield from send(batch)
+            if restart:
+                codec.flush_buffers()
+            yield from send(held)
+            codec.skip_frame = "DEFAULT"
+            yield from codec.decode(None)
 
         wanted = sorted(set(int(i) for i in indices))
         if wanted and (wanted[0] < 0 or wanted[-1] >= info.total_frames):
@@ -302,14 +452,17 @@ def _decode_file(
         got: dict[int, np.ndarray] = {}
         frames, pos = None, -(10**9)
         for idx in wanted:
-            if frames is None or idx - pos > SEEK_GAP_FRAMES or idx <= pos:
+            target = idx
+            gap = LOOK_AHEAD_FRAMES if options.look_ahead else SEEK_GAP_FRAMES
+            if frames is None or idx - pos > gap or idx <= pos:
                 container.seek(base + int(idx / info.fps / tb), stream=stream, backward=True, any_frame=False)
-                frames = container.decode(stream)
+                codec.flush_buffers()
+                frames = decoded()
             try:
                 for frame in frames:
                     pos = index_of(frame)
                     if pos >= idx:
-                        got[idx] = frame.to_ndarray(format="rgb24")
+                        got[idx] = to_rgb(frame)
                         break
             except av.FFmpegError as e:
                 raise SampleError("truncated_video", f"{name}: decoding frame {idx} failed ({e})") from e
@@ -323,11 +476,18 @@ def _decode_file(
 
 
 def decode_frames(
-    src: VideoInput, indices: Sequence[int], limits: VideoLimits = VideoLimits(), frames_fps: float = 1.0
+    src: VideoInput,
+    indices: Sequence[int],
+    limits: VideoLimits = VideoLimits(),
+    frames_fps: float = 1.0,
+    options: DecodeOptions = DecodeOptions(),
 ) -> tuple[list[Image.Image], VideoInfo]:
-    """The frames at `indices` (RGB PIL images, in the order given) and the video's info."""
+    """The frames at `indices` (RGB PIL images, in the order given) and the video's info; `options` say how a
+    video file is decoded (`EXACT` for FFmpeg's threads and no skipping)."""
+    if isinstance(src, VideoClip):
+        return decode_frames(src.source, indices, limits, src.fps or frames_fps, options)
     if isinstance(src, (str, Path, bytes)) and not (isinstance(src, (str, Path)) and Path(src).is_dir()):
-        arrays, info = _decode_file(src, indices, limits)
+        arrays, info = _decode_file(src, indices, limits, options)
         return [Image.fromarray(a) for a in arrays], info
     info = probe_video(src, limits, frames_fps)
     if isinstance(src, (str, Path)):
@@ -349,11 +509,16 @@ def load_video(
     limits: VideoLimits = VideoLimits(),
     frames_fps: float = 1.0,
     info: VideoInfo | None = None,
+    options: DecodeOptions = DecodeOptions(),
 ) -> Video:
-    """Probe, sample by `rule`, decode only the sampled frames."""
+    """Probe, sample by `rule` (within the clip for a `VideoClip`), decode only the sampled frames."""
     info = info or probe_video(src, limits, frames_fps)
-    indices = sample_indices(info.total_frames, num_frames, rule, video_fps=info.fps, fps=fps, max_frames=max_frames)
-    frames, info = decode_frames(src, indices, limits, frames_fps)
+    if isinstance(src, VideoClip):
+        indices = clip_indices(src, info.total_frames, info.fps, num_frames, rule, fps=fps, max_frames=max_frames)
+    else:
+        indices = sample_indices(info.total_frames, num_frames, rule, video_fps=info.fps, fps=fps,
+                                 max_frames=max_frames)
+    frames, info = decode_frames(src, indices, limits, frames_fps, options)
     return Video(frames=frames, indices=list(indices), info=info, timestamps=[i / info.fps for i in indices])
 
 

@@ -3,12 +3,15 @@
 Why it looks like this:
 - Gradio is the field's convention for VLM demos (LLaVA, InternVL); it is the optional extra `demo`, imported only
   when a demo is built.
-- The page is a thin skin over the same pieces as the HTTP server: images pass `decode_image` under the same
-  `Limits` (bytes, pixels from the header before decoding, formats, count), prompts are rendered by the model's
-  `Processor`, and requests go to the shared `Engine` queue, so a greedy answer here is `stitch generate`'s.
+- The page is a thin skin over the same pieces as the HTTP server: images pass `decode_image` and videos
+  `decode_video` under the same `Limits` (bytes, pixels and duration from the header before decoding, formats,
+  count), prompts are rendered by the model's `Processor` (a video's frames sampled as `stitch generate --video`
+  samples them: the model's `video_frames`), and requests go to the shared `Engine` queue, so a greedy answer
+  here is `stitch generate`'s.
 - A chat is a list of turns kept in the page's session state. A turn that fails (a non-image file, a huge image,
-  an empty prompt, a reply that would not fit the context) leaves the chat as it was and says why in the status
-  line; the user's text stays in the box to fix and resend.
+  a corrupt, truncated or too long video, an empty prompt, a reply that would not fit the context) leaves the
+  chat as it was and says why in the status line; the user's text stays in the box to fix and resend.
+- Images and videos share the upload button; a file is taken as a video by its name (`VIDEO_SUFFIXES`).
 - Nothing is fetched from the network: Gradio's analytics are off and the theme uses the system's fonts, so the
   page works (and its console stays clean) on an offline machine.
 """
@@ -30,12 +33,13 @@ from PIL import Image
 
 from stitch.data.chat import IMAGE_PLACEHOLDER
 from stitch.data.skips import SampleError
+from stitch.data.video_layout import VIDEO_PLACEHOLDER
 from stitch.errors import StitchError
 from stitch.infer.api_types import APIError, Limits
 from stitch.infer.engine import Engine
 from stitch.infer.generate import get_engine
 from stitch.infer.image_cache import ImageEmbeddingCache
-from stitch.infer.request import IMAGE_FORMATS, decode_image
+from stitch.infer.request import IMAGE_FORMATS, decode_image, decode_video
 from stitch.infer.sampling import SamplingParams
 from stitch.infer.server import (
     add_limit_arguments,
@@ -45,17 +49,20 @@ from stitch.infer.server import (
     prefix_cache_bytes,
 )
 
-__all__ = ["Chat", "DemoBackend", "build_demo", "demo", "demo_arguments"]
+__all__ = ["Chat", "DemoBackend", "build_demo", "demo", "demo_arguments", "run_turn", "VIDEO_SUFFIXES"]
 
 STATUS_ID, STATS_ID = "stitch-status", "stitch-stats"
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 
 
 @dataclass(frozen=True)
 class Chat:
-    """The conversation so far: processor turns (`<image>` placeholders in order) and their images."""
+    """The conversation so far: processor turns (`<image>` / `<video>` placeholders in order), their images and
+    their videos (the files' bytes, header-checked; frames are decoded by the processor)."""
 
     turns: tuple[dict[str, str], ...] = ()
     images: tuple[Image.Image, ...] = field(default=(), repr=False)
+    videos: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 @dataclass
@@ -92,20 +99,42 @@ class DemoBackend:
             images.append(decode_image(p.name, p.name, self.limits, local_images=p.parent))
         return images
 
-    def start_turn(self, chat: Chat, text: str, images: list[Image.Image], params: SamplingParams):
+    def load_videos(self, paths: list[str], chat: Chat) -> list[bytes]:
+        """Uploaded video files' bytes, each header-checked against the server's video limits (bytes, pixels
+        per frame, duration); an APIError names the file and the reason."""
+        if len(chat.videos) + len(paths) > self.limits.max_videos:
+            raise APIError(400, f"this chat would hold {len(chat.videos) + len(paths)} videos; at most "
+                           f"{self.limits.max_videos}")
+        videos = []
+        for path in paths:
+            p = Path(path)
+            videos.append(decode_video(p.name, p.name, self.limits, local_images=p.parent))
+        return videos
+
+    def load_files(self, paths: list[str], chat: Chat) -> tuple[list[Image.Image], list[bytes]]:
+        """Uploads split by name into videos (`VIDEO_SUFFIXES`) and images, each loaded and checked."""
+        videos = [p for p in paths if Path(p).suffix.lower() in VIDEO_SUFFIXES]
+        return self.load_images([p for p in paths if p not in videos], chat), self.load_videos(videos, chat)
+
+    def start_turn(self, chat: Chat, text: str, images: list[Image.Image], params: SamplingParams,
+                   videos: list[bytes] = ()):
         """The chat with the user's turn added and the engine request that answers it."""
         text = text.strip()
         if not text:
-            raise APIError(400, "the prompt is empty: type a question" + (" about the image" if images else ""))
-        if IMAGE_PLACEHOLDER in text:
-            raise APIError(400, f"the prompt contains {IMAGE_PLACEHOLDER!r}, which this model reads as an image "
-                           "placeholder; attach images with the upload button instead")
-        content = (IMAGE_PLACEHOLDER + "\n") * len(images) + text  # what `stitch generate` builds
-        chat = Chat(chat.turns + ({"role": "user", "content": content},), chat.images + tuple(images))
+            what = " about the video" if videos else " about the image" if images else ""
+            raise APIError(400, "the prompt is empty: type a question" + what)
+        for placeholder, article, kind in ((IMAGE_PLACEHOLDER, "an", "image"), (VIDEO_PLACEHOLDER, "a", "video")):
+            if placeholder in text:
+                raise APIError(400, f"the prompt contains {placeholder!r}, which this model reads as {article} "
+                               f"{kind} placeholder; attach {kind}s with the upload button instead")
+        # what `stitch generate` builds: videos first, then images, then the text
+        content = (VIDEO_PLACEHOLDER + "\n") * len(videos) + (IMAGE_PLACEHOLDER + "\n") * len(images) + text
+        chat = Chat(chat.turns + ({"role": "user", "content": content},), chat.images + tuple(images),
+                    chat.videos + tuple(videos))
         try:
-            request = self.engine.prepare(list(chat.turns), list(chat.images), params)
-        except SampleError as e:
-            raise APIError(400, e.detail) from e
+            request = self.engine.prepare(list(chat.turns), list(chat.images), params, videos=list(chat.videos))
+        except SampleError as e:  # e.g. a video whose header was fine but whose frames are cut off
+            raise APIError(400, f"{e.reason}: {e.detail.removeprefix('<bytes>: ')}") from e
         room = self.context - int(request.input_ids.numel())
         if room < 1:
             raise APIError(400, f"the chat is {self.context - room} tokens, the model's whole context of "
@@ -144,6 +173,39 @@ def _message_files(message: Any) -> tuple[str, list[str]]:
     return message.get("text") or "", [f for f in files if f]
 
 
+def run_turn(backend: DemoBackend, message: Any, chat: Chat, shown: list, temperature: float, top_p: float,
+             new_tokens: float, keep: Any = None) -> Iterator[tuple]:
+    """One chat turn, as the page runs it: yields (box, chat, shown messages, stats line, status line) as the
+    reply streams. A failure yields the chat unchanged, the status saying why, and `keep` (Gradio's "leave the
+    stats line as it is") for the stats."""
+    text, paths = _message_files(message)
+    try:
+        params = _sampling(temperature, top_p, new_tokens, backend.limits)
+        try:
+            images, videos = backend.load_files(paths, chat)
+        except APIError as e:  # the text stays in the box; the files go, to be attached again
+            yield {"text": text, "files": []}, chat, shown, keep, f"⚠️ {e.message}"
+            return
+        chat_after, request = backend.start_turn(chat, text, images, params, videos)
+    except APIError as e:
+        yield message, chat, shown, keep, f"⚠️ {e.message}"
+        return
+    user = [{"role": "user", "content": {"path": p}} for p in paths]
+    user.append({"role": "user", "content": text.strip()})
+    stats = TurnStats()
+    reply = ""
+    yield None, chat, shown + user, stats.line(done=False), ""
+    try:
+        for reply in backend.stream(request, stats):
+            answer = {"role": "assistant", "content": reply}
+            yield None, chat, shown + user + [answer], stats.line(done=False), ""
+    except (StitchError, RuntimeError) as e:
+        yield message, chat, shown, keep, f"⚠️ the model failed on this turn: {e}"
+        return
+    chat_after = dataclasses.replace(chat_after, turns=chat_after.turns + ({"role": "assistant", "content": reply},))
+    yield None, chat_after, shown + user + [{"role": "assistant", "content": reply}], stats.line(done=True), ""
+
+
 def build_demo(model, processor, *, limits: Limits | None = None, engine: Engine | None = None,
                title: str = "Stitch", max_new_tokens: int = 256, markdown: bool = True):
     """A Gradio Blocks app chatting with `model` (call `.launch()` on it, or use `stitch demo`).
@@ -160,42 +222,17 @@ def build_demo(model, processor, *, limits: Limits | None = None, engine: Engine
     default_new = max(1, min(max_new_tokens, limits.max_tokens))
 
     def turn(message, chat: Chat, shown: list, temperature, top_p, new_tokens):
-        text, paths = _message_files(message)
-        try:
-            params = _sampling(temperature, top_p, new_tokens, limits)
-            try:
-                images = backend.load_images(paths, chat)
-            except APIError as e:  # the text stays in the box; the files go, to be attached again
-                yield {"text": text, "files": []}, chat, shown, gr.update(), f"⚠️ {e.message}"
-                return
-            chat_after, request = backend.start_turn(chat, text, images, params)
-        except APIError as e:
-            yield message, chat, shown, gr.update(), f"⚠️ {e.message}"
-            return
-        user = [{"role": "user", "content": {"path": p}} for p in paths]
-        user.append({"role": "user", "content": text.strip()})
-        stats = TurnStats()
-        reply = ""
-        yield None, chat, shown + user, stats.line(done=False), ""
-        try:
-            for reply in backend.stream(request, stats):
-                answer = {"role": "assistant", "content": reply}
-                yield None, chat, shown + user + [answer], stats.line(done=False), ""
-        except (StitchError, RuntimeError) as e:
-            yield message, chat, shown, gr.update(), f"⚠️ the model failed on this turn: {e}"
-            return
-        chat_after = Chat(chat_after.turns + ({"role": "assistant", "content": reply},), chat_after.images)
-        yield None, chat_after, shown + user + [{"role": "assistant", "content": reply}], stats.line(done=True), ""
+        yield from run_turn(backend, message, chat, shown, temperature, top_p, new_tokens, keep=gr.update())
 
     def new_chat():
         return None, Chat(), [], "", ""
 
-    image_types = sorted({f".{fmt.lower()}" for fmt in IMAGE_FORMATS} | {".jpg"})
+    file_types = sorted({f".{fmt.lower()}" for fmt in IMAGE_FORMATS} | {".jpg"} | set(VIDEO_SUFFIXES))
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"### {title}")
         chat_state = gr.State(Chat())
         chatbot = gr.Chatbot(label="Chat", height=460, elem_id="stitch-chat", render_markdown=markdown)
-        box = gr.MultimodalTextbox(placeholder="Attach an image and ask about it", file_types=image_types,
+        box = gr.MultimodalTextbox(placeholder="Attach an image or a video and ask about it", file_types=file_types,
                                    file_count="multiple", sources=["upload"], elem_id="stitch-input",
                                    show_label=False)
         status = gr.Markdown(elem_id=STATUS_ID)
@@ -234,10 +271,11 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Chat with a checkpoint in the browser: upload images, several turns, streamed answers (Gradio).
+    """Chat with a checkpoint in the browser: upload images or a video, several turns, streamed answers (Gradio).
 
     Needs the `demo` extra (pip install 'stitch-vlm[demo]'). The server's image limits apply (--max-image-mb,
-    --max-image-pixels, --max-images); it listens on loopback unless --host says otherwise.
+    --max-image-pixels, --max-images), and its video limits (one video per chat, 16 MiB, 3840x2160, an hour);
+    a video's frames are the model's `video_frames`. It listens on loopback unless --host says otherwise.
 
     Example:
       stitch demo runs/quickstart/sft/final --port 7860
@@ -267,5 +305,5 @@ def demo(args: argparse.Namespace) -> int:
                               font_mono=["ui-monospace", "monospace"])
     app.queue(default_concurrency_limit=limits.max_pending).launch(
         server_name=args.host, server_port=port, share=False, inbrowser=False, show_error=True, quiet=True,
-        max_file_size=limits.max_image_bytes, theme=theme, footer_links=[], ssr_mode=False)
+        max_file_size=max(limits.max_image_bytes, limits.max_video_bytes), theme=theme, footer_links=[], ssr_mode=False)
     return 0

@@ -128,3 +128,41 @@ def test_bad_video_in_a_sample_is_a_skip_reason(tmp_path, smol_tok):
     assert err.value.reason == "unreadable_video" and "bad.mp4" in str(err.value)
     frames = [Image.fromarray(f) for f in numbered_frames(5)]
     assert proc(conv, videos=[frames])["pixel_values"].shape[0] == 5  # 8 asked, the seed's rule keeps 5
+
+
+def test_decoder_frame_resize_option(tmp_path, smol_tok):
+    """`frame_resize="decoder"` (the data config's option) resizes in the decoder: the same tokens and frames,
+    pixel values close to the default PIL path's."""
+    path = tmp_path / "clip.mp4"
+    encode(moving_square(20, size=64), path, fps=10)
+    conv = [{"role": "user", "content": "<video>\nWhich way?"}, {"role": "assistant", "content": "right"}]
+    proc = Processor(smol_tok, tiny_config(**INTERNVL)).with_options(num_frames=5)
+    exact = proc(conv, videos=[path])
+    fast = proc.with_options(frame_resize="decoder")(conv, videos=[path])
+    assert fast["input_ids"].tolist() == exact["input_ids"].tolist()
+    assert fast["pixel_values"].shape == exact["pixel_values"].shape
+    diff = (fast["pixel_values"] - exact["pixel_values"]).abs()  # normalised units: 1/255 is ~0.017
+    assert diff.mean() < 0.05, diff.mean()
+    from stitch.data.config import DataConfig
+
+    assert DataConfig.model_fields["frame_resize"].default == "exact"
+
+
+def test_clips_are_sampled_within_their_bounds(tmp_path, smol_tok):
+    """A `VideoClip` (MVBench's start/end) through the processor: the frames and their timestamps come from
+    within [start, end], by the processor's rule."""
+    from stitch.data.video import VideoClip
+
+    path = tmp_path / "clip.mp4"
+    encode(numbered_frames(80), path, fps=8, gop=10)
+    config = tiny_config(**INTERNVL, video_timestamps=True, video_sampling="internvl")
+    proc = Processor(smol_tok, config).with_options(num_frames=4)
+    batch = proc([{"role": "user", "content": "<video>Go"}], videos=[VideoClip(str(path), 2.0, 6.0)],
+                 add_generation_prompt=True)
+    text = smol_tok.decode(batch["input_ids"][0])
+    # get_index((2, 6), 8, 79, 0, 4) = 20, 28, 36, 44 -> 2.5 s ... 5.5 s
+    assert "Frame1 (2.5s):" in text and "Frame2 (3.5s):" in text and "Frame4 (5.5s):" in text
+    whole = proc([{"role": "user", "content": "<video>Go"}], videos=[path], add_generation_prompt=True)
+    assert "Frame1 (1.1s):" in smol_tok.decode(whole["input_ids"][0])  # the whole video: 9, 29, 49, 68
+    assert batch["pixel_values"].shape == whole["pixel_values"].shape
+    assert not torch.equal(batch["pixel_values"], whole["pixel_values"])

@@ -51,15 +51,19 @@ def frame_number(frame) -> int:
 
 
 def encode(frames: np.ndarray, path: Path | None = None, container: str = "mp4", fps: int = 8,
-           gop: int | None = None, faststart: bool = False, preset: str = "ultrafast") -> bytes:
+           gop: int | None = None, faststart: bool = False, preset: str = "ultrafast", codec: str | None = None,
+           bframes: int | None = None, bit_rate: int | None = None) -> bytes:
     """Encode uint8 [F, H, W, 3] frames; writes `path` when given; returns the bytes. `faststart` (the index
-    first, as streaming mp4s have it, so a cut file still opens) needs `path`: FFmpeg rewrites the file."""
+    first, as streaming mp4s have it, so a cut file still opens) needs `path`: FFmpeg rewrites the file.
+    `codec` replaces the container's default one; `bframes` sets the encoder's B-frame count, `bit_rate` the
+    rate of the codecs not told a quality (mpeg2/mpeg4: their default 200 kb/s blurs the frame numbers)."""
     import av
 
     if faststart and path is None:
         raise ValueError("faststart needs a path")
 
-    codec, pix = CODECS[container]
+    default, pix = CODECS[container]
+    codec = codec or default
     buf = io.BytesIO()
     fmt = {"mkv": "matroska"}.get(container, container)
     options = {"movflags": "faststart"} if faststart else {}
@@ -68,8 +72,14 @@ def encode(frames: np.ndarray, path: Path | None = None, container: str = "mp4",
     stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix
     if gop:
         stream.codec_context.gop_size = gop
-    if codec == "libx264":
+    if bit_rate:
+        stream.bit_rate = bit_rate
+    if bframes is not None:
+        stream.codec_context.max_b_frames = bframes
+    if codec in ("libx264", "libx265"):
         stream.options = {"crf": "10", "preset": preset}  # "medium" and slower code B-frames, as cameras do
+        if codec == "libx265":
+            stream.options["x265-params"] = "log-level=error"
     for f in frames:
         for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
             out.mux(packet)

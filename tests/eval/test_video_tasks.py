@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from stitch.data.video import VideoClip
 from stitch.eval import runner
 from stitch.eval.tasks import get_task, load_task
 from tests.data.video_clips import encode, moving_square
@@ -37,7 +38,8 @@ def test_mvbench_layout_prompt_and_breakdown(tmp_path):
     assert dict(data.skipped) == {"missing video": 1, "answer is not an option": 1}
     first = data.samples[0]
     assert first.references == ["B"] and first.choices == ["sat", "stood", "ran"]
-    assert first.videos == [str(root / "video" / "star" / "Charades_v1_480" / "a.mp4")]
+    # action_sequence is one of MVBench's bounded tasks: frames sampled within [start, end]
+    assert first.videos == [VideoClip(str(root / "video" / "star" / "Charades_v1_480" / "a.mp4"), 1.0, 3.0)]
     content = first.conversation[0]["content"]
     assert content.startswith("<video>\nCarefully watch the video")
     options = "Options:\n(A) sat\n(B) stood\n(C) ran\nOnly give the best option."
@@ -47,6 +49,43 @@ def test_mvbench_layout_prompt_and_breakdown(tmp_path):
     assert summary["score"] == pytest.approx(50.0)
     assert {k: v["samples"] for k, v in summary["breakdown"].items()} == {
         "action_sequence": 1, "counterfactual_inference": 1}
+
+
+def test_mvbench_bounds_follow_its_evaluation(tmp_path):
+    """Only the tasks MVBench's data_list flags get their start/end; lmms-eval's pre-cut `*_segment` videos are
+    sampled whole; TVQA frame folders are clips at 3 fps counted from 1; a bad start/end is a counted skip. The
+    clip's frames come from within the bounds (the processor's use of clips: tests/data/test_video_processor.py)."""
+    from PIL import Image
+
+    from stitch.data.video import load_video
+    from tests.data.video_clips import frame_number, numbered_frames
+
+    root = tmp_path / "MVBench"
+    full = root / "video" / "sta" / "sta_video" / "full.mp4"
+    full.parent.mkdir(parents=True)
+    encode(numbered_frames(80), full, fps=8, gop=10)
+    _clip(root / "video" / "sta" / "sta_video_segment" / "cut.mp4")
+    _clip(root / "video" / "clevrer" / "c.mp4")
+    frames = root / "video" / "tvqa" / "frames_fps3_hq" / "ep1_clip"
+    frames.mkdir(parents=True)
+    for t in range(12):
+        Image.new("RGB", (16, 16), (t * 20, 0, 0)).save(frames / f"{t + 1:05d}.jpg")
+    (root / "json").mkdir(parents=True)
+    row = {"question": "Q?", "candidates": ["a", "b"], "answer": "a", "start": 2.0, "end": 6.0}
+    (root / "json" / "action_localization.json").write_text(json.dumps([
+        {**row, "video": "full.mp4"}, {**row, "video": "cut.mp4"}, {**row, "video": "full.mp4", "end": "soon"}]))
+    (root / "json" / "moving_count.json").write_text(json.dumps([{**row, "video": "c.mp4"}]))
+    (root / "json" / "episodic_reasoning.json").write_text(json.dumps([{**row, "video": "ep1_clip"}]))
+    data = load_task("mvbench", root)
+    by_id = {s.id: s for s in data.samples}
+    assert dict(data.skipped) == {"bad start/end": 1}
+    assert by_id["action_localization/0"].videos == [VideoClip(str(full), 2.0, 6.0)]
+    assert by_id["action_localization/1"].videos == [str(root / "video" / "sta" / "sta_video_segment" / "cut.mp4")]
+    assert by_id["moving_count/0"].videos == [str(root / "video" / "clevrer" / "c.mp4")]  # not a bounded task
+    assert by_id["episodic_reasoning/0"].videos == [VideoClip(str(frames), 2.0, 6.0, first_frame=1, fps=3.0)]
+    # InternVL's rule in [2 s, 6 s] of the 8 fps video: get_index((2, 6), 8, 79, 0, 4) = 20, 28, 36, 44
+    video = load_video(by_id["action_localization/0"].videos[0], num_frames=4, rule="internvl")
+    assert video.indices == [20, 28, 36, 44] and [frame_number(f) for f in video.frames] == video.indices
 
 
 def test_videomme_parquet_layout(tmp_path):

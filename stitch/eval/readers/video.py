@@ -9,7 +9,10 @@ video file are skipped and counted by reason.
 Prompts follow each benchmark's own evaluation code:
 - MVBench (OpenGVLab's `mvbench.ipynb`, as InternVL's `evaluate_mvbench.py` uses it): the system text
   `MVBENCH_SYSTEM`, then "Question: q\\nOptions:\\n(A) ...\\n(B) ...", then "Only give the best option.";
-  answers are the correct candidate's letter.
+  answers are the correct candidate's letter. The questions of the tasks MVBench's `data_list` flags as bounded
+  (`MVBENCH_BOUNDED`) have their frames sampled within [start, end] seconds (a `VideoClip`), frame folders
+  (TVQA's) at 3 fps counted from 1, as its `get_index` does; except for videos in `*_segment` folders (the HF
+  export lmms-eval reads), which are already cut to the clip, so lmms-eval samples them whole, and so do we.
 - Video-MME (lmms-eval's `videomme`): `VIDEOMME_PROMPT`, the question, the options as given ("A. ..."), then
   "Answer with the option's letter from the given choices directly."; broken down by duration.
 - MotionBench (THUDM's release): the question with its options inline, then the letter instruction; broken down
@@ -25,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stitch.data.video import VideoClip
 from stitch.errors import DataError
 from stitch.eval.readers.common import (
     MULTIPLE_CHOICE,
@@ -49,16 +53,26 @@ VIDEOMME_PROMPT = (
     "letter (A, B, C, or D) of the correct option."
 )
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# MVBench's data_list: the tasks whose questions carry a start/end that its evaluation samples within
+# (the fourth field, "has start & end"), and the rate of its frame folders (TVQA's frames_fps3_hq).
+MVBENCH_BOUNDED = {"action_sequence", "action_prediction", "object_interaction", "action_localization",
+                   "episodic_reasoning"}
+MVBENCH_FRAMES_FPS = 3.0
 
 
 def _video_index(root: Path) -> dict[str, Path]:
     """Every video file (or frame folder) under `root` by name and by name without suffix: the releases nest
     their videos in per-source folders that the annotations do not always spell out."""
     index: dict[str, Path] = {}
+    folders = []
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
             index.setdefault(p.name, p)
             index.setdefault(p.stem, p)
+        elif p.is_dir():
+            folders.append(p)
+    for p in folders:  # frame folders (MVBench's TVQA frames), after files so a file of that name wins
+        index.setdefault(p.name, p)
     return index
 
 
@@ -116,12 +130,32 @@ def read_mvbench(root: Path, skip: Skip) -> Iterator[Sample]:
             prompt = (f"{MVBENCH_SYSTEM}\nQuestion: {row.get('question')}\nOptions:\n{options}\n"
                       "Only give the best option.")
             meta = {"task": task}
+            video = _find_video(row.get("video"), root / "video", index)
             if "start" in row and "end" in row:
                 meta["bound"] = [row["start"], row["end"]]
-            s = _sample(f"{task}/{i}", _find_video(row.get("video"), root / "video", index), row.get("question"),
-                        candidates, letter, prompt, skip, meta)
+            s = _sample(f"{task}/{i}", video, row.get("question"), candidates, letter, prompt, skip, meta)
             if s:
+                try:
+                    clip = _mvbench_clip(task, video, row)
+                except (TypeError, ValueError):
+                    skip("bad start/end")
+                    continue
+                if clip is not None:
+                    s.videos = [clip]
                 yield s
+
+
+def _mvbench_clip(task: str, video: Path, row: dict) -> VideoClip | None:
+    """The clip MVBench's evaluation samples for this question, or None for the whole video; ValueError or
+    TypeError for a start/end that is not a pair of numbers with start <= end."""
+    if task not in MVBENCH_BOUNDED or "start" not in row or "end" not in row:
+        return None
+    if any(part.endswith("_segment") for part in video.parts):
+        return None  # already cut to [start, end]
+    start, end = float(row["start"]), float(row["end"])
+    if video.is_dir():
+        return VideoClip(str(video), start, end, first_frame=1, fps=MVBENCH_FRAMES_FPS)
+    return VideoClip(str(video), start, end)
 
 
 # ---------------------------------------------------------------------------------------------- Video-MME
