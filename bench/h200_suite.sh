@@ -57,7 +57,7 @@ generate)
     ;;
 serving)
     run second_turn 150 second_turn.py --device cuda --out "$out/second_turn_nvidia-h200.json"
-    run serve_load 420 serve_load.py --device cuda --out "$out/serve_load_nvidia-h200.json"
+    run serve_load 420 serve_load.py --device cuda ${STITCH_TEST_TOKENIZER:+--tokenizer "$STITCH_TEST_TOKENIZER"} --out "$out/serve_load_nvidia-h200.json"
     ;;
 *) echo "usage: $0 train|packed|train-more|dp2|generate|attention|serving" >&2; exit 2 ;;
 esac

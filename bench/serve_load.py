@@ -51,8 +51,9 @@ MODEL_NAME = "bench"
 
 
 # --------------------------------------------------------------------------------------------- checkpoint
-def build_checkpoint(out: Path, smoke: bool) -> Path:
-    """A random-weight checkpoint with SmolLM2's tokenizer (bundled), the vocabulary cut to the tokenizer's."""
+def build_checkpoint(out: Path, smoke: bool, tokenizer: str | None = None) -> Path:
+    """A random-weight checkpoint with SmolLM2's tokenizer (bundled, or the `tokenizer` folder), the vocabulary cut
+    to the tokenizer's."""
     from stitch.checkpoint.io import atomic_dir, save_tensors
     from stitch.checkpoint.store import build_model, model_state
     from stitch.checkpoint.tokenizer import default_tokenizer_source, ensure_image_token, load_tokenizer
@@ -60,7 +61,7 @@ def build_checkpoint(out: Path, smoke: bool) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    tok = load_tokenizer(default_tokenizer_source())
+    tok = load_tokenizer(tokenizer or default_tokenizer_source())
     cfg = vlm_preset("vlm-tiny" if smoke else "internvl-2b")
     cfg.max_tiles = 6
     cfg.image_token_id = ensure_image_token(tok, cfg.image_token)
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiles", default=None, help="tile counts to draw from (default 1,3,4,5,6,7; smoke: 1,3)")
     ap.add_argument("--max-batch-size", type=int, default=64, help="rows decoded together, every server (default 64)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled SmolLM2's)")
     ap.add_argument("--workdir", default="/tmp/stitch-serve-load", help="where the random checkpoint is kept")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to start")
     ap.add_argument("--out", default=None)
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
     if set(names) - set(SYSTEMS):
         raise SystemExit(f"--systems: unknown {sorted(set(names) - set(SYSTEMS))}; choose from {list(SYSTEMS)}")
 
-    ckpt = build_checkpoint(Path(args.workdir) / ("smoke" if smoke else "internvl-2b-random"), smoke)
+    ckpt = build_checkpoint(Path(args.workdir) / ("smoke" if smoke else "internvl-2b-random"), smoke,
+                            args.tokenizer)
     tile_px = json.loads((ckpt / "config.json").read_text())["vision"]["image_size"]
     requests = workload(count, rate, tiles, (args.min_tokens, args.max_tokens), tile_px, args.seed)
     warmup = workload(2, rate, [min(tiles), max(tiles)], (args.min_tokens, args.min_tokens), tile_px,
