@@ -442,3 +442,26 @@ def test_bad_device_is_a_one_line_error(ckpt, capsys, device):
     assert main(["generate", str(ckpt), "--prompt", "hi", "--device", device]) != 0
     err = capsys.readouterr().err.strip()
     assert f"--device {device!r}" in err and len(err.splitlines()) == 1, err
+
+
+def test_fit_context_gives_a_long_budget_what_the_context_leaves(loaded):
+    """Benchmarks whose reference budget exceeds the context (MathVista's 16,384) still run: each row gets the
+    positions its prompt leaves; without fit_context such a request is refused."""
+    model, processor = loaded
+    context = model.config.llm.max_position_embeddings
+    engine = Engine(model, processor)
+
+    def conv(k: int) -> list[dict]:
+        return [{"role": "user", "content": "hi " * k}]
+
+    # A prompt that leaves only a few positions (tokens grow linearly with the repeats), so decoding is short.
+    base, step = (int(engine.prepare(conv(k)).input_ids.numel()) for k in (1, 2))
+    per = step - base
+    k = max(1, 1 + (context - 6 - base) // per)
+    prompt = int(engine.prepare(conv(k)).input_ids.numel())
+    assert 0 < context - prompt <= 6 + per
+    with pytest.raises(stitch.errors.StitchError, match="context"):
+        generate_batch(model, processor, [conv(k)], max_new_tokens=context)
+    out = generate_batch(model, processor, [conv(k)], max_new_tokens=context, fit_context=True)
+    assert len(out) == 1 and len(processor.tokenizer(out[0], add_special_tokens=False)["input_ids"]) <= \
+        context - prompt + 2  # at most the room left (re-tokenising may merge or split a piece)
