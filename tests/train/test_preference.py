@@ -91,7 +91,7 @@ def test_dpo_after_sft_raises_held_out_preference_accuracy_and_exact_match(tiny_
     sft = _base(tiny_ckpt, tmp_path / "sft", train.with_name("train-sft.jsonl"), "sft", 6, optim={"lr": 3e-3})
     Trainer(load_config(None, data=sft)).fit()
     pref_before, exact_before = _held_out(tmp_path / "sft" / "final", test)
-    dpo = _base(tmp_path / "sft" / "final", tmp_path / "dpo", train, "dpo", 20, optim={"lr": 2e-3})
+    dpo = _base(tmp_path / "sft" / "final", tmp_path / "dpo", train, "dpo", 40, optim={"lr": 2e-3})
     records = Trainer(load_config(None, data=dpo)).fit().records
     pref_after, exact_after = _held_out(tmp_path / "dpo" / "final", test)
     assert pref_after >= max(0.85, min(1.0, pref_before + 0.15)), (pref_before, pref_after)  # 32 held-out pairs
