@@ -4,9 +4,10 @@ Each image's mean image token is scored against the LLM's own frozen input-embed
 cross-entropy to the bag of its caption's tokens (caption-word classification, as CatLIP pretrains encoders).
 Why: through the frozen LLM's caption loss an encoder trained from scratch needs ~15k captions before it sees
 shape, and every one of those steps pays the LLM's forward and backward; here a step costs the encoder alone,
-and the projector's output already lives in the LLM's input space (image tokens point at the words that
-describe them), so the captioning stage that follows starts from an encoder that sees. Measured in
-docs/quickstart.md.
+and the projector's output lands in the LLM's input space (image tokens point at the words that describe them).
+The encoder does learn what the captions say this way, but in the quickstart's measurements the captioning
+stage after it did not start ahead (docs/quickstart.md), so no recipe uses it yet; `bench/quickstart_sweep.py`
+runs it (`warmup=`).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def caption_word_loss(tokens: torch.Tensor, embeddings: torch.Tensor, targets: t
 
     tokens [B, n, D] (the image tokens), embeddings [V, D], targets [B, V]. The words are scored by the mean
     token's direction at the embeddings' mean norm, over `temperature`, and the norm term keeps each token at
-    that norm: unconstrained, the cross-entropy grows the tokens to ~8x a word's norm, and the frozen LLM then
-    spends the next stage's first steps on the outlier instead of the caption."""
+    that norm: unconstrained, the cross-entropy grows the tokens far past a word's norm, which the frozen LLM
+    never sees in its input."""
     norm = embeddings.norm(dim=-1).mean()
     direction = F.normalize(tokens.mean(1), dim=-1)  # [B, D]
     logits = (direction * norm) @ embeddings.T / temperature  # [B, V]
